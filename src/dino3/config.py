@@ -1,0 +1,288 @@
+"""Model configurations: the Transformers field names and defaults, and `config.json` I/O.
+
+The defaults are those of Transformers' `DINOv3ViTConfig` / `DINOv3ConvNextConfig` (they describe
+ViT-S/16 and ConvNeXt-tiny, except that the ViT default has no registers). Fields that a
+`config.json` carries but dino3 does not use (`architectures`, `out_features`, `dtype`, ...) are kept
+in `extra` and written back, so a file round-trips through dino3 unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+CONFIG_NAME = "config.json"
+
+# Activations the models implement, by their Transformers names.
+ACTIVATIONS = ("gelu", "relu", "selu", "silu", "swish", "gelu_new", "gelu_pytorch_tanh", "quick_gelu")
+
+
+@dataclass
+class _Config:
+    """Shared behaviour: dict / JSON conversion that keeps unknown fields, and validation."""
+
+    model_type: ClassVar[str]
+    architecture_name: ClassVar[str]
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden
+        pass
+
+    # -- dict / JSON ------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Config:
+        """Build from a `config.json` dict. Unknown keys are kept in `extra`, never fatal."""
+        data = dict(data)
+        found = data.get("model_type")
+        if found is not None and found != cls.model_type:
+            raise ConfigError(
+                f"config has model_type {found!r}, but {cls.__name__} needs {cls.model_type!r}. "
+                "Load it with dino3.load(), which picks the right model class."
+            )
+        data.pop("model_type", None)
+        names = set(cls.field_names())
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` content: Transformers' fields, `model_type`, and the kept extras."""
+        out: dict[str, Any] = {"architectures": [self.architecture_name]}
+        out.update(self.extra)
+        out.update({name: _jsonable(getattr(self, name)) for name in self.field_names()})
+        out["model_type"] = self.model_type
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> _Config:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        return cls.from_dict(data)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> str:
+        """Write `config.json` into `folder` (created if needed); return its path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> _Config:
+        """Read the config of a preset name, hub id or local folder."""
+        from .weights.hub import resolve_config
+
+        config = resolve_config(name_or_path, **hub_kwargs)
+        if not isinstance(config, cls):
+            raise ConfigError(f"{name_or_path} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+    def replace(self, **changes: Any) -> _Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- validation helpers -----------------------------------------------------------------------
+    def _positive_int(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def _probability(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+
+    def _positive_number(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+    def _bool(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _activation(self, name: str) -> None:
+        if getattr(self, name) not in ACTIVATIONS:
+            raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; use one of {ACTIVATIONS}")
+
+
+@dataclass
+class DINOv3ViTConfig(_Config):
+    """Configuration of a DINOv3 ViT. Field names and defaults are Transformers' (ViT-S/16-like)."""
+
+    model_type: ClassVar[str] = "dinov3_vit"
+    architecture_name: ClassVar[str] = "DINOv3ViTModel"
+
+    patch_size: int = 16
+    hidden_size: int = 384
+    intermediate_size: int = 1536  # MLP width; for the gated MLP the stored (already reduced) width
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    hidden_act: str = "gelu"  # exact erf GELU; the gated (SwiGLU) checkpoints use "silu"
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    rope_theta: float = 100.0
+    image_size: int = 224  # informative only: the model runs at any size
+    num_channels: int = 3
+    query_bias: bool = True
+    key_bias: bool = False  # Meta masks the key bias to zero, so the checkpoints have none
+    value_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    layerscale_value: float = 1.0  # initial layer scale; checkpoints overwrite it
+    drop_path_rate: float = 0.0  # the same rate in every layer, as the reference
+    use_gated_mlp: bool = False
+    num_register_tokens: int = 0  # the official checkpoints have 4
+    # RoPE coordinate augmentation, applied only in training mode when not None.
+    pos_embed_shift: float | None = None
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = 2.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        p = self.patch_size
+        return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+    def validate(self) -> None:
+        if isinstance(self.patch_size, (list, tuple)):
+            if len(self.patch_size) != 2 or any(not isinstance(p, int) or p <= 0 for p in self.patch_size):
+                raise ConfigError(f"patch_size must be a positive integer or a pair, got {self.patch_size!r}")
+        else:
+            self._positive_int("patch_size")
+        if isinstance(self.image_size, (list, tuple)):
+            if len(self.image_size) != 2:
+                raise ConfigError(f"image_size must be an integer or a pair, got {self.image_size!r}")
+        else:
+            self._positive_int("image_size")
+        self._positive_int(
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels"
+        )
+        if isinstance(self.num_register_tokens, bool) or not isinstance(self.num_register_tokens, int):
+            raise ConfigError(f"num_register_tokens must be an integer, got {self.num_register_tokens!r}")
+        if self.num_register_tokens < 0:
+            raise ConfigError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 4:
+            raise ConfigError(
+                f"the head dimension hidden_size / num_attention_heads = {self.head_dim} must be a multiple "
+                "of 4: 2D RoPE rotates pairs of dimensions, half of them by the y and half by the x position"
+            )
+        self._activation("hidden_act")
+        self._probability("attention_dropout", "drop_path_rate")
+        self._positive_number("layer_norm_eps", "rope_theta", "initializer_range")
+        if not _is_number(self.layerscale_value):
+            raise ConfigError(f"layerscale_value must be a number, got {self.layerscale_value!r}")
+        self._bool("query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp")
+        for name, low in (("pos_embed_shift", 0.0), ("pos_embed_jitter", 1.0), ("pos_embed_rescale", 1.0)):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < low):
+                raise ConfigError(f"{name} must be None or a number >= {low}, got {value!r}")
+
+
+@dataclass
+class DINOv3ConvNextConfig(_Config):
+    """Configuration of a DINOv3 ConvNeXt. Field names and defaults are Transformers' (tiny)."""
+
+    model_type: ClassVar[str] = "dinov3_convnext"
+    architecture_name: ClassVar[str] = "DINOv3ConvNextModel"
+
+    num_channels: int = 3
+    hidden_sizes: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    depths: list[int] = field(default_factory=lambda: [3, 3, 9, 3])
+    hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    layer_scale_init_value: float = 1e-6
+    drop_path_rate: float = 0.0  # linear schedule from 0 to this rate over all blocks
+    image_size: int = 224  # informative only
+
+    def __post_init__(self) -> None:
+        # Transformers accepts None for the lists and fills in the tiny sizes.
+        if self.hidden_sizes is None:
+            self.hidden_sizes = [96, 192, 384, 768]
+        if self.depths is None:
+            self.depths = [3, 3, 9, 3]
+        self.hidden_sizes = list(self.hidden_sizes)
+        self.depths = list(self.depths)
+        super().__post_init__()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.hidden_sizes)
+
+    def validate(self) -> None:
+        self._positive_int("num_channels", "image_size")
+        for name in ("hidden_sizes", "depths"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+                raise ConfigError(f"{name} must be a non-empty list of positive integers, got {values!r}")
+        if len(self.hidden_sizes) != len(self.depths):
+            raise ConfigError(
+                f"hidden_sizes ({len(self.hidden_sizes)} stages) and depths ({len(self.depths)} stages) "
+                "must have the same length"
+            )
+        self._activation("hidden_act")
+        self._probability("drop_path_rate")
+        self._positive_number("layer_norm_eps", "initializer_range")
+        if not _is_number(self.layer_scale_init_value):
+            raise ConfigError(f"layer_scale_init_value must be a number, got {self.layer_scale_init_value!r}")
+
+
+CONFIG_CLASSES: dict[str, type[_Config]] = {
+    DINOv3ViTConfig.model_type: DINOv3ViTConfig,
+    DINOv3ConvNextConfig.model_type: DINOv3ConvNextConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> _Config:
+    """Pick the config class from `model_type` and build it."""
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{source} has model_type {model_type!r}; dino3 loads {sorted(CONFIG_CLASSES)} "
+            "(DINOv3 ViT and ConvNeXt checkpoints)"
+        )
+    return CONFIG_CLASSES[model_type].from_dict(data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

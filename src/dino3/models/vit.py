@@ -1,0 +1,401 @@
+"""The DINOv3 Vision Transformer, computed as Hugging Face Transformers computes it.
+
+Tokens are [CLS, registers (R), patches (h*w, row-major)]. There is no absolute position embedding:
+a 2D rotary embedding (RoPE) turns the query and key of every patch token by angles taken from the
+patch centre's normalised (y, x) position; CLS and registers are never turned. Blocks are pre-norm
+with layer scale; the final LayerNorm is applied to every token and the pooled output is the normed
+CLS token.
+
+The module layout is dino3's own, chosen for speed: one fused qkv projection per block and one fused
+gate+up projection in the SwiGLU MLP. `dino3.weights.formats` converts the Hugging Face (and other)
+layouts to this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import DINOv3ViTConfig
+from .layers import ACTIVATION_FUNCTIONS, DropPath, trunc_normal_
+from .outputs import DINOv3Output
+from .pretrained import PretrainedMixin
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash")
+
+
+class RopeTables(nn.Module):
+    """cos / sin tables of the 2D RoPE for a grid of h x w patches, computed in fp32.
+
+    Each table is (h*w, head_dim), laid out [Y | X | Y | X] over the head dimension (a quarter of the
+    dims per axis, the rotation pairing dim i with dim i + head_dim/2). The sin table carries the sign
+    of `rotate_half` in its first half, so that rotating is `x * cos + swap_halves(x) * sin`.
+    Tables are cached per (h, w, dtype, device); in training mode with coordinate augmentation they
+    are drawn afresh on every call, as the reference does.
+    """
+
+    CACHE_SIZE = 32
+
+    def __init__(self, config: DINOv3ViTConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = float(config.rope_theta)
+        self.shift = config.pos_embed_shift
+        self.jitter = config.pos_embed_jitter
+        self.rescale = config.pos_embed_rescale
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def augments(self) -> bool:
+        return self.training and any(v is not None for v in (self.shift, self.jitter, self.rescale))
+
+    def inv_freq(self) -> torch.Tensor:
+        # (head_dim/4,), fp32, on the CPU like the reference's buffer, so that every device agrees.
+        return 1 / self.theta ** torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32)
+
+    @staticmethod
+    def patch_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(h*w, 2) patch-centre (y, x) coordinates in (-1, 1), each axis normalised separately."""
+        ys = torch.arange(0.5, h, dtype=torch.float32, device=device) / h
+        xs = torch.arange(0.5, w, dtype=torch.float32, device=device) / w
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
+        return 2.0 * coords - 1.0
+
+    def augment(self, coords: torch.Tensor) -> torch.Tensor:
+        """Training-time shift, jitter and rescale of the coordinates (same draws as the reference)."""
+        if self.shift is not None:
+            coords = coords + torch.empty((1, 2), device=coords.device).uniform_(-self.shift, self.shift)
+        if self.jitter is not None:
+            log_j = math.log(self.jitter)
+            coords = coords * torch.empty((1, 2), device=coords.device).uniform_(-log_j, log_j).exp()
+        if self.rescale is not None:
+            log_r = math.log(self.rescale)
+            coords = coords * torch.empty(1, device=coords.device).uniform_(-log_r, log_r).exp()
+        return coords
+
+    def compute(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        coords = self.patch_centres(h, w, device)
+        if self.augments:
+            coords = self.augment(coords)
+        inv_freq = self.inv_freq().to(device)
+        angles = 2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]  # (N, 2, Dh/4)
+        angles = angles.flatten(1, 2)  # (N, Dh/2) = [Y | X]
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (N, Dh) each
+
+    def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augments:
+            cos, sin = self.compute(h, w, device)
+            return cos.to(dtype), sin.to(dtype)
+        key = (h, w, dtype, torch.device(device))
+        tables = self._cache.get(key)
+        if tables is None:
+            cos, sin = self.compute(h, w, device)
+            tables = (cos.to(dtype), sin.to(dtype))
+            self._cache[key] = tables
+            if len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return tables
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Rotate the patch tokens of x (B, heads, T, Dh); the first `num_prefix` tokens stay as they are."""
+    prefix, patches = x[:, :, :num_prefix], x[:, :, num_prefix:]
+    half = x.shape[-1] // 2
+    swapped = torch.cat((patches[..., half:], patches[..., :half]), dim=-1)
+    return torch.cat((prefix, patches * cos + swapped * sin), dim=2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and RoPE on the patch tokens."""
+
+    def __init__(self, config: DINOv3ViTConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: q, k, v
+        # Separate biases so that an absent one (the key's, or all three on 7B) stays exactly zero.
+        self.q_bias = nn.Parameter(torch.empty(dim)) if config.query_bias else None
+        self.k_bias = nn.Parameter(torch.empty(dim)) if config.key_bias else None
+        self.v_bias = nn.Parameter(torch.empty(dim)) if config.value_bias else None
+        self.proj = nn.Linear(dim, dim, bias=config.proj_bias)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        biases = (self.q_bias, self.k_bias, self.v_bias)
+        present = [b for b in biases if b is not None]
+        if not present:
+            return None
+        return torch.cat([b if b is not None else torch.zeros_like(present[0]) for b in biases])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        num_prefix: int,
+        implementation: str = "sdpa",
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, Dh)
+        q = apply_rope(q, cos, sin, num_prefix)
+        k = apply_rope(k, cos, sin, num_prefix)
+        dropout = self.dropout if self.training else 0.0
+
+        weights = None
+        if need_weights or implementation == "eager":
+            # The explicit computation; softmax in the input dtype, as the reference's latest eager path.
+            weights = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, nh, T, T)
+            weights = F.dropout(weights, p=dropout, training=self.training)
+            out = torch.matmul(weights, v)
+        elif implementation == "flash":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.proj(out), weights
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x)))."""
+
+    def __init__(self, config: DINOv3ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATION_FUNCTIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """fc2(act(gate) * up), with gate and up computed by one fused projection fc1 = [gate; up]."""
+
+    def __init__(self, config: DINOv3ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATION_FUNCTIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x))."""
+
+    def __init__(self, config: DINOv3ViTConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ls1 = nn.Parameter(torch.empty(dim))
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = SwiGLU(config) if config.use_gated_mlp else Mlp(config)
+        self.ls2 = nn.Parameter(torch.empty(dim))
+        self.drop_path = DropPath(config.drop_path_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        num_prefix: int,
+        implementation: str = "sdpa",
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), cos, sin, num_prefix, implementation, need_weights)
+        x = x + self.drop_path(y * self.ls1)
+        x = x + self.drop_path(self.mlp(self.norm2(x)) * self.ls2)
+        return x, weights
+
+
+class DINOv3ViTModel(PretrainedMixin, nn.Module):
+    """The DINOv3 ViT backbone.
+
+    `forward(pixel_values)` takes (B, C, H, W) images of any size (H and W are floored to the patch
+    size, as the reference does) and returns a `DINOv3Output`.
+    """
+
+    config_class = DINOv3ViTConfig
+
+    def __init__(self, config: DINOv3ViTConfig | None = None, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        config = config if config is not None else DINOv3ViTConfig()
+        if not isinstance(config, DINOv3ViTConfig):
+            raise TypeError(f"DINOv3ViTModel needs a DINOv3ViTConfig, got {type(config).__name__}")
+        self.config = config
+        self.attn_implementation = attn_implementation
+        dim = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.num_channels, dim, kernel_size=config.patch_hw, stride=config.patch_hw)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, dim))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, dim))
+        self.rope = RopeTables(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        if self.cls_token.device.type != "meta":
+            self.reset_parameters()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        if value not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {value!r}")
+        self._attn_implementation = value
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_register_tokens
+
+    def reset_parameters(self) -> None:
+        """Random initialisation as Transformers does it (truncated normal, zero biases, layer scale)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(module.weight, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, Attention):
+                for bias in (module.q_bias, module.k_bias, module.v_bias):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
+            elif isinstance(module, Block):
+                nn.init.constant_(module.ls1, self.config.layerscale_value)
+                nn.init.constant_(module.ls2, self.config.layerscale_value)
+        trunc_normal_(self.cls_token, std)
+        if self.config.num_register_tokens:
+            trunc_normal_(self.register_tokens, std)
+        nn.init.zeros_(self.mask_token)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    # -- forward ----------------------------------------------------------------------------------
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch rows and columns for an input of height x width pixels."""
+        ph, pw = self.config.patch_hw
+        return height // ph, width // pw
+
+    def embed(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) pixels -> (B, 1 + R + h*w, D) tokens, before the first block."""
+        B = pixel_values.shape[0]
+        patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
+        if bool_masked_pos is not None:
+            mask = _check_mask(bool_masked_pos, B, patches.shape[1])
+            patches = torch.where(mask.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        cls = self.cls_token.expand(B, -1, -1)
+        registers = self.register_tokens.expand(B, -1, -1)
+        return torch.cat((cls, registers, patches), dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DINOv3Output:
+        """Run the backbone.
+
+        pixel_values: (B, C, H, W), normalised images; cast to the model's dtype.
+        bool_masked_pos: optional (B, h*w) (or (B, h, w)) bool; True replaces that patch by the mask token.
+        output_hidden_states: also return the L+1 un-normed hidden states (the embedding output,
+            then each block's output; the last one is pre-norm, as in current Transformers).
+        output_attentions: also return each block's attention weights (B, heads, T, T). These are
+            computed explicitly (the "eager" math) for this call whatever attn_implementation is.
+        """
+        pixel_values = self._check_pixels(pixel_values)
+        h, w = self.grid_size(*pixel_values.shape[-2:])
+        x = self.embed(pixel_values, bool_masked_pos)  # (B, T, D)
+        cos, sin = self.rope(h, w, x.dtype, x.device)  # (N, Dh) each
+        prefix = self.num_prefix_tokens
+
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        for block in self.blocks:
+            args = (x, cos, sin, prefix, self.attn_implementation, output_attentions)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, weights = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, weights = block(*args)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if attentions is not None:
+                attentions.append(weights)
+
+        x = self.norm(x)
+        return DINOv3Output(
+            last_hidden_state=x,
+            pooler_output=x[:, 0],
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+            num_register_tokens=self.config.num_register_tokens,
+            grid_size=(h, w),
+        )
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor of shape (B, C, H, W), got {type(pixel_values).__name__}; "
+                "use dino3's image processor to turn images into pixel tensors"
+            )
+        if pixel_values.ndim == 3:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}: add a batch dimension "
+                "(pixel_values[None]) to get (B, C, H, W)"
+            )
+        ph, pw = self.config.patch_hw
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (B, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[-2] < ph or pixel_values.shape[-1] < pw:
+            raise ValueError(
+                f"the image ({pixel_values.shape[-2]}x{pixel_values.shape[-1]}) is smaller than one {ph}x{pw} patch"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels "
+                "(use dino3's image processor)"
+            )
+        return pixel_values.to(self.patch_embed.weight.dtype)
+
+
+def _check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        raise TypeError(f"bool_masked_pos must be a bool tensor, got {mask.dtype}")
+    if mask.ndim == 3:
+        mask = mask.flatten(1)
+    if tuple(mask.shape) != (batch, num_patches):
+        raise ValueError(
+            f"bool_masked_pos must have shape (B, h*w) = ({batch}, {num_patches}) or (B, h, w), got {tuple(mask.shape)}"
+        )
+    return mask
