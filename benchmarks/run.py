@@ -1,0 +1,322 @@
+"""Throughput and memory of dino3 against Transformers (and timm) on the same weights, in one run.
+
+    python benchmarks/run.py                 # every row, fp32 and bf16, writes benchmarks/RESULTS.md
+    python benchmarks/run.py --rows vits16   # rows whose name contains "vits16"
+    python benchmarks/run.py --device cuda   # the same table on a GPU
+
+Method: for each row the libraries get the same random weights (dino3 loads Transformers' state
+dict) and the same input. After a warm-up, the libraries run in turn (interleaved), `--reps` times
+each; the table shows the median images/s. FLOPs per image come from torch.utils.flop_counter; the
+roofline is the best measured dense matmul throughput of this machine (torch.mm through MKL, and
+oneDNN's matmul, which is faster on AMD CPUs), so "roofline %" is the distance to the hardware.
+Peak memory is measured in a fresh process for each library and row: the largest resident memory
+(on CUDA the allocator's peak) while building the model and running one batch, above what the
+process held before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Row:
+    name: str
+    preset: str
+    size: int
+    batch: int
+
+
+ROWS = [
+    Row("vits16-224-b1", "vits16", 224, 1),
+    Row("vits16-224-b8", "vits16", 224, 8),
+    Row("vits16-224-b32", "vits16", 224, 32),
+    Row("vitb16-224-b32", "vitb16", 224, 32),
+    Row("vits16-512-b4", "vits16", 512, 4),
+    Row("convnext-tiny-224-b1", "convnext-tiny", 224, 1),
+    Row("convnext-tiny-224-b32", "convnext-tiny", 224, 32),
+]
+TIMM_NAMES = {"vits16": "vit_small_patch16_dinov3_qkvb", "vitb16": "vit_base_patch16_dinov3_qkvb"}
+
+
+# -- models ---------------------------------------------------------------------------------------
+def build(library: str, preset_name: str, dtype: torch.dtype, device: str, state_dict=None):
+    """(model, hf_state_dict) for one library; dino3 gets the Transformers weights it is given."""
+    import dino3
+    from dino3.presets import get_preset
+
+    preset = get_preset(preset_name)
+    config = preset.make_config()
+    if library == "transformers":
+        import transformers
+
+        if preset.architecture == "vit":
+            model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**preset.config))
+        else:
+            model = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**preset.config))
+        model = model.to(device=device, dtype=dtype).eval()
+        return model, {k: v for k, v in model.state_dict().items()}
+    if library == "dino3":
+        cls = dino3.DINOv3ViTModel if preset.architecture == "vit" else dino3.DINOv3ConvNextModel
+        if state_dict is None:  # its own random weights
+            return cls(config).to(device=device, dtype=dtype).eval(), None
+        return cls.from_state_dict(state_dict, config, device=device).to(dtype), state_dict
+    if library == "timm":
+        import timm
+
+        if preset.architecture == "vit":
+            model = timm.create_model(TIMM_NAMES[preset_name], pretrained=False, num_classes=0)
+        else:
+            model = timm.create_model("convnext_" + preset_name.split("-")[1], pretrained=False, num_classes=0)
+        return model.to(device=device, dtype=dtype).eval(), None
+    raise ValueError(library)
+
+
+def forward_fn(library: str, model):
+    if library == "timm":
+        return model.forward_features
+    return model
+
+
+def libraries(args) -> list[str]:
+    libs = ["dino3", "transformers"]
+    if not args.no_timm:
+        try:
+            import timm  # noqa: F401
+
+            libs.append("timm")
+        except ImportError:
+            print("timm is not installed: its rows are left out (pip install timm)")
+    return libs
+
+
+# -- measurements ---------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def throughput(fns: dict, x: torch.Tensor, reps: int, device: str) -> dict[str, float]:
+    """Median images/s of each function, run interleaved after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x)
+        for _ in range(reps):
+            for name, fn in fns.items():
+                sync(device)
+                start = time.perf_counter()
+                fn(x)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
+
+
+def flops_per_image(model, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x[:1])
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048) -> dict[str, float]:
+    """GFLOP/s of a square matmul through torch.mm and, on the CPU, through oneDNN."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    result = {}
+    candidates = {"torch.mm": lambda: torch.mm(a, b)}
+    if device == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    for name, fn in candidates.items():
+        fn()
+        runs = []
+        for _ in range(5):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append(time.perf_counter() - start)
+        result[name] = 2 * n**3 / min(runs) / 1e9
+    return result
+
+
+def peak_memory_mb(library: str, row: Row, dtype: torch.dtype, device: str) -> float:
+    """Peak memory of building the model and running one batch, in a fresh process."""
+    command = [sys.executable, __file__, "--memory-probe", library, row.preset, str(row.size), str(row.batch)]
+    command += [str(dtype).removeprefix("torch."), device]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(library: str, preset: str, size: int, batch: int, dtype_name: str, device: str) -> float:
+    """MB above the process's baseline at the peak: the largest resident set size (on CUDA, the
+    allocator's peak) while the model is built and one batch runs."""
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(batch, 3, size, size, device=device).to(dtype)
+    import transformers.models.dinov3_convnext.modeling_dinov3_convnext  # noqa: F401
+    import transformers.models.dinov3_vit.modeling_dinov3_vit  # noqa: F401
+
+    import dino3.models  # noqa: F401  (imports are not part of the model's memory)
+
+    if library == "timm":
+        import timm  # noqa: F401
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model, _ = build(library, preset, dtype, device)
+        with torch.inference_mode():
+            forward_fn(library, model)(x)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _reset_peak_rss()
+    model, _ = build(library, preset, dtype, device)
+    with torch.inference_mode():
+        forward_fn(library, model)(x)
+    return (_peak_rss() - base) / 2**20
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; return it in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _peak_rss()
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def import_seconds(statement: str, repeats: int = 3) -> float:
+    """Median wall time of a fresh interpreter running `statement`, minus an empty interpreter's."""
+
+    def run(code):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    empty = statistics.median(run("pass") for _ in range(repeats))
+    return statistics.median(run(statement) for _ in range(repeats)) - empty
+
+
+# -- report ---------------------------------------------------------------------------------------
+def versions() -> str:
+    import dino3
+
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}", f"dino3 {dino3.__version__}"]
+    for name in ("transformers", "timm"):
+        with contextlib.suppress(ImportError):
+            parts.append(f"{name} {__import__(name).__version__}")
+    return ", ".join(parts)
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="", help="only rows whose name contains this text")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('' for none)")
+    parser.add_argument("--memory-probe", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        lib, preset, size, batch, dtype_name, device = args.memory_probe
+        print(memory_probe(lib, preset, int(size), int(batch), dtype_name, device))
+        return
+
+    torch.manual_seed(0)
+    libs = libraries(args)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    rows = [row for row in ROWS if args.rows in row.name]
+    peaks = {dtype: matmul_peak(dtype, args.device) for dtype in dtypes}
+    header = [
+        f"Date: {date.today()}; device: {args.device}"
+        + (f" ({cpu_name()}, {torch.get_num_threads()} threads)" if args.device == "cpu" else ""),
+        f"Versions: {versions()}",
+        "Matmul throughput (2048x2048): "
+        + "; ".join(
+            f"{str(d).removeprefix('torch.')} " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
+            for d, p in peaks.items()
+        ),
+        f"Median of {args.reps} interleaved runs after a warm-up. 'roofline %' = achieved GFLOP/s over "
+        "torch.mm's / over the best matmul GFLOP/s above. Peak MB: building the model and running one "
+        "batch in a fresh process, above its baseline.",
+    ]
+    print("\n".join(header), flush=True)
+
+    table = [
+        "| row | dtype | GFLOP/img | " + " | ".join(f"{lib} img/s" for lib in libs) + " | dino3 / transformers | "
+        "dino3 roofline % (mm / best) | transformers roofline % (mm / best) |"
+        + ("" if args.no_memory else " " + " | ".join(f"{lib} peak MB" for lib in libs) + " |"),
+        "|" + "---|" * (6 + len(libs) + (0 if args.no_memory else len(libs))),
+    ]
+    for row in rows:
+        for dtype in dtypes:
+            reference, state_dict = build("transformers", row.preset, dtype, args.device)
+            models = {"transformers": reference, "dino3": build("dino3", row.preset, dtype, args.device, state_dict)[0]}
+            if "timm" in libs:
+                models["timm"] = build("timm", row.preset, dtype, args.device)[0]
+            x = torch.randn(row.batch, 3, row.size, row.size, device=args.device).to(dtype)
+            flops = flops_per_image(reference, x)
+            speed = throughput({lib: forward_fn(lib, models[lib]) for lib in libs}, x, args.reps, args.device)
+            del models, reference
+            mm, best = peaks[dtype]["torch.mm"] * 1e9, max(peaks[dtype].values()) * 1e9
+            cells = [row.name, str(dtype).removeprefix("torch."), f"{flops / 1e9:.2f}"]
+            cells += [f"{speed[lib]:.2f}" for lib in libs]
+            cells += [f"{speed['dino3'] / speed['transformers']:.2f}x"]
+            cells += [
+                f"{100 * speed[lib] * flops / mm:.0f}% / {100 * speed[lib] * flops / best:.0f}%"
+                for lib in ("dino3", "transformers")
+            ]
+            if not args.no_memory:
+                cells += [f"{peak_memory_mb(lib, row, dtype, args.device):.0f}" for lib in libs]
+            table.append("| " + " | ".join(cells) + " |")
+            print(table[-1], flush=True)
+
+    imports = {
+        "torch": "import torch",
+        "dino3": "import dino3; dino3.DINOv3ViTModel",
+        "transformers": "from transformers import DINOv3ViTModel",
+    }
+    times = {name: import_seconds(code) for name, code in imports.items()}
+    import_line = "Import time (fresh interpreter, median of 3): " + ", ".join(
+        f"{name} {seconds:.2f} s" for name, seconds in times.items()
+    )
+    print(import_line)
+
+    if args.output:
+        text = "\n".join(["# Benchmark results", "", *[h + "  " for h in header], "", *table, "", import_line, ""])
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
