@@ -2,8 +2,8 @@
 
 The reference order (Transformers' DINOv3ViTImageProcessor) is kept exactly: rescale the uint8 image
 to float (x * 1/255), resize the float image (bilinear, antialiased; 224x224 by default, ignoring
-the aspect ratio), optionally centre-crop, then normalise ((x - mean) / std). Images of one size are
-processed as one batch, in torch; torchvision is not needed.
+the aspect ratio), optionally centre-crop, then normalise ((x - mean) / std). All of it runs in
+torch, one image at a time (faster on the CPU than stacking images first); torchvision is not needed.
 
 Beyond the reference, `keep_aspect="shorter"` or `"longer"` scales the image so that that side
 becomes `target_size`, keeping the aspect ratio, and brings both sides to a multiple of
@@ -221,10 +221,9 @@ class DINOv3ViTImageProcessor:
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         decoded = load_images(images, alpha=proc.alpha, draft_size=proc._draft_size())
-        outputs: list[torch.Tensor | None] = [None] * len(decoded)
-        for indices, batch in _group_by_shape(decoded):
-            for i, pixels in zip(indices, proc._process_batch(batch)):
-                outputs[i] = pixels
+        # One image at a time: on the CPU each image's steps then stay in cache, which measured faster
+        # than batching same-size images (Transformers found the same). The numbers are identical.
+        outputs = [proc._process_batch(image[None])[0] for image in decoded]
         grid = [(t.shape[-2] // proc.patch_size, t.shape[-1] // proc.patch_size) for t in outputs]
         same_size = len({tuple(t.shape) for t in outputs}) == 1
         if return_tensors is None or not same_size:
@@ -287,14 +286,6 @@ class DINOv3ViTImageProcessor:
 
 
 # -- the operations, with the reference's arithmetic ---------------------------------------------
-def _group_by_shape(images: list[torch.Tensor]):
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault((tuple(image.shape), image.dtype), []).append(i)
-    for indices in groups.values():
-        yield indices, torch.stack([images[i] for i in indices])
-
-
 def _output_size(size_hw: tuple[int, int], size: dict[str, int]) -> tuple[int, int]:
     """The resize target for a Transformers `size` dict."""
     height, width = size_hw
