@@ -13,14 +13,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install test demo lint
+MODEL ?= vits16
+
+.PHONY: install test demo demo-offline lint
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# The main job: embed the example photos. Needs access to Meta's gated weights (see README).
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/dino3 embed examples/images -m $(MODEL) -o out/embeddings.npz --overwrite
+
+# The same path with random weights, for machines without hub access: checks everything but the features.
+demo-offline: $(VENV)/.installed
+	$(VENV)/bin/dino3 init-random vits16 out/vits16-random
+	$(VENV)/bin/dino3 embed examples/images -m out/vits16-random -o out/embeddings-random.npz --overwrite
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -64,9 +64,9 @@ def main() -> None:
         reference = transformers.DINOv3ViTImageProcessor()
         ours, draft = DINOv3ViTImageProcessor(), DINOv3ViTImageProcessor(jpeg_draft=True)
         runs = {
-            "transformers (load_image + processor)": lambda: reference(
-                [load_image(n) for n in names], return_tensors="pt"
-            ).pixel_values,
+            "transformers (load_image + processor)": lambda: (
+                reference([load_image(n) for n in names], return_tensors="pt").pixel_values
+            ),
             "dino3 processor": lambda: ours(names).pixel_values,
             "dino3 processor, jpeg_draft=True": lambda: draft(names).pixel_values,
         }

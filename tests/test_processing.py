@@ -194,7 +194,9 @@ def test_return_types_and_batch_feature():
     assert isinstance(as_list, list) and as_list[0].shape == (3, 224, 224)
     out = DINOv3ViTImageProcessor()([image, image])
     assert out["pixel_values"] is out.pixel_values and out.grid_sizes == [(14, 14), (14, 14)]
-    assert out.to(torch.bfloat16).pixel_values.dtype == torch.bfloat16
+    assert list(out) == ["pixel_values"]  # so that model(**inputs) works
+    moved = out.to(torch.bfloat16)
+    assert moved.pixel_values.dtype == torch.bfloat16 and moved.grid_sizes == out.grid_sizes
 
 
 def test_float_images_are_taken_as_already_rescaled():
@@ -215,5 +217,5 @@ def test_model_runs_on_processor_output():
     model = dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1))
     inputs = DINOv3ViTImageProcessor(keep_aspect="shorter", target_size=64)(str(PHOTOS[0]))
     with torch.no_grad():
-        out = model(**{"pixel_values": inputs.pixel_values})
+        out = model(**inputs)
     assert out.grid_size == inputs.grid_sizes[0]

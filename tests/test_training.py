@@ -94,3 +94,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     seeded(ours, x).last_hidden_state.pow(2).mean().backward()
     for name, grad in plain.items():
         assert max_diff(dict(ours.named_parameters())[name].grad, grad) <= 1e-6, name
+
+
+def test_training_after_inference_mode(tmp_path):
+    # The RoPE tables cached by an inference_mode forward must serve a later forward with autograd.
+    _, ours = pair(tmp_path, pos_embed_rescale=None)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.inference_mode():
+        ours(x)
+    ours(x).last_hidden_state.sum().backward()
+    assert ours.cls_token.grad is not None

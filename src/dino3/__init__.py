@@ -21,6 +21,11 @@ _EXPORTS = {
     "DINOv3ConvNextConfig": "dino3.config",
     "DINOv3ViTModel": "dino3.models.vit",
     "DINOv3ConvNextModel": "dino3.models.convnext",
+    "DINOv3Backbone": "dino3.models.backbone",
+    "DINOv3ViTImageProcessor": "dino3.processing",
+    "load_image": "dino3.images",
+    "load_images": "dino3.images",
+    "ImageError": "dino3.images",
     "DINOv3Output": "dino3.models.outputs",
     "load": "dino3.models",
     "list_models": "dino3.presets",
@@ -33,10 +38,12 @@ _EXPORTS = {
     "UnknownModelError": "dino3.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "pipeline"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "pipeline":  # the module, which is callable: dino3.pipeline("image-feature-extraction", ...)
+        return importlib.import_module("dino3.pipeline")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'dino3' has no attribute {name!r}")
@@ -52,8 +59,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .errors import CheckpointError, ConfigError, Dino3Error, HubAccessError, UnknownModelError
+    from .images import ImageError, load_image, load_images
     from .models import load
+    from .models.backbone import DINOv3Backbone
     from .models.convnext import DINOv3ConvNextModel
     from .models.outputs import DINOv3Output
     from .models.vit import DINOv3ViTModel
+    from .pipeline import pipeline
     from .presets import Preset, get_preset, list_models
+    from .processing import DINOv3ViTImageProcessor

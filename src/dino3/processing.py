@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .images import load_images
+from .images import load_image
 from .presets import IMAGENET_MEAN, IMAGENET_STD, find_preset
 
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -36,7 +36,12 @@ FITS = ("crop", "pad", "resize")
 
 
 class BatchFeature(dict):
-    """The processor's output: a dict (`out["pixel_values"]`) with attribute access (`out.pixel_values`)."""
+    """The processor's output: a dict holding `pixel_values`, so that `model(**inputs)` works, with
+    attribute access (`inputs.pixel_values`) and each image's patch grid in `inputs.grid_sizes`."""
+
+    def __init__(self, data: dict[str, Any], grid_sizes: list[tuple[int, int]] | None = None) -> None:
+        super().__init__(data)
+        self.grid_sizes = grid_sizes
 
     def __getattr__(self, name: str):
         try:
@@ -53,7 +58,7 @@ class BatchFeature(dict):
             elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
                 value = [v.to(*args, **kwargs) for v in value]
             moved[key] = value
-        return BatchFeature(moved)
+        return BatchFeature(moved, self.grid_sizes)
 
 
 class DINOv3ViTImageProcessor:
@@ -220,10 +225,10 @@ class DINOv3ViTImageProcessor:
         proc = self if not overrides else self.from_dict(self.to_dict(), **overrides)
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        decoded = load_images(images, alpha=proc.alpha, draft_size=proc._draft_size())
         # One image at a time: on the CPU each image's steps then stay in cache, which measured faster
         # than batching same-size images (Transformers found the same). The numbers are identical.
-        outputs = [proc._process_batch(image[None])[0] for image in decoded]
+        sources = images if isinstance(images, (list, tuple)) else [images]
+        outputs = [proc.pixels(source) for source in sources]
         grid = [(t.shape[-2] // proc.patch_size, t.shape[-1] // proc.patch_size) for t in outputs]
         same_size = len({tuple(t.shape) for t in outputs}) == 1
         if return_tensors is None or not same_size:
@@ -232,9 +237,14 @@ class DINOv3ViTImageProcessor:
             pixel_values = torch.stack(outputs)
             if return_tensors == "np":
                 pixel_values = pixel_values.numpy()
-        return BatchFeature(pixel_values=pixel_values, grid_sizes=grid)
+        return BatchFeature({"pixel_values": pixel_values}, grid_sizes=grid)
 
     preprocess = __call__
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """One image-like input -> its (3, H, W) float32 pixel values."""
+        decoded = load_image(image, alpha=self.alpha, draft_size=self._draft_size())
+        return self._process_batch(decoded[None])[0]
 
     def _process_batch(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float images of one size -> (B, 3, H', W') float32 pixel values."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .backbone import BackboneOutput, DINOv3Backbone
 from .convnext import DINOv3ConvNextModel
 from .outputs import DINOv3Output
 from .vit import DINOv3ViTModel
@@ -27,4 +28,12 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
     return MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, **kwargs)
 
 
-__all__ = ["DINOv3ConvNextModel", "DINOv3Output", "DINOv3ViTModel", "MODEL_CLASSES", "load"]
+__all__ = [
+    "BackboneOutput",
+    "DINOv3Backbone",
+    "DINOv3ConvNextModel",
+    "DINOv3Output",
+    "DINOv3ViTModel",
+    "MODEL_CLASSES",
+    "load",
+]

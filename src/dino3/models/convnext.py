@@ -13,12 +13,14 @@ The numbers do not depend on the memory format beyond float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import DINOv3ConvNextConfig
-from .layers import DropPath, linear, trunc_normal_
+from .layers import DropPath, linear, resolve_indices, trunc_normal_
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
 
@@ -145,6 +147,55 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
             grid_size=(h, w),
         )
+
+    # -- intermediate layers ------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Hidden states there are to choose from: the input pixels (0), then each stage's (1..4)."""
+        return self.config.num_stages + 1
+
+    def hidden_states_at(self, pixel_values: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Un-normed (B, C, h, w) maps at the given indices (0 = the pixels, i = stage i's output;
+        negative ones count from the end), running only the stages needed to reach them."""
+        indices = resolve_indices(indices, self.num_stages)
+        x = _check_pixels(pixel_values, self.config.num_channels, self.norm.weight.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        states = {0: x}
+        for i, stage in enumerate(self.stages[: max(indices)], start=1):
+            x = stage(x)
+            states[i] = x
+        return [states[i] for i in indices]
+
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Meta's ConvNeXt `get_intermediate_layers`: the outputs of the last `n` stages, or of the
+        stages whose 0-based indices `n` lists, as (B, h*w, C) tokens or (B, C, h, w) with `reshape`.
+
+        Each stage's class token is its average-pooled map. norm applies the final LayerNorm to the
+        last stage's tokens only (Meta's `norms` are the identity for the other stages). With
+        `return_class_token` each entry is a tuple (patches, cls (B, C)).
+        """
+        S = self.config.num_stages
+        stages = list(range(S - n, S)) if isinstance(n, int) else [i % S for i in n]
+        if not stages or any(not 0 <= i < S for i in stages):
+            raise ValueError(f"n must be 1..{S} or stage indices in [0, {S}), got {n!r}")
+        outputs = []
+        for stage, x in zip(stages, self.hidden_states_at(pixel_values, [i + 1 for i in stages])):
+            cls = x.mean((-2, -1))  # (B, C)
+            patches = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            if norm and stage == S - 1:
+                cls, patches = self.norm(cls), self.norm(patches)
+            if reshape:
+                patches = patches.transpose(1, 2).unflatten(2, x.shape[-2:]).contiguous()
+            outputs.append((patches, cls) if return_class_token else patches)
+        return tuple(outputs)
 
     def _stages(self, x: torch.Tensor, output_hidden_states: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         hidden_states = [x] if output_hidden_states else []

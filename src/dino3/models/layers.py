@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
+
+
+def resolve_indices(indices: int | Sequence[int], count: int) -> list[int]:
+    """Indices into `count` items, negative ones counted from the end; an error if out of range."""
+    indices = [indices] if isinstance(indices, int) else list(indices)
+    resolved = [i + count if i < 0 else i for i in indices]
+    if not resolved or any(not 0 <= i < count for i in resolved):
+        raise ValueError(f"indices must lie in [-{count}, {count}), got {indices}")
+    return resolved
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DINOv3ViTConfig
-from .layers import DropPath, linear, linear_mul, trunc_normal_
+from .layers import DropPath, linear, linear_mul, resolve_indices, trunc_normal_
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
 
@@ -95,8 +96,10 @@ class RopeTables(nn.Module):
         key = (h, w, dtype, torch.device(device))
         tables = self._cache.get(key)
         if tables is None:
-            cos, sin = self.compute(h, w, device)
-            tables = (cos.to(dtype), sin.to(dtype))
+            # Plain tensors even under inference_mode, so that a later forward with autograd can use them.
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = self.compute(h, w, device)
+                tables = (cos.to(dtype), sin.to(dtype))
             self._cache[key] = tables
             if len(self._cache) > self.CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -338,16 +341,11 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
         h, w = self.grid_size(*pixel_values.shape[-2:])
         x = self.embed(pixel_values, bool_masked_pos)  # (B, T, D)
         cos, sin = self.rope(h, w, x.dtype, x.device)  # (N, Dh) each
-        prefix = self.num_prefix_tokens
 
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for block in self.blocks:
-            args = (x, cos, sin, prefix, self.attn_implementation, output_attentions)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, weights = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x, weights = block(*args)
+            x, weights = self._run_block(block, x, cos, sin, output_attentions)
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:
@@ -362,6 +360,65 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
             num_register_tokens=self.config.num_register_tokens,
             grid_size=(h, w),
         )
+
+    def _run_block(self, block: Block, x, cos, sin, need_weights: bool = False):
+        args = (x, cos, sin, self.num_prefix_tokens, self.attn_implementation, need_weights)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    # -- intermediate layers ------------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        """Hidden states there are to choose from: the embedding output (0), then each block's (1..L)."""
+        return self.config.num_hidden_layers + 1
+
+    def hidden_states_at(self, pixel_values: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Un-normed hidden states (B, T, D) at the given indices (0 = embedding output, i = block i's
+        output; negative ones count from the end), running only the blocks needed to reach them."""
+        indices = resolve_indices(indices, self.num_stages)
+        pixel_values = self._check_pixels(pixel_values)
+        h, w = self.grid_size(*pixel_values.shape[-2:])
+        x = self.embed(pixel_values)
+        cos, sin = self.rope(h, w, x.dtype, x.device)
+        states = {0: x}
+        for i, block in enumerate(self.blocks[: max(indices)], start=1):
+            x = self._run_block(block, x, cos, sin)[0]
+            states[i] = x
+        return [states[i] for i in indices]
+
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        return_extra_tokens: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Meta's `get_intermediate_layers`: the patch tokens after the last `n` blocks, or after the
+        blocks whose 0-based indices `n` lists; each (B, h*w, D), or (B, D, h, w) with `reshape`.
+
+        norm applies the final LayerNorm to each. With `return_class_token` / `return_extra_tokens`
+        each entry is a tuple (patches, cls (B, D)[, registers (B, R, D)]), as in Meta's code.
+        Blocks after the last one asked for are not run.
+        """
+        L = self.config.num_hidden_layers
+        blocks = list(range(L - n, L)) if isinstance(n, int) else [i % L for i in n]
+        if not blocks or any(not 0 <= i < L for i in blocks):
+            raise ValueError(f"n must be 1..{L} or block indices in [0, {L}), got {n!r}")
+        outputs = self.hidden_states_at(pixel_values, [i + 1 for i in blocks])
+        if norm:
+            outputs = [self.norm(out) for out in outputs]
+        prefix = self.num_prefix_tokens
+        classes = [out[:, 0] for out in outputs]
+        extras = [out[:, 1:prefix] for out in outputs]
+        patches = [out[:, prefix:] for out in outputs]
+        if reshape:
+            h, w = self.grid_size(*pixel_values.shape[-2:])
+            patches = [p.unflatten(1, (h, w)).permute(0, 3, 1, 2).contiguous() for p in patches]
+        parts = [patches] + ([classes] if return_class_token else []) + ([extras] if return_extra_tokens else [])
+        return tuple(patches) if len(parts) == 1 else tuple(zip(*parts))
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixel_values, torch.Tensor):

@@ -1,0 +1,109 @@
+"""End to end: 64 JPEG photos -> CLS embeddings with ViT-S/16, dino3 against Transformers' pipeline.
+
+    python benchmarks/embed.py            # prints a markdown table; --append adds it to RESULTS.md
+
+Both libraries read the same files and use the same random weights (a ViT-S/16 checkpoint written
+in the Hugging Face layout). Timed in one process, interleaved, medians of --reps runs, model
+already loaded: Transformers' `pipeline(...)(paths, pool=True)` at batch size 1 and 16, dino3's
+pipeline, and dino3's `embed` command (its `main()`, which also loads the model and writes the
+file). Then once each as a fresh process, imports and model loading included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--append", action="store_true")
+    args = parser.parse_args()
+
+    import transformers
+
+    import dino3
+    from dino3.cli import main as cli
+    from preprocess import make_jpegs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photos = tmp / "photos"
+        photos.mkdir()
+        paths = [str(p) for p in make_jpegs(photos)]
+        model = tmp / "vits16-random"
+        cli(["init-random", "vits16", str(model)])
+
+        hf1 = transformers.pipeline("image-feature-extraction", model=str(model), batch_size=1)
+        hf16 = transformers.pipeline("image-feature-extraction", model=str(model), batch_size=16)
+        ours = dino3.pipeline(model=model, batch_size=16, workers=2)
+        out = tmp / "f.npz"
+        runs = {
+            "Transformers pipeline, batch 1": lambda: hf1(paths, pool=True),
+            "Transformers pipeline, batch 16": lambda: hf16(paths, pool=True),
+            "dino3 pipeline, batch 16": lambda: ours(paths, pool=True),
+            "dino3 embed (command, in process), batch 16": lambda: cli(
+                ["embed", str(photos), "-m", str(model), "-o", str(out), "-q", "--overwrite"]
+            ),
+        }
+        for fn in runs.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        speed = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+
+        hf_script = (
+            "import sys, glob; from transformers import pipeline; "
+            f"p = pipeline('image-feature-extraction', model={str(model)!r}, batch_size=16); "
+            f"p(sorted(glob.glob({str(photos / '*.jpg')!r})), pool=True)"
+        )
+        cold = {
+            "Transformers pipeline script, batch 16": [sys.executable, "-c", hf_script],
+            "dino3 embed command": [
+                sys.executable, "-m", "dino3.cli", "embed", str(photos), "-m", str(model),
+                "-o", str(tmp / "cold.npz"), "-q", "--overwrite",
+            ],
+        }  # fmt: skip
+        cold_seconds = {}
+        for name, command in cold.items():
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            cold_seconds[name] = time.perf_counter() - start
+
+    base = speed["Transformers pipeline, batch 1"]
+    lines = [
+        f"End to end, {len(paths)} JPEG photos -> ViT-S/16 CLS embeddings, fp32, "
+        f"torch {torch.get_num_threads()} threads, median of {args.reps} (model loaded):",
+        "",
+        "| run | images/s | vs Transformers batch 1 |",
+        "|---|---|---|",
+        *[f"| {name} | {s:.1f} | {s / base:.2f}x |" for name, s in speed.items()],
+        "",
+        "From a fresh process (imports, model loading, 64 images): "
+        + "; ".join(f"{name} {s:.1f} s" for name, s in cold_seconds.items())
+        + ".",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.append:
+        with open(ROOT / "RESULTS.md", "a") as f:
+            f.write("\n## End to end\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The README's Python examples run, against a local hub cache that stands in for the gated hub."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import huggingface_hub.constants as hub_constants
+import torch
+import transformers
+
+from helpers import randomize_
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "0" * 40
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    # A small model with the vits16 layout (12 blocks, 4 registers, patch 16) under vits16's repo id.
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=64, num_attention_heads=2, intermediate_size=128, num_register_tokens=4
+    )
+    snapshot = tmp_path / "hub" / "models--facebook--dinov3-vits16-pretrain-lvd1689m" / "snapshots" / COMMIT
+    randomize_(transformers.DINOv3ViTModel(config)).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(ROOT)
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["patch_features"].shape == (1, 14, 14, 64)
+    assert len(namespace["feature_maps"]) == 4
+    assert os.path.isfile(ROOT / "examples" / "images" / "chelsea.png")
+    assert isinstance(namespace["pooled"][0], torch.Tensor)
