@@ -9,15 +9,15 @@ dict) and the same input. After a warm-up, the libraries run in turn (interleave
 each; the table shows the median images/s. FLOPs per image come from torch.utils.flop_counter; the
 roofline is the best measured dense matmul throughput of this machine (torch.mm through MKL, and
 oneDNN's matmul, which is faster on AMD CPUs), so "roofline %" is the distance to the hardware.
-Peak memory is measured in a fresh process for each library and row: the largest resident memory
-(on CUDA the allocator's peak) while building the model and running one batch, above what the
-process held before.
+Peak memory is measured in a fresh process for each library and row: the model's weights plus the
+largest growth of resident memory (on CUDA the allocator's peak) while one batch runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import platform
 import statistics
@@ -164,8 +164,10 @@ def peak_memory_mb(library: str, row: Row, dtype: torch.dtype, device: str) -> f
 
 
 def memory_probe(library: str, preset: str, size: int, batch: int, dtype_name: str, device: str) -> float:
-    """MB above the process's baseline at the peak: the largest resident set size (on CUDA, the
-    allocator's peak) while the model is built and one batch runs."""
+    """Peak MB of one forward pass: the largest resident set size while one batch runs (on CUDA,
+    the allocator's peak), above what the process held with the model built, its weights included.
+    Memory freed while building is handed back to the system first (malloc_trim), so that a library
+    whose initialisation leaves a large free heap behind does not look lighter than it is."""
     dtype = getattr(torch, dtype_name)
     x = torch.randn(batch, 3, size, size, device=device).to(dtype)
     import transformers.models.dinov3_convnext.modeling_dinov3_convnext  # noqa: F401
@@ -178,16 +180,19 @@ def memory_probe(library: str, preset: str, size: int, batch: int, dtype_name: s
     gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         model, _ = build(library, preset, dtype, device)
+        torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             forward_fn(library, model)(x)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _reset_peak_rss()
+        return torch.cuda.max_memory_allocated() / 2**20
     model, _ = build(library, preset, dtype, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _reset_peak_rss()
     with torch.inference_mode():
         forward_fn(library, model)(x)
-    return (_peak_rss() - base) / 2**20
+    return (_peak_rss() - base + weights) / 2**20
 
 
 def _reset_peak_rss() -> int:
@@ -215,6 +220,42 @@ def import_seconds(statement: str, repeats: int = 3) -> float:
 
     empty = statistics.median(run("pass") for _ in range(repeats))
     return statistics.median(run(statement) for _ in range(repeats)) - empty
+
+
+def cold_start_seconds(repeats: int = 3) -> dict[str, float]:
+    """Wall time of a fresh interpreter that loads a ViT-S/16 checkpoint and embeds one photo."""
+    import tempfile
+
+    from dino3.cli import main as dino3_cli
+
+    photo = str(HERE.parent / "examples" / "images" / "chelsea.png")
+    with tempfile.TemporaryDirectory() as folder:
+        dino3_cli(["init-random", "vits16", folder])
+        scripts = {
+            "dino3": (
+                "import torch, dino3\n"
+                f"model = dino3.load({folder!r})\n"
+                f"processor = dino3.DINOv3ViTImageProcessor.from_pretrained({folder!r})\n"
+                f"with torch.inference_mode(): model(**processor({photo!r})).pooler_output"
+            ),
+            "transformers": (
+                "import torch\nfrom transformers import AutoModel, AutoImageProcessor\n"
+                "from transformers.image_utils import load_image\n"
+                f"model = AutoModel.from_pretrained({folder!r})\n"
+                f"processor = AutoImageProcessor.from_pretrained({folder!r})\n"
+                f"inputs = processor(load_image({photo!r}), return_tensors='pt')\n"
+                "with torch.inference_mode(): model(**inputs).pooler_output"
+            ),
+        }
+        result = {}
+        for name, code in scripts.items():
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+                runs.append(time.perf_counter() - start)
+            result[name] = statistics.median(runs)
+    return result
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -267,8 +308,8 @@ def main() -> None:
             for d, p in peaks.items()
         ),
         f"Median of {args.reps} interleaved runs after a warm-up. 'roofline %' = achieved GFLOP/s over "
-        "torch.mm's / over the best matmul GFLOP/s above. Peak MB: building the model and running one "
-        "batch in a fresh process, above its baseline.",
+        "torch.mm's / over the best matmul GFLOP/s above. Peak MB: weights plus the peak growth of "
+        "memory during one batch, in a fresh process.",
     ]
     print("\n".join(header), flush=True)
 
@@ -311,9 +352,19 @@ def main() -> None:
         f"{name} {seconds:.2f} s" for name, seconds in times.items()
     )
     print(import_line)
+    cold = cold_start_seconds()
+    cold_line = (
+        "Cold start, a fresh process to the first embedding of one photo (imports, loading a ViT-S/16 "
+        "checkpoint folder, preprocessing, one forward; median of 3): "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in cold.items())
+        + f"; dino3 / Transformers = {cold['dino3'] / cold['transformers']:.2f}"
+    )
+    print(cold_line)
 
     if args.output:
-        text = "\n".join(["# Benchmark results", "", *[h + "  " for h in header], "", *table, "", import_line, ""])
+        text = "\n".join(
+            ["# Benchmark results", "", *[h + "  " for h in header], "", *table, "", import_line, "", cold_line, ""]
+        )
         Path(args.output).write_text(text)
         print(f"wrote {args.output}")
 

@@ -203,3 +203,21 @@ def test_parity_check_catches_broken_model(models, monkeypatch, breakage):
     assert _parity_error(models) <= FP32_TOL
     BREAKAGES[breakage](monkeypatch, models[2])
     assert _parity_error(models) > 100 * FP32_TOL
+
+
+def test_large_batch_runs_in_chunks_with_the_same_numbers(models):
+    reference, _, ours = models
+    x = pixels(5, (64, 48))
+    mask = torch.rand(5, 12, generator=torch.Generator().manual_seed(4)) < 0.3
+    with torch.no_grad():
+        whole = ours(x, bool_masked_pos=mask, output_hidden_states=True, output_attentions=True)
+        ours.cpu_chunk_bytes = 1  # one image per chunk
+        try:
+            chunked = ours(x, bool_masked_pos=mask, output_hidden_states=True, output_attentions=True)
+        finally:
+            ours.cpu_chunk_bytes = dino3.DINOv3ViTModel.cpu_chunk_bytes
+        expected = reference(x, bool_masked_pos=mask).last_hidden_state
+    assert max_diff(chunked.last_hidden_state, whole.last_hidden_state) <= 1e-5
+    assert max_diff(chunked.last_hidden_state, expected) <= FP32_TOL
+    for a, b in zip(chunked.hidden_states + chunked.attentions, whole.hidden_states + whole.attentions, strict=True):
+        assert max_diff(a, b) <= 1e-5

@@ -131,12 +131,15 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         chunk = self._chunk_size(x)
         if chunk < x.shape[0]:
-            outputs = [self._stages(part, output_hidden_states) for part in x.split(chunk)]
-            x = torch.cat([out[0] for out in outputs])
-            hidden_states = [torch.cat(states) for states in zip(*[out[1] for out in outputs])] or None
-        else:
-            x, hidden_states = self._stages(x, output_hidden_states)
+            return DINOv3Output.concat([self._forward(part, output_hidden_states) for part in x.split(chunk)])
+        return self._forward(x, output_hidden_states)
 
+    def _forward(self, x: torch.Tensor, output_hidden_states: bool) -> DINOv3Output:
+        hidden_states = [x] if output_hidden_states else None
+        for stage in self.stages:
+            x = stage(x)
+            if hidden_states is not None:
+                hidden_states.append(x)
         B, C, h, w = x.shape
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
         patches = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
@@ -196,14 +199,6 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
                 patches = patches.transpose(1, 2).unflatten(2, x.shape[-2:]).contiguous()
             outputs.append((patches, cls) if return_class_token else patches)
         return tuple(outputs)
-
-    def _stages(self, x: torch.Tensor, output_hidden_states: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden_states = [x] if output_hidden_states else []
-        for stage in self.stages:
-            x = stage(x)
-            if output_hidden_states:
-                hidden_states.append(x)
-        return x, hidden_states
 
     def _chunk_size(self, x: torch.Tensor) -> int:
         if x.device.type != "cpu" or self.cpu_chunk_bytes is None or torch.is_grad_enabled():

@@ -49,6 +49,25 @@ class DINOv3Output:
         """(B, h, w, D): the patch tokens laid out on the image's patch grid."""
         return self.patch_tokens.unflatten(1, self.grid_size)
 
+    @classmethod
+    def concat(cls, outputs: list[DINOv3Output]) -> DINOv3Output:
+        """The outputs of consecutive chunks of one batch, as one output."""
+        first = outputs[0]
+
+        def cat_each(name):
+            if getattr(first, name) is None:
+                return None
+            return tuple(torch.cat(parts) for parts in zip(*[getattr(o, name) for o in outputs]))
+
+        return cls(
+            last_hidden_state=torch.cat([o.last_hidden_state for o in outputs]),
+            pooler_output=torch.cat([o.pooler_output for o in outputs]),
+            hidden_states=cat_each("hidden_states"),
+            attentions=cat_each("attentions"),
+            num_register_tokens=first.num_register_tokens,
+            grid_size=first.grid_size,
+        )
+
     def to_tuple(self) -> tuple:
         """The fields that are set, in Transformers' order."""
         return tuple(getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None)
