@@ -28,6 +28,7 @@ _EXPORTS = {
     "ImageError": "dino3.images",
     "DINOv3Output": "dino3.models.outputs",
     "load": "dino3.models",
+    "convert": "dino3.weights.convert",
     "list_models": "dino3.presets",
     "get_preset": "dino3.presets",
     "Preset": "dino3.presets",
@@ -68,3 +69,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import pipeline
     from .presets import Preset, get_preset, list_models
     from .processing import DINOv3ViTImageProcessor
+    from .weights.convert import convert

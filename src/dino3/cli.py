@@ -3,6 +3,7 @@
     dino3 embed photos/ -m vits16 -o features.npz          # CLS embeddings of every image in photos/
     dino3 embed a.jpg b.png -m vitb16 --pool cls+mean -o f.safetensors
     dino3 info vitl16-sat493m
+    dino3 convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth vits16-hf/   # Meta -> Hugging Face
     dino3 init-random vits16 checkpoints/vits16-random     # offline trials, random weights
 
 Exit status: 0 when every image was embedded, 3 when some could not be (they are listed), 1 for an
@@ -454,6 +455,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights.convert import convert
+
+    kwargs = {"config": args.config} if args.config else {}
+    if args.no_hash_check:
+        kwargs["check_hash"] = False
+    layout = convert(args.src, args.dst, to=args.to, **kwargs)
+    names = {"hf": "Hugging Face", "meta": "Meta", "timm": "timm"}
+    print(f"wrote {args.dst} in the {names[layout]} layout")
+    return EXIT_OK
+
+
 def cmd_init_random(args: argparse.Namespace) -> int:
     import torch
 
@@ -546,6 +559,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a model: architecture, size, normalisation, weights found")
     info.add_argument("model", help="preset name, hub id or local checkpoint folder")
     info.set_defaults(run=cmd_info)
+
+    conv = commands.add_parser(
+        "convert",
+        help="convert a checkpoint between the Hugging Face, Meta and timm layouts",
+        description="Read a checkpoint in any layout (a preset, hub id, folder or weights file), check it "
+        "strictly, and write it in another layout: a Hugging Face folder, a Meta .pth or a timm file.",
+        epilog="examples:\n  dino3 convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth vits16-hf/\n"
+        "  dino3 convert vits16-hf/ vits16-timm.safetensors --to timm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("src", help="preset name, hub id, checkpoint folder or weights file (.pth, .safetensors)")
+    conv.add_argument("dst", help="a folder (Hugging Face) or a file (.pth: Meta, .safetensors: timm)")
+    conv.add_argument("--to", choices=("hf", "meta", "timm"), help="target layout (default: from DST's suffix)")
+    conv.add_argument(
+        "--config",
+        help="for a bare weights file: a preset name or config.json (default: read from its shapes and name)",
+    )
+    conv.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta file names")
+    conv.set_defaults(run=cmd_convert)
 
     init = commands.add_parser(
         "init-random",

@@ -8,6 +8,7 @@ from typing import Any
 from .backbone import BackboneOutput, DINOv3Backbone
 from .convnext import DINOv3ConvNextModel
 from .outputs import DINOv3Output
+from .pretrained import load_pretrained
 from .vit import DINOv3ViTModel
 
 MODEL_CLASSES = {
@@ -17,15 +18,14 @@ MODEL_CLASSES = {
 
 
 def load(name_or_path: str | os.PathLike, **kwargs: Any):
-    """Load any DINOv3 backbone: a preset name (see `dino3.list_models()`), a hub id or a local folder.
+    """Load any DINOv3 backbone: a preset name (see `dino3.list_models()`), a hub id, a local folder
+    (config.json + model.safetensors) or a single weights file in Hugging Face, Meta (.pth) or timm
+    layout. Returns a DINOv3ViTModel or DINOv3ConvNextModel, in eval mode.
 
-    Keyword arguments are those of `from_pretrained` (dtype, device, token, revision, ...).
+    Keyword arguments: dtype, device, config (for a bare weights file), check_hash, attn_implementation
+    (ViT), and the hub's token, revision, cache_dir, local_files_only.
     """
-    from ..weights.hub import resolve
-
-    hub_keys = ("token", "revision", "cache_dir", "local_files_only")
-    config = resolve(name_or_path, need_weights=False, **{k: kwargs[k] for k in hub_keys if k in kwargs}).config
-    return MODEL_CLASSES[config.model_type].from_pretrained(name_or_path, **kwargs)
+    return load_pretrained(name_or_path, **kwargs)
 
 
 __all__ = [

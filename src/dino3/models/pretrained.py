@@ -18,7 +18,7 @@ from ..config import _Config
 from ..errors import CheckpointError
 from ..presets import Preset
 from ..weights import formats
-from ..weights.files import read_safetensors, safetensors_dtype, write_safetensors
+from ..weights.files import read_safetensors, read_weights_file, safetensors_dtype, write_safetensors
 from ..weights.hub import SAFETENSORS_NAME, resolve
 
 DTYPES = {
@@ -50,46 +50,14 @@ class PretrainedMixin:
     config: _Config
     preset: Preset | None = None  # the official checkpoint this model was loaded from, if known
     name_or_path: str | None = None
+    source_layout: str | None = None  # the layout of the weights it was loaded from
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        dtype: str | torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        **model_kwargs: Any,
-    ):
-        """Load a preset name ("vits16"), a hub id ("facebook/dinov3-vits16-pretrain-lvd1689m") or a
-        local folder with config.json and model.safetensors (or a sharded index).
-
-        dtype: float32 (the default), bfloat16, float16 or "auto" (the checkpoint's own dtype).
-        device: where the model goes ("cpu", "cuda", ...); tensors are read straight onto it.
-        token, revision, cache_dir, local_files_only: passed to huggingface_hub.
-        """
-        checkpoint = resolve(
-            name_or_path, token=token, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
-        )
-        config = checkpoint.config
-        if not isinstance(config, cls.config_class):
-            raise CheckpointError(
-                f"{checkpoint.source} is a {config.model_type} checkpoint, not {cls.config_class.model_type}; "
-                "load it with dino3.load(), which picks the model class from the config"
-            )
-        dtype = parse_dtype(dtype)
-        if dtype == "auto":
-            dtype = parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
-            dtype = dtype if isinstance(dtype, torch.dtype) else safetensors_dtype(checkpoint.weight_files)
-        dtype = dtype or torch.float32
-        state_dict = read_safetensors(checkpoint.weight_files, dtype=dtype, device=_read_device(device))
-        model = cls.from_state_dict(state_dict, config, source=checkpoint.source, device=device, **model_kwargs)
-        model.preset = checkpoint.preset
-        model.name_or_path = str(name_or_path)
-        return model
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load a preset name ("vits16"), a hub id ("facebook/dinov3-vits16-pretrain-lvd1689m"), a
+        local folder with config.json and model.safetensors (or a sharded index), or a single
+        weights file in Hugging Face, Meta (.pth) or timm layout. See `dino3.load` for the options."""
+        return load_pretrained(name_or_path, cls=cls, **kwargs)
 
     @classmethod
     def from_state_dict(
@@ -97,18 +65,22 @@ class PretrainedMixin:
         state_dict: Mapping[str, torch.Tensor],
         config: _Config,
         *,
+        layout: str = "hf",
         source: str = "the state dict",
         device: str | torch.device | None = None,
         **model_kwargs: Any,
     ):
-        """Build a model from a Hugging Face layout state dict, strictly: every tensor the model needs
-        must be there with its shape, and nothing else."""
+        """Build a model from a state dict in `layout` ("hf", "meta" or "timm"), strictly: every
+        tensor the model needs must be there with its shape, and nothing else it does not know."""
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
-        expected = {k: v.shape for k, v in formats.to_hf(model.state_dict(), config).items()}
-        state_dict = formats.normalize_hf_keys(state_dict)
-        formats.check_state_dict({k: v.shape for k, v in state_dict.items()}, expected, source)
-        model.load_state_dict(formats.from_hf(state_dict, config), strict=True, assign=True)
+        expected = {k: v.shape for k, v in formats.from_dino3(model.state_dict(), config, layout).items()}
+        if layout == "hf":
+            state_dict = formats.normalize_hf_keys(state_dict)
+        found = {k: v.shape for k, v in state_dict.items()}
+        hint = f"(read as the {formats.LAYOUT_NAMES[layout]} layout of a {config.model_type} model)"
+        formats.check_state_dict(found, expected, source, hint=hint, layout=layout)
+        model.load_state_dict(formats.to_dino3(state_dict, config, layout), strict=True, assign=True)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -131,6 +103,92 @@ class PretrainedMixin:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    cls: type | None = None,
+    config: _Config | str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    check_hash: bool = True,
+    rope_periods: str = "exact",
+    token: str | bool | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    **model_kwargs: Any,
+):
+    """Load any DINOv3 checkpoint as a dino3 model (of class `cls`, or the one its config names).
+
+    config: for a single weights file without config.json: a config, a preset name or a config.json
+        path; otherwise the shapes and the file name must match an official checkpoint.
+    dtype: float32 (the default), bfloat16, float16 or "auto" (the checkpoint's own dtype).
+    device: where the model goes ("cpu", "cuda", ...).
+    check_hash: check the SHA-256 prefix in Meta's file names (`...-08c60483.pth`).
+    rope_periods: "exact" computes the RoPE frequencies in fp32, as Transformers does; "checkpoint"
+        uses the bf16-rounded `rope_embed.periods` of a Meta file, as Meta's own code does (outputs
+        then differ from Transformers' by about 1e-3; see the README).
+    token, revision, cache_dir, local_files_only: passed to huggingface_hub.
+    """
+    checkpoint = resolve(
+        name_or_path, token=token, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    dtype = parse_dtype(dtype)
+    if checkpoint.config is not None:  # a folder or hub repo in the Hugging Face layout
+        layout, config = "hf", checkpoint.config
+        if dtype == "auto":
+            dtype = parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
+            dtype = dtype if isinstance(dtype, torch.dtype) else safetensors_dtype(checkpoint.weight_files)
+        state_dict = read_safetensors(
+            checkpoint.weight_files, dtype=dtype or torch.float32, device=_read_device(device)
+        )
+    else:  # one weights file: its keys say the layout, its shapes (or `config`) the architecture
+        file = checkpoint.weight_files[0]
+        state_dict = read_weights_file(file, None if dtype == "auto" else dtype or torch.float32, check_hash)
+        layout, model_type = formats.detect_layout(state_dict)
+        config, checkpoint.preset = _config_for_file(state_dict, layout, model_type, file, config)
+    classes = {c.config_class.model_type: c for c in PretrainedMixin.__subclasses__()}
+    target = classes[config.model_type]
+    if cls is not None and cls is not target:
+        raise CheckpointError(
+            f"{checkpoint.source} is a {config.model_type} checkpoint, not {cls.config_class.model_type}; "
+            "load it with dino3.load(), which picks the model class from the config"
+        )
+    model = target.from_state_dict(
+        state_dict, config, layout=layout, source=checkpoint.source, device=device, **model_kwargs
+    )
+    if rope_periods == "checkpoint":
+        if layout != "meta" or "rope_embed.periods" not in state_dict:
+            raise CheckpointError("rope_periods='checkpoint' needs a Meta checkpoint with rope_embed.periods")
+        model.rope.use_periods(state_dict["rope_embed.periods"])
+    elif rope_periods != "exact":
+        raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
+    model.preset = checkpoint.preset
+    model.name_or_path = str(name_or_path)
+    model.source_layout = layout
+    return model
+
+
+def _config_for_file(state_dict, layout: str, model_type: str, file: str, config: _Config | str | None):
+    from ..presets import get_preset
+
+    if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
+        from ..weights.hub import _read_config
+
+        return _read_config(config, str(config)), None
+    if isinstance(config, str):
+        preset = get_preset(config)
+        return preset.make_config(), preset
+    if config is not None:
+        return config, None
+    beside = Path(file).parent / "config.json"
+    if layout == "hf" and beside.is_file():
+        from ..weights.hub import resolve_config
+
+        return resolve_config(beside.parent), None
+    return formats.infer_config(state_dict, layout, model_type, Path(file).name)
 
 
 def _read_device(device: str | torch.device | None) -> str:

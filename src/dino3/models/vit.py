@@ -49,6 +49,10 @@ class RopeTables(nn.Module):
         self.shift = config.pos_embed_shift
         self.jitter = config.pos_embed_jitter
         self.rescale = config.pos_embed_rescale
+        # Meta's code divides by a `periods` buffer that its checkpoints store rounded to bf16; the
+        # reference (and dino3 by default) computes the frequencies in fp32. Setting `periods` (for
+        # example with dino3.load(meta_file, rope_periods="checkpoint")) follows Meta exactly.
+        self.periods: torch.Tensor | None = None
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
@@ -83,11 +87,21 @@ class RopeTables(nn.Module):
         coords = self.patch_centres(h, w, device)
         if self.augments:
             coords = self.augment(coords)
-        inv_freq = self.inv_freq().to(device)
-        angles = 2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]  # (N, 2, Dh/4)
+        if self.periods is not None:  # Meta's formula, with the checkpoint's periods
+            angles = 2 * math.pi * coords[:, :, None] / self.periods.float().to(device)[None, None, :]
+        else:
+            inv_freq = self.inv_freq().to(device)
+            angles = 2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]  # (N, 2, Dh/4)
         angles = angles.flatten(1, 2)  # (N, Dh/2) = [Y | X]
         cos, sin = torch.cos(angles), torch.sin(angles)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (N, Dh) each
+
+    def use_periods(self, periods: torch.Tensor | None) -> None:
+        """Compute angles as Meta does, dividing by these periods (None: the reference's fp32 formula)."""
+        if periods is not None and tuple(periods.shape) != (self.head_dim // 4,):
+            raise ValueError(f"periods must have shape ({self.head_dim // 4},), got {tuple(periods.shape)}")
+        self.periods = None if periods is None else periods.detach().float().cpu()
+        self._cache.clear()
 
     def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augments:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -58,3 +60,71 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
     tmp = f"{os.fspath(path)}.partial"
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
+
+
+# Meta's file names end in the first hex digits of the file's SHA-256, as torch.hub names them.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.(pth|pt)$")
+
+
+def read_torch_file(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict:
+    """A PyTorch checkpoint file (.pth / .pt / .bin), loaded with weights_only=True: tensors and plain
+    containers only, never arbitrary objects. Floating tensors are cast to `dtype` one by one."""
+    import pickle
+
+    path = os.fspath(path)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path} holds objects other than tensors ({reason}). dino3 loads with weights_only=True "
+            "and never unpickles arbitrary objects; if you trust the file, load it yourself and pass "
+            "the state dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]}); it may be truncated "
+            "or corrupt: download it again"
+        ) from None
+    if dtype is not None and isinstance(obj, dict):
+        obj = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in obj.items()}
+    return obj
+
+
+def check_file_hash(path: str | os.PathLike) -> None:
+    """If the file name carries a hash prefix (Meta's `...-08c60483.pth`), check the file's SHA-256."""
+    match = _HASH_IN_NAME.search(os.path.basename(os.fspath(path)))
+    if match is None:
+        return
+    expected = match.group(1)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            digest.update(block)
+    found = digest.hexdigest()
+    if not found.startswith(expected):
+        raise CheckpointError(
+            f"{path}: its name says its SHA-256 starts with {expected}, but it starts with {found[: len(expected)]}. "
+            "The file is corrupt or incomplete: download it again (or, if you renamed another file to this "
+            "name, pass check_hash=False)"
+        )
+
+
+def read_weights_file(path: str | os.PathLike, dtype: torch.dtype | None = None, check_hash: bool = True) -> StateDict:
+    """The state dict in a single weights file (.safetensors, or a PyTorch .pth / .pt / .bin)."""
+    from .formats import unwrap
+
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return read_safetensors([path], dtype=dtype)
+    if check_hash:
+        check_file_hash(path)
+    try:
+        return unwrap(read_torch_file(path, dtype))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None

@@ -25,7 +25,7 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 class Checkpoint:
     """Where a checkpoint's files are, and what it is."""
 
-    config: _Config
+    config: _Config | None  # None for a single weights file: its layout and shapes tell
     weight_files: list[str]
     source: str  # how to name it in messages: a hub id or a path
     preset: Preset | None = None  # the official checkpoint it is, if known
@@ -45,11 +45,8 @@ def resolve(
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_dir():
         return _resolve_folder(path, need_weights)
-    if path.is_file():
-        raise CheckpointError(
-            f"{path} is a single file. dino3 loads a checkpoint folder (config.json + model.safetensors), "
-            "a preset name or a hub id."
-        )
+    if path.is_file():  # Meta's .pth, timm's file, or a bare state dict in any layout
+        return Checkpoint(None, [str(path)], source=str(path), folder=str(path.parent))
     name = str(name_or_path)
     preset = find_preset(name)
     if preset is not None:
