@@ -68,19 +68,23 @@ class PretrainedMixin:
         layout: str = "hf",
         source: str = "the state dict",
         device: str | torch.device | None = None,
+        consume: bool = False,
         **model_kwargs: Any,
     ):
         """Build a model from a state dict in `layout` ("hf", "meta" or "timm"), strictly: every
-        tensor the model needs must be there with its shape, and nothing else it does not know."""
+        tensor the model needs must be there with its shape, and nothing else it does not know.
+        The model takes the tensors themselves (no copy); consume=True also empties `state_dict` as
+        it goes, which keeps the peak memory of loading near the model's size."""
         with torch.device("meta"):
             model = cls(config, **model_kwargs)
         expected = {k: v.shape for k, v in formats.from_dino3(model.state_dict(), config, layout).items()}
-        if layout == "hf":
-            state_dict = formats.normalize_hf_keys(state_dict)
         found = {k: v.shape for k, v in state_dict.items()}
+        if layout == "hf":  # current Transformers' in-memory names carry a "model." prefix
+            found = formats.normalize_hf_keys(found)
         hint = f"(read as the {formats.LAYOUT_NAMES[layout]} layout of a {config.model_type} model)"
         formats.check_state_dict(found, expected, source, hint=hint, layout=layout)
-        model.load_state_dict(formats.to_dino3(state_dict, config, layout), strict=True, assign=True)
+        weights = formats.to_dino3(state_dict, config, layout, consume=consume)
+        model.load_state_dict(weights, strict=True, assign=True)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -156,13 +160,14 @@ def load_pretrained(
             f"{checkpoint.source} is a {config.model_type} checkpoint, not {cls.config_class.model_type}; "
             "load it with dino3.load(), which picks the model class from the config"
         )
+    periods = state_dict.get("rope_embed.periods") if rope_periods == "checkpoint" else None
     model = target.from_state_dict(
-        state_dict, config, layout=layout, source=checkpoint.source, device=device, **model_kwargs
+        state_dict, config, layout=layout, source=checkpoint.source, device=device, consume=True, **model_kwargs
     )
     if rope_periods == "checkpoint":
-        if layout != "meta" or "rope_embed.periods" not in state_dict:
+        if layout != "meta" or periods is None:
             raise CheckpointError("rope_periods='checkpoint' needs a Meta checkpoint with rope_embed.periods")
-        model.rope.use_periods(state_dict["rope_embed.periods"])
+        model.rope.use_periods(periods)
     elif rope_periods != "exact":
         raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
     model.preset = checkpoint.preset

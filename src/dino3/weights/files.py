@@ -15,40 +15,88 @@ from ..errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def read_safetensors(
     files: Iterable[str | os.PathLike], dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> StateDict:
-    """All tensors of one or more safetensors files, floating ones cast to `dtype` as each is read,
-    so that no full-precision copy of the whole checkpoint is ever held."""
-    from safetensors import SafetensorError, safe_open
+    """All tensors of one or more safetensors files, floating ones cast to `dtype` as each is read.
 
+    Each tensor is read straight into its own buffer (no memory map, whose pages would count twice
+    while loading), then cast and moved one at a time: the peak stays near the final model's size.
+    """
     out: StateDict = {}
     for file in files:
-        try:
-            with safe_open(os.fspath(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    tensor = f.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                        tensor = tensor.to(dtype)
-                    out[key] = tensor
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"{file} is not a readable safetensors file ({e}). It may be truncated or corrupt: "
-                "delete it and download or save it again."
-            ) from None
+        for key, tensor in _read_safetensors_file(os.fspath(file), dtype):
+            out[key] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
     return out
+
+
+def _read_safetensors_file(path: str, dtype: torch.dtype | None):
+    """(name, tensor) for each tensor of a safetensors file, checked against the header. A tensor
+    that must change dtype is read into one reused scratch buffer and cast from there, so that the
+    reading leaves no freed buffers behind (they fragment the heap and raise the peak)."""
+
+    def corrupt(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a readable safetensors file ({reason}). It may be truncated or corrupt: "
+            "delete it and download or save it again."
+        )
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size < 8:
+            raise corrupt("shorter than its 8-byte header length")
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size > size - 8:
+            raise corrupt(f"the header claims {header_size} bytes, the file has {size - 8}")
+        try:
+            header = json.loads(f.read(header_size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"invalid header: {e}") from None
+        header.pop("__metadata__", None)
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if 8 + header_size + end != size:
+            raise corrupt(f"the header describes {8 + header_size + end} bytes, the file has {size}")
+        scratch = torch.empty(0, dtype=torch.uint8)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise corrupt(f"tensor {key} has dtype {info['dtype']}, which dino3 does not read")
+            begin, stop = info["data_offsets"]
+            cast = dtype is not None and stored.is_floating_point and stored != dtype
+            if cast and scratch.numel() < stop - begin:
+                scratch = torch.empty(stop - begin, dtype=torch.uint8)
+            raw = scratch[: stop - begin] if cast else torch.empty(stop - begin, dtype=torch.uint8)
+            f.seek(8 + header_size + begin)
+            if f.readinto(memoryview(raw.numpy())) != stop - begin:
+                raise corrupt(f"tensor {key} ends early")
+            tensor = raw.view(stored).reshape(info["shape"])
+            yield key, tensor.to(dtype) if cast else tensor
 
 
 def safetensors_dtype(files: Iterable[str | os.PathLike]) -> torch.dtype | None:
     """The dtype of the first floating-point tensor stored in the files (read from the header only)."""
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     for file in files:
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
         for key, info in header.items():
-            if key != "__metadata__" and info.get("dtype") in names:
-                return names[info["dtype"]]
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if key != "__metadata__" else None
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ _HF_ENCODER_PREFIX = re.compile(r"^model\.(?=layer\.|stages\.)")
 # -- Hugging Face Transformers: ViT ---------------------------------------------------------------
 def vit_from_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
     """Transformers' DINOv3ViTModel layout -> dino3's. Expects a checked, complete state dict."""
-    sd = normalize_hf_keys(state_dict)
+    sd = state_dict
     out: StateDict = {
         "cls_token": sd["embeddings.cls_token"],
         "mask_token": sd["embeddings.mask_token"],
@@ -137,8 +138,7 @@ def _convnext_names(config: DINOv3ConvNextConfig, layout: str) -> list[tuple[str
 
 def convnext_from_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
     """Transformers' DINOv3ConvNextModel layout -> dino3's: a renaming, no tensor changes."""
-    sd = normalize_hf_keys(state_dict)
-    return {ours: sd[theirs] for ours, theirs in _convnext_names(config, "hf")}
+    return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, "hf")}
 
 
 def convnext_to_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
@@ -364,9 +364,40 @@ _OPTIONAL = {
 }
 
 
-def to_dino3(state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf") -> StateDict:
-    """A checked state dict in `layout` -> dino3's own layout."""
-    return _CONVERTERS[(config.model_type, layout)][0](state_dict, config)
+def to_dino3(
+    state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf", consume: bool = False
+) -> StateDict:
+    """A checked state dict in `layout` -> dino3's own layout.
+
+    consume=True empties `state_dict` as it goes, so that the parts of each fused tensor (q, k, v;
+    gate, up) are freed as soon as it is made: loading then never holds two copies of the weights.
+    """
+    if not consume:
+        state_dict = dict(state_dict)
+    if layout == "hf":
+        for key in [k for k in state_dict if _HF_ENCODER_PREFIX.match(k)]:
+            state_dict[_HF_ENCODER_PREFIX.sub("", key)] = state_dict.pop(key)
+    return _CONVERTERS[(config.model_type, layout)][0](_Taking(state_dict), config)
+
+
+class _Taking(dict):
+    """A view of a state dict whose lookups remove the entry (see to_dino3's consume)."""
+
+    def __init__(self, source: dict) -> None:
+        super().__init__()
+        self.source = source
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source.pop(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.source
+
+    def keys(self):
+        return self.source.keys()
+
+    def items(self):
+        return self.source.items()
 
 
 def from_dino3(state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf") -> StateDict:
@@ -387,7 +418,7 @@ def is_optional(key: str, layout: str) -> bool:
     return bool(pattern and pattern.match(key))
 
 
-def normalize_hf_keys(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+def normalize_hf_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the `model.` encoder prefix of current Transformers' in-memory names."""
     return {_HF_ENCODER_PREFIX.sub("", k): v for k, v in state_dict.items()}
 
