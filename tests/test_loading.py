@@ -121,13 +121,35 @@ def test_config_of_another_size_reports_every_mismatch(tmp_path):
 
 @pytest.mark.parametrize(
     ("dtype", "expected"),
-    [(None, torch.float32), ("bfloat16", torch.bfloat16), (torch.float16, torch.float16), ("auto", torch.bfloat16)],
+    [(None, torch.float32), ("bfloat16", torch.bfloat16), ("auto", torch.bfloat16)],
 )
 def test_dtype_on_load(tmp_path, dtype, expected):
     reference = randomize_(HFModel(HFConfig(**SMALL)))
     reference.to(torch.bfloat16).save_pretrained(tmp_path)
     model = DINOv3ViTModel.from_pretrained(tmp_path, dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_float16_is_refused_with_the_reason(tmp_path):
+    reference_folder(tmp_path, **SMALL)
+    for dtype in (torch.float16, "float16", "fp16"):
+        with pytest.raises(ValueError, match="float16 is refused: DINOv3's activations overflow.*bfloat16"):
+            DINOv3ViTModel.from_pretrained(tmp_path, dtype=dtype)
+    with pytest.raises(ValueError, match="float16 is refused"):
+        dino3.pipeline(model=DINOv3ViTModel(DINOv3ViTConfig(**SMALL)), dtype=torch.float16)
+
+
+def test_float16_checkpoint_loads_as_float32_with_auto(tmp_path):
+    randomize_(HFModel(HFConfig(**SMALL))).to(torch.float16).save_pretrained(tmp_path)
+    assert DINOv3ViTModel.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+
+
+def test_device_map_auto(tmp_path):
+    reference_folder(tmp_path, **SMALL)
+    model = DINOv3ViTModel.from_pretrained(tmp_path, device_map="auto")
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="places a whole model on one device"):
+        DINOv3ViTModel.from_pretrained(tmp_path, device_map={"blocks.0": 0})
 
 
 def test_unknown_dtype_is_refused(tmp_path):

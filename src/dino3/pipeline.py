@@ -165,8 +165,10 @@ def pipeline(
         raise ValueError("pipeline() needs a model: a preset name (see dino3.list_models()), hub id or folder")
     if isinstance(model, torch.nn.Module):
         if dtype is not None or device is not None:
-            from .models.pretrained import parse_dtype
+            from .models.pretrained import FP16_MESSAGE, parse_dtype
 
+            if parse_dtype(dtype) == torch.float16:
+                raise ValueError(FP16_MESSAGE)
             model = model.to(device=device, dtype=parse_dtype(dtype))
         name = getattr(model, "name_or_path", None)
     else:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DINOv3ConvNextConfig
-from .layers import DropPath, linear, resolve_indices, trunc_normal_
+from .layers import DropPath, apply_linear, resolve_indices, trunc_normal_
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
 
@@ -47,8 +47,8 @@ class ConvNextBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = linear(self.norm(y), self.fc1.weight, self.fc1.bias, self.act)  # (B, H, W, 4C)
-        y = linear(y, self.fc2.weight, self.fc2.bias) * self.gamma  # (B, H, W, C)
+        y = apply_linear(self.fc1, self.norm(y), self.act)  # (B, H, W, 4C)
+        y = apply_linear(self.fc2, y) * self.gamma  # (B, H, W, C)
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 

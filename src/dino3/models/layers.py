@@ -80,6 +80,24 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias) * other
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ordinary nn.Linear with plain tensors, as opposed to one that quantization replaced."""
+    return type(module) is nn.Linear and type(module.weight.data) is torch.Tensor
+
+
+def apply_linear(
+    module: nn.Module, x: torch.Tensor, activation: str | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """activation(module(x) + bias): through the fused `linear` for an ordinary nn.Linear, through
+    the module itself for a quantized one. `bias` is for a Linear created without one (fused qkv)."""
+    if is_plain_linear(module):
+        return linear(x, module.weight, bias if bias is not None else module.bias, activation)
+    y = module(x)
+    if bias is not None:
+        y = y + bias
+    return ACTIVATION_FUNCTIONS[activation](y) if activation is not None else y
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples with probability `rate`, scale the rest by 1/(1-rate)."""
     if rate == 0.0 or not training:

@@ -116,6 +116,8 @@ def load_pretrained(
     config: _Config | str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | None = None,
+    quantize: str | None = None,
     check_hash: bool = True,
     rope_periods: str = "exact",
     token: str | bool | None = None,
@@ -128,8 +130,12 @@ def load_pretrained(
 
     config: for a single weights file without config.json: a config, a preset name or a config.json
         path; otherwise the shapes and the file name must match an official checkpoint.
-    dtype: float32 (the default), bfloat16, float16 or "auto" (the checkpoint's own dtype).
+    dtype: float32 (the default), bfloat16 or "auto" (the checkpoint's own dtype; float16 files load
+        as float32). float16 is refused: DINOv3 overflows in it (see FP16_MESSAGE).
     device: where the model goes ("cpu", "cuda", ...).
+    device_map: "auto" puts the model on the GPU when there is one with room for it, else on the CPU.
+        Splitting one model over several devices is not supported.
+    quantize: "int8-dynamic", "int8-weight" or "int4-weight" (see dino3.quantize).
     check_hash: check the SHA-256 prefix in Meta's file names (`...-08c60483.pth`).
     rope_periods: "exact" computes the RoPE frequencies in fp32, as Transformers does; "checkpoint"
         uses the bf16-rounded `rope_embed.periods` of a Meta file, as Meta's own code does (outputs
@@ -140,19 +146,29 @@ def load_pretrained(
         name_or_path, token=token, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
     )
     dtype = parse_dtype(dtype)
+    if dtype == torch.float16:
+        raise ValueError(FP16_MESSAGE)
     if checkpoint.config is not None:  # a folder or hub repo in the Hugging Face layout
         layout, config = "hf", checkpoint.config
         if dtype == "auto":
             dtype = parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype"))
             dtype = dtype if isinstance(dtype, torch.dtype) else safetensors_dtype(checkpoint.weight_files)
+            dtype = torch.float32 if dtype == torch.float16 else dtype
+        if device_map is not None:
+            device = _auto_device(device_map, device, config, dtype or torch.float32)
         state_dict = read_safetensors(
             checkpoint.weight_files, dtype=dtype or torch.float32, device=_read_device(device)
         )
     else:  # one weights file: its keys say the layout, its shapes (or `config`) the architecture
         file = checkpoint.weight_files[0]
         state_dict = read_weights_file(file, None if dtype == "auto" else dtype or torch.float32, check_hash)
+        if dtype == "auto":  # keep the file's dtype, except float16
+            state_dict = {k: v.float() if v.dtype == torch.float16 else v for k, v in state_dict.items()}
         layout, model_type = formats.detect_layout(state_dict)
         config, checkpoint.preset = _config_for_file(state_dict, layout, model_type, file, config)
+        if device_map is not None:
+            first = next(v for v in state_dict.values() if v.is_floating_point())
+            device = _auto_device(device_map, device, config, first.dtype)
     classes = {c.config_class.model_type: c for c in PretrainedMixin.__subclasses__()}
     target = classes[config.model_type]
     if cls is not None and cls is not target:
@@ -170,10 +186,47 @@ def load_pretrained(
         model.rope.use_periods(periods)
     elif rope_periods != "exact":
         raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
+    if quantize is not None:
+        from ..quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     model.preset = checkpoint.preset
     model.name_or_path = str(name_or_path)
     model.source_layout = layout
     return model
+
+
+FP16_MESSAGE = (
+    "float16 is refused: DINOv3's activations overflow its range (Meta: 'DINOv3 doesn't support FP16'), "
+    "giving inf/NaN features. Use dtype=torch.bfloat16 (as fast on GPUs since Ampere and on CPUs with "
+    "AVX512-BF16 or AMX) or float32 (GPUs without bfloat16, such as the T4 or V100)."
+)
+
+
+def _auto_device(device_map: str, device, config: _Config, dtype: torch.dtype) -> torch.device:
+    """The device `device_map="auto"` means: the GPU when one has room for the model, else the CPU."""
+    if device_map != "auto":
+        raise ValueError(
+            f"device_map={device_map!r}: dino3 places a whole model on one device; use device_map='auto' or device=..."
+        )
+    if device is not None:
+        raise ValueError("pass device or device_map, not both")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    classes = {c.config_class.model_type: c for c in PretrainedMixin.__subclasses__()}
+    with torch.device("meta"):
+        size = classes[config.model_type](config).num_parameters() * torch.empty(0, dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info()
+    if size * 1.2 > free:
+        import warnings
+
+        warnings.warn(
+            f"the model needs {size / 2**30:.1f} GiB and the GPU has {free / 2**30:.1f} GiB free: it stays on "
+            "the CPU. dtype=torch.bfloat16 or quantize='int4-weight' make it smaller.",
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def _config_for_file(state_dict, layout: str, model_type: str, file: str, config: _Config | str | None):
