@@ -4,6 +4,7 @@
     dino3 embed a.jpg b.png -m vitb16 --pool cls+mean -o f.safetensors
     dino3 info vitl16-sat493m
     dino3 convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth vits16-hf/   # Meta -> Hugging Face
+    dino3 export vits16 -o vits16.onnx                     # ONNX with dynamic batch and size
     dino3 init-random vits16 checkpoints/vits16-random     # offline trials, random weights
 
 Exit status: 0 when every image was embedded, 3 when some could not be (they are listed), 1 for an
@@ -86,6 +87,8 @@ class Settings:
     jpeg_draft: bool
     batch_size: int
     quantize: str | None
+    backend: str
+    precision: str | None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -293,6 +296,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         jpeg_draft=args.jpeg_draft,
         batch_size=args.batch_size,
         quantize=args.quantize,
+        backend=args.backend,
+        precision=args.precision,
     )
     chunk = max(1, args.checkpoint_every // args.batch_size) * args.batch_size
     run = Run(output, paths, settings, chunk)
@@ -306,7 +311,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    if args.backend == "torch":
+        if args.precision:
+            raise UsageError("--precision is for --backend onnxruntime/openvino; with torch use --dtype and --quantize")
+        model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    else:
+        if args.layers is not None:
+            raise UsageError("--layers needs the torch backend (the exported graph returns the final tokens)")
+        if args.quantize or args.dtype != "float32":
+            raise UsageError("with --backend, choose the precision with --precision (f32, bf16, int8)")
+        calibration = expand_inputs([args.calibration])[0] if args.calibration else None
+        model = load(args.model, backend=args.backend, precision=args.precision or "f32", calibration=calibration)
+        print(f"backend {args.backend}, precision {model.precision}", file=sys.stderr)
     overrides: dict[str, Any] = {"jpeg_draft": args.jpeg_draft}
     if args.keep_aspect:
         overrides.update(keep_aspect=args.keep_aspect, target_size=args.target, fit=args.fit)
@@ -457,6 +473,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    path = export_onnx(args.model, args.output, opset=args.opset)
+    print(
+        f"wrote {path} (dynamic batch, height and width; outputs last_hidden_state, pooler_output), "
+        f"with preprocessor_config.json and dino3.json beside it"
+    )
+    return EXIT_OK
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .weights.convert import convert
 
@@ -550,6 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("int8-dynamic", "int8-weight", "int4-weight"),
         help="quantize the linear layers: int8-dynamic is fastest on CPUs with VNNI (see the README)",
     )
+    embed.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "openvino"),
+        default="torch",
+        help="inference engine; onnxruntime and openvino run a cached ONNX export (default: torch)",
+    )
+    embed.add_argument(
+        "--precision", choices=("f32", "bf16", "int8"), help="with --backend: the precision (default: f32)"
+    )
+    embed.add_argument("--calibration", help="with --backend openvino --precision int8: images to calibrate on")
     embed.add_argument("--workers", type=int, default=2, help="threads decoding images ahead of the model (default: 2)")
     embed.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
     embed.add_argument(
@@ -566,6 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe a model: architecture, size, normalisation, weights found")
     info.add_argument("model", help="preset name, hub id or local checkpoint folder")
     info.set_defaults(run=cmd_info)
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX (dynamic batch and size, no control flow)",
+        description="Export a model to ONNX for ONNX Runtime, OpenVINO, TensorRT and others: dynamic batch, "
+        "height and width, no If/Loop nodes, outputs named last_hidden_state and pooler_output. The "
+        "processor's preprocessor_config.json is written beside it.",
+    )
+    export.add_argument("model", help="preset name, hub id, checkpoint folder or weights file")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export.set_defaults(run=cmd_export)
 
     conv = commands.add_parser(
         "convert",

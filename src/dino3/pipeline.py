@@ -110,11 +110,11 @@ class FeatureExtractionPipeline:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def __call__(
         self,
@@ -158,6 +158,7 @@ def pipeline(
     processor: defaults to the checkpoint's (with the preset's normalisation for official models).
     dtype / device: for the model; the pixels are cast to match.
     workers: threads that decode images ahead of the model (0: decode inline).
+    load_kwargs: for dino3.load, e.g. quantize="int8-dynamic", or backend="openvino", precision="bf16".
     """
     if task != TASK:
         raise ValueError(f"dino3 provides the {TASK!r} task only, not {task!r}")

@@ -22,9 +22,22 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
     (config.json + model.safetensors) or a single weights file in Hugging Face, Meta (.pth) or timm
     layout. Returns a DINOv3ViTModel or DINOv3ConvNextModel, in eval mode.
 
-    Keyword arguments: dtype, device, config (for a bare weights file), check_hash, attn_implementation
-    (ViT), and the hub's token, revision, cache_dir, local_files_only.
+    Keyword arguments: dtype, device, device_map, quantize, config (for a bare weights file),
+    check_hash, rope_periods, attn_implementation (ViT), and the hub's token, revision, cache_dir,
+    local_files_only. backend="onnxruntime" or "openvino" (with precision="f32" / "bf16" / "int8"
+    and, for OpenVINO's int8, calibration=[images]) returns a compiled RuntimeModel instead.
     """
+    backend = kwargs.pop("backend", None) or "torch"
+    if backend != "torch":
+        from ..backends import load_runtime
+
+        runtime = {k: kwargs.pop(k) for k in ("precision", "calibration") if k in kwargs}
+        return load_runtime(name_or_path, backend, **runtime, **kwargs)
+    if "precision" in kwargs:
+        raise ValueError(
+            "precision= chooses a runtime's precision (backend='onnxruntime' or 'openvino'); "
+            "with the torch backend use dtype= and quantize="
+        )
     return load_pretrained(name_or_path, **kwargs)
 
 

@@ -201,7 +201,12 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
         return tuple(outputs)
 
     def _chunk_size(self, x: torch.Tensor) -> int:
-        if x.device.type != "cpu" or self.cpu_chunk_bytes is None or torch.is_grad_enabled():
+        if (
+            x.device.type != "cpu"
+            or self.cpu_chunk_bytes is None
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
             return x.shape[0]
         per_image = (x.shape[-2] // 4) * (x.shape[-1] // 4) * 4 * self.config.hidden_sizes[0] * x.element_size()
         return max(1, self.cpu_chunk_bytes // per_image)

@@ -48,6 +48,8 @@ _ONEDNN_POST_OPS = {
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         ONEDNN_LINEAR
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()  # export and torch.compile see plain F.linear
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype

@@ -113,7 +113,9 @@ class RopeTables(nn.Module):
         self._cache.clear()
 
     def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.augments:
+        # Fresh tables in training with augmentation, and when exporting or compiling (so that they
+        # are computed in the graph, from the input's symbolic size).
+        if self.augments or torch.compiler.is_compiling():
             cos, sin = self.compute(h, w, device)
             return cos.to(dtype), sin.to(dtype)
         key = (h, w, dtype, torch.device(device))
@@ -403,7 +405,12 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
     def _chunk_size(self, pixel_values: torch.Tensor, output_attentions: bool) -> int:
         """Images per chunk when a large CPU batch runs in pieces (see cpu_chunk_bytes)."""
         B = pixel_values.shape[0]
-        if pixel_values.device.type != "cpu" or self.cpu_chunk_bytes is None or torch.is_grad_enabled():
+        if (
+            pixel_values.device.type != "cpu"
+            or self.cpu_chunk_bytes is None
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
             return B
         h, w = self.grid_size(*pixel_values.shape[-2:])
         tokens, config = self.num_prefix_tokens + h * w, self.config

@@ -1,0 +1,145 @@
+"""ONNX export and the ONNX Runtime / OpenVINO backends against dino3's PyTorch output.
+
+The backends are installed by CI (the test extra); a missing one fails these tests instead of
+skipping them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+
+import dino3
+from dino3.backends import BackendError, load_runtime
+from dino3.cli import main as cli
+from dino3.export import export_onnx
+from helpers import max_diff, randomize_
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
+SIZES = [(224, 224), (96, 160), (100, 75)]  # square, non-square, not a multiple of the patch
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    vit = transformers.DINOv3ViTConfig(
+        hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=2, num_register_tokens=4
+    )
+    randomize_(transformers.DINOv3ViTModel(vit)).save_pretrained(root / "vit")
+    convnext = transformers.DINOv3ConvNextConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 2, 1])
+    randomize_(transformers.DINOv3ConvNextModel(convnext)).save_pretrained(root / "convnext")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DINO3_CACHE", str(tmp_path_factory.getbasetemp() / "dino3-cache"))
+
+
+def sizes_for(arch):
+    return SIZES if arch == "vit" else [(224, 224), (96, 160), (97, 131)]
+
+
+@pytest.mark.parametrize("arch", ["vit", "convnext"])
+def test_exported_graph(checkpoints, tmp_path, arch):
+    path = export_onnx(checkpoints / arch, tmp_path / "model.onnx")
+    graph = onnx.load(str(path)).graph
+    assert not {n.op_type for n in graph.node} & {"If", "Loop", "Scan"}
+    assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output"]
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 3 and isinstance(dims[2], str) and isinstance(dims[3], str)
+    assert (tmp_path / "preprocessor_config.json").is_file() and (tmp_path / "dino3.json").is_file()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("arch", ["vit", "convnext"])
+def test_f32_backends_match_pytorch(checkpoints, arch, backend):
+    reference = dino3.load(checkpoints / arch)
+    runtime = dino3.load(checkpoints / arch, backend=backend, precision="f32")
+    assert runtime.precision == "f32" and backend in repr(runtime)
+    for size in sizes_for(arch):
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = reference(x)
+        got = runtime(x)
+        assert got.last_hidden_state.shape == expected.last_hidden_state.shape
+        assert max_diff(got.last_hidden_state, expected.last_hidden_state) <= 1e-4
+        assert max_diff(got.pooler_output, expected.pooler_output) <= 1e-4
+        assert got.grid_size == expected.grid_size and torch.equal(
+            got.patch_grid, got.patch_tokens.unflatten(1, got.grid_size)
+        )
+
+
+# Lowest cosine to f32 over the example photos' tokens that the tests require (measured values in
+# benchmarks/RESULTS.md).
+LOW_PRECISION = [("openvino", "bf16", 0.999), ("onnxruntime", "int8", 0.99), ("openvino", "int8", 0.95)]
+
+
+@pytest.mark.parametrize(("backend", "precision", "bound"), LOW_PRECISION)
+def test_low_precision_stays_close_to_f32(checkpoints, backend, precision, bound):
+    pixels = dino3.DINOv3ViTImageProcessor()(PHOTOS).pixel_values
+    with torch.no_grad():
+        truth = dino3.load(checkpoints / "vit")(pixels).last_hidden_state
+    runtime = dino3.load(checkpoints / "vit", backend=backend, precision=precision)
+    got = runtime(pixels).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(got, truth, dim=-1).min().item()
+    assert bound <= cosine < 1 - 1e-7
+
+
+def test_openvino_int8_calibrates_on_given_images(checkpoints):
+    runtime = dino3.load(checkpoints / "vit", backend="openvino", precision="int8", calibration=PHOTOS[:3])
+    assert runtime(torch.randn(1, 3, 64, 64)).last_hidden_state.shape == (1, 21, 128)
+
+
+def test_compiled_models_are_cached(checkpoints, monkeypatch):
+    from dino3 import export
+
+    dino3.load(checkpoints / "vit", backend="onnxruntime")
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    dino3.load(checkpoints / "vit", backend="onnxruntime")
+
+
+def test_precision_must_exist_for_the_backend(checkpoints):
+    with pytest.raises(BackendError, match=r"onnxruntime runs precision \('f32', 'int8'\), not 'bf16'; for bf16 use"):
+        dino3.load(checkpoints / "vit", backend="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="precision= chooses a runtime's precision"):
+        dino3.load(checkpoints / "vit", precision="bf16")
+
+
+def test_missing_backend_names_the_extra(checkpoints, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendError, match=r"needs openvino, which is not installed: pip install 'dino3\[openvino\]'"):
+        load_runtime(checkpoints / "vit", "openvino")
+
+
+def test_pipeline_and_embed_on_a_backend(checkpoints, tmp_path):
+    pipe = dino3.pipeline(model=checkpoints / "vit", backend="openvino", precision="f32", batch_size=2)
+    torch_pipe = dino3.pipeline(model=checkpoints / "vit", batch_size=2)
+    images = [str(p) for p in PHOTOS[:3]]
+    for a, b in zip(pipe(images, pool=True, return_tensors=True), torch_pipe(images, pool=True, return_tensors=True)):
+        assert max_diff(a, b) <= 1e-4
+    out = tmp_path / "f.npz"
+    args = ["embed", *images, "-m", str(checkpoints / "vit"), "-o", str(out), "-q"]
+    assert cli([*args, "--backend", "onnxruntime", "--precision", "int8"]) == 0
+    assert np.load(out)["features"].shape == (3, 128)
+    with pytest.raises(SystemExit):
+        cli([*args, "--overwrite", "--backend", "openvino", "--layers", "2"])
+
+
+def test_export_command(checkpoints, tmp_path, capsys):
+    assert cli(["export", str(checkpoints / "convnext"), "-o", str(tmp_path / "c.onnx")]) == 0
+    assert "dynamic batch, height and width" in capsys.readouterr().out
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 96), dtype=np.float32)
+    hidden, pooled = session.run(None, {"pixel_values": x})
+    with torch.no_grad():
+        expected = dino3.load(checkpoints / "convnext")(torch.from_numpy(x))
+    assert np.abs(hidden - expected.last_hidden_state.numpy()).max() <= 1e-4
