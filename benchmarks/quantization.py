@@ -52,7 +52,7 @@ def main() -> None:
     import transformers
 
     import dino3
-    from dino3.quantize import quantize
+    from dino3.quantization import quantize
     from dino3.weights.formats import to_hf
     from helpers import randomize_
 

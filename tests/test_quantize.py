@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import dino3
-from dino3.quantize import QuantizationError, quantize
+from dino3.quantization import QuantizationError, quantize
 from helpers import randomize_
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))

@@ -37,6 +37,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     torch.save(meta, work / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     monkeypatch.setattr(files, "check_file_hash", lambda path: None)
     monkeypatch.chdir(work)
+    monkeypatch.setenv("DINO3_CACHE", str(tmp_path / "cache"))
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert len(blocks) >= 4
@@ -45,5 +46,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["patch_features"].shape == (1, 14, 14, 64)
     assert len(namespace["feature_maps"]) == 4
-    assert (work / "vits16-timm.safetensors").is_file()
+    assert (work / "vits16-timm.safetensors").is_file() and (work / "vits16.onnx").is_file()
+    assert namespace["runtime_features"].shape == (1, 64)
     assert isinstance(namespace["pooled"][0], torch.Tensor)

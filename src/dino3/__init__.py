@@ -29,6 +29,8 @@ _EXPORTS = {
     "DINOv3Output": "dino3.models.outputs",
     "load": "dino3.models",
     "convert": "dino3.weights.convert",
+    "export_onnx": "dino3.export",
+    "quantize": "dino3.quantization",
     "list_models": "dino3.presets",
     "get_preset": "dino3.presets",
     "Preset": "dino3.presets",
@@ -60,6 +62,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .errors import CheckpointError, ConfigError, Dino3Error, HubAccessError, UnknownModelError
+    from .export import export_onnx
     from .images import ImageError, load_image, load_images
     from .models import load
     from .models.backbone import DINOv3Backbone
@@ -69,4 +72,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import pipeline
     from .presets import Preset, get_preset, list_models
     from .processing import DINOv3ViTImageProcessor
+    from .quantization import quantize
     from .weights.convert import convert

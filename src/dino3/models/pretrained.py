@@ -187,7 +187,7 @@ def load_pretrained(
     elif rope_periods != "exact":
         raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
     if quantize is not None:
-        from ..quantize import quantize as quantize_model
+        from ..quantization import quantize as quantize_model
 
         quantize_model(model, quantize)
     model.preset = checkpoint.preset
