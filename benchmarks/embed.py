@@ -1,4 +1,5 @@
-"""End to end: 64 JPEG photos -> CLS embeddings with ViT-S/16, dino3 against Transformers' pipeline.
+"""End to end: 64 JPEG photos -> CLS embeddings with ViT-S/16, dino3 against Transformers' pipeline
+and against the peers' fastest path (Transformers' processor feeding OpenVINO).
 
     python benchmarks/embed.py            # prints a markdown table; --append adds it to RESULTS.md
 
@@ -25,10 +26,79 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
+def runtime_rows(tmp: Path, model: Path, photos: Path, paths: list[str], cli) -> dict:
+    """`dino3 embed --backend openvino` at each precision, against the peers' best path written by
+    hand: Transformers' load_image and processor, then OpenVINO on Transformers' model exported to
+    ONNX (NNCF int8 calibrated on the same sample photos), in batches of 16."""
+    import logging
+    import os
+    import warnings
+
+    import nncf
+    import openvino as ov
+    import transformers
+    from transformers.image_utils import load_image
+
+    warnings.filterwarnings("ignore")
+    nncf.set_log_level(logging.ERROR)
+    os.environ["DINO3_CACHE"] = str(tmp / "cache")
+    reference = transformers.DINOv3ViTModel.from_pretrained(model).eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values).pooler_output
+
+    onnx_path = tmp / "transformers.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            Pooled(reference),
+            (torch.randn(2, 3, 224, 224),),
+            str(onnx_path),
+            dynamo=True,
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            input_names=["pixel_values"],
+        )
+    core = ov.Core()
+    processor = transformers.DINOv3ViTImageProcessor()
+    samples = sorted((ROOT.parent / "src" / "dino3" / "assets").glob("*.jpg"))
+    calibration = [processor(load_image(str(s)), return_tensors="pt").pixel_values.numpy() for s in samples]
+    int8 = nncf.quantize(
+        core.read_model(str(onnx_path)), nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER
+    )
+
+    def peer(source, hint):
+        compiled = core.compile_model(source, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        request = compiled.create_infer_request()
+
+        def run():
+            for start in range(0, len(paths), 16):
+                images = [load_image(p) for p in paths[start : start + 16]]
+                request.infer({0: processor(images, return_tensors="pt").pixel_values.numpy()})
+
+        return run
+
+    out = tmp / "rt.npz"
+    rows = {}
+    for precision in ("f32", "bf16", "int8"):
+        source = int8 if precision == "int8" else str(onnx_path)
+        rows[f"Transformers processor + OpenVINO {precision} (peer), batch 16"] = peer(
+            source, "f32" if precision == "int8" else precision
+        )
+        command = ["embed", str(photos), "-m", str(model), "-o", str(out), "-q", "--overwrite"]
+        command += ["--backend", "openvino", "--precision", precision]
+        rows[f"dino3 embed --backend openvino --precision {precision}, batch 16"] = lambda command=command: cli(command)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--no-runtimes", action="store_true", help="leave out the OpenVINO rows")
     args = parser.parse_args()
 
     import transformers
@@ -57,6 +127,8 @@ def main() -> None:
                 ["embed", str(photos), "-m", str(model), "-o", str(out), "-q", "--overwrite"]
             ),
         }
+        if not args.no_runtimes:
+            runs.update(runtime_rows(tmp, model, photos, paths, cli))
         for fn in runs.values():
             fn()
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -88,7 +160,8 @@ def main() -> None:
     base = speed["Transformers pipeline, batch 1"]
     lines = [
         f"End to end, {len(paths)} JPEG photos -> ViT-S/16 CLS embeddings, fp32, "
-        f"torch {torch.get_num_threads()} threads, median of {args.reps} (model loaded):",
+        f"torch {torch.get_num_threads()} threads, median of {args.reps} (pipelines and peers with the model "
+        "loaded; each `dino3 embed` row also loads the model, compiles it from the cache and writes its file):",
         "",
         "| run | images/s | vs Transformers batch 1 |",
         "|---|---|---|",

@@ -221,3 +221,18 @@ def test_large_batch_runs_in_chunks_with_the_same_numbers(models):
     assert max_diff(chunked.last_hidden_state, expected) <= FP32_TOL
     for a, b in zip(chunked.hidden_states + chunked.attentions, whole.hidden_states + whole.attentions, strict=True):
         assert max_diff(a, b) <= 1e-5
+
+
+def test_flash_attention_implementation_matches_sdpa(models):
+    _, _, ours = models
+    x = pixels(2, (96, 160))
+    with torch.no_grad():
+        expected = ours(x).last_hidden_state
+        ours.attn_implementation = "flash"
+        try:
+            got = ours(x).last_hidden_state
+        finally:
+            ours.attn_implementation = "sdpa"
+    assert max_diff(got, expected) <= 1e-5
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        ours.attn_implementation = "flex"

@@ -111,20 +111,28 @@ def load_runtime(
         )
     _require(backend)
     from .models import load
+    from .weights.hub import resolve
 
-    model = load(name_or_path, **load_kwargs)
-    folder = Path(cache_dir) if cache_dir else cache_root() / "compiled" / _cache_key(model, name_or_path)
+    hub = {k: load_kwargs[k] for k in ("token", "revision", "cache_dir", "local_files_only") if k in load_kwargs}
+    checkpoint = resolve(name_or_path, **hub)
+    folder = Path(cache_dir) if cache_dir else cache_root() / "compiled" / _cache_key(checkpoint, load_kwargs)
     onnx_path = folder / "model.onnx"
+    model = None
+    if not onnx_path.exists() or checkpoint.config is None:  # a bare weights file: its config is in it
+        model = load(name_or_path, **{k: v for k, v in load_kwargs.items() if k != "dtype"})
     if not onnx_path.exists():
         from .export import export_onnx
 
         export_onnx(model, onnx_path)
+    config = model.config if model is not None else checkpoint.config
+    preset = model.preset if model is not None else checkpoint.preset
+    del model  # the runtime holds its own copy of the weights
     info = json.loads((folder / "dino3.json").read_text())
     if backend == "onnxruntime":
         run = _onnxruntime(onnx_path, precision)
     else:
         run = _openvino(onnx_path, precision, info, calibration, folder)
-    return RuntimeModel(run, model.config, info, backend, precision, model.preset, str(name_or_path))
+    return RuntimeModel(run, config, info, backend, precision, preset, str(name_or_path))
 
 
 def _require(backend: str) -> None:
@@ -138,22 +146,16 @@ def _require(backend: str) -> None:
         ) from None
 
 
-def _cache_key(model, name_or_path) -> str:
-    """Weights' identity (files, sizes, modification times; or the tensors' bytes) and dino3's version."""
+def _cache_key(checkpoint, load_kwargs: dict[str, Any]) -> str:
+    """The weights' identity (files, sizes, modification times), what changes the numbers among the
+    load options, and dino3's version."""
     from . import __version__
-    from .weights.hub import resolve
 
-    parts = [__version__, str(model.config.to_dict())]
-    try:
-        checkpoint = resolve(name_or_path)
-        for file in checkpoint.weight_files:
-            stat = os.stat(file)
-            parts.append(f"{os.path.realpath(file)}:{stat.st_size}:{stat.st_mtime_ns}")
-    except Exception:  # a model object, not a checkpoint name: hash its weights
-        digest = hashlib.sha256()
-        for tensor in model.state_dict().values():
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        parts.append(digest.hexdigest())
+    parts = [__version__, str(checkpoint.config.to_dict()) if checkpoint.config is not None else ""]
+    for file in checkpoint.weight_files:
+        stat = os.stat(file)
+        parts.append(f"{os.path.realpath(file)}:{stat.st_size}:{stat.st_mtime_ns}")
+    parts += [f"{k}={load_kwargs[k]!r}" for k in ("config", "rope_periods") if k in load_kwargs]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
