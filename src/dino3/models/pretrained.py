@@ -148,6 +148,8 @@ def load_pretrained(
     dtype = parse_dtype(dtype)
     if dtype == torch.float16:
         raise ValueError(FP16_MESSAGE)
+    if rope_periods not in ("exact", "checkpoint"):
+        raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
     if checkpoint.config is not None:  # a folder or hub repo in the Hugging Face layout
         layout, config = "hf", checkpoint.config
         if dtype == "auto":
@@ -184,8 +186,6 @@ def load_pretrained(
         if layout != "meta" or periods is None:
             raise CheckpointError("rope_periods='checkpoint' needs a Meta checkpoint with rope_embed.periods")
         model.rope.use_periods(periods)
-    elif rope_periods != "exact":
-        raise ValueError(f"rope_periods must be 'exact' or 'checkpoint', got {rope_periods!r}")
     if quantize is not None:
         from ..quantization import quantize as quantize_model
 
@@ -233,9 +233,9 @@ def _config_for_file(state_dict, layout: str, model_type: str, file: str, config
     from ..presets import get_preset
 
     if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
-        from ..weights.hub import _read_config
+        from ..weights.hub import read_config
 
-        return _read_config(config, str(config)), None
+        return read_config(config, str(config)), None
     if isinstance(config, str):
         preset = get_preset(config)
         return preset.make_config(), preset

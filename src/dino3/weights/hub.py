@@ -61,7 +61,7 @@ def resolve(
         raise AssertionError("unreachable")  # pragma: no cover
     hub = dict(token=token, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config_file = download(repo_id, CONFIG_NAME, **hub)
-    config = _read_config(config_file, f"{repo_id}/{CONFIG_NAME}")
+    config = read_config(config_file, f"{repo_id}/{CONFIG_NAME}")
     files = _download_weights(repo_id, hub) if need_weights else []
     return Checkpoint(config, files, source=repo_id, preset=preset, folder=str(Path(config_file).parent))
 
@@ -127,7 +127,7 @@ def _resolve_folder(folder: Path, need_weights: bool) -> Checkpoint:
             f"{folder} has no {CONFIG_NAME}. A checkpoint folder holds config.json and model.safetensors, "
             "as save_pretrained() writes them (dino3 or Transformers)."
         )
-    config = _read_config(config_file, str(config_file))
+    config = read_config(config_file, str(config_file))
     files: list[str] = []
     if need_weights:
         if (folder / SAFETENSORS_NAME).is_file():
@@ -145,7 +145,7 @@ def _resolve_folder(folder: Path, need_weights: bool) -> Checkpoint:
     return Checkpoint(config, files, source=str(folder), folder=str(folder))
 
 
-def _read_config(path: str | Path, source: str) -> _Config:
+def read_config(path: str | Path, source: str) -> _Config:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
