@@ -170,8 +170,8 @@ def _parity_error(models) -> float:
 def _interleaved_rope(x, cos, sin, num_prefix):
     # Pairs dims (0,1), (2,3), ... instead of (i, i + Dh/2): the other common RoPE convention.
     prefix, patches = x[:, :, :num_prefix], x[:, :, num_prefix:]
-    swapped = torch.stack((patches[..., 1::2], patches[..., ::2]), dim=-1).flatten(-2)
-    return torch.cat((prefix, patches * cos + swapped * sin), dim=2)
+    rotated = torch.stack((-patches[..., 1::2], patches[..., ::2]), dim=-1).flatten(-2)
+    return torch.cat((prefix, patches * cos + rotated * sin), dim=2)
 
 
 def _block_without_layer_scale(self, x, cos, sin, num_prefix, implementation="sdpa", need_weights=False):
