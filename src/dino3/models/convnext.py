@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DINOv3ConvNextConfig
-from .layers import DropPath, apply_linear, resolve_indices, trunc_normal_
+from .layers import DropPath, apply_linear, cpu_chunk_size, last_or_chosen, resolve_indices, trunc_normal_
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
 
@@ -186,9 +186,7 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
         `return_class_token` each entry is a tuple (patches, cls (B, C)).
         """
         S = self.config.num_stages
-        stages = list(range(S - n, S)) if isinstance(n, int) else [i % S for i in n]
-        if not stages or any(not 0 <= i < S for i in stages):
-            raise ValueError(f"n must be 1..{S} or stage indices in [0, {S}), got {n!r}")
+        stages = last_or_chosen(n, S, "stage")
         outputs = []
         for stage, x in zip(stages, self.hidden_states_at(pixel_values, [i + 1 for i in stages])):
             cls = x.mean((-2, -1))  # (B, C)
@@ -201,15 +199,8 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
         return tuple(outputs)
 
     def _chunk_size(self, x: torch.Tensor) -> int:
-        if (
-            x.device.type != "cpu"
-            or self.cpu_chunk_bytes is None
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-        ):
-            return x.shape[0]
         per_image = (x.shape[-2] // 4) * (x.shape[-1] // 4) * 4 * self.config.hidden_sizes[0] * x.element_size()
-        return max(1, self.cpu_chunk_bytes // per_image)
+        return cpu_chunk_size(x, self.cpu_chunk_bytes, per_image)
 
 
 def _check_pixels(pixel_values: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:

@@ -131,6 +131,22 @@ def resolve_indices(indices: int | Sequence[int], count: int) -> list[int]:
     return resolved
 
 
+def last_or_chosen(n: int | Sequence[int], count: int, what: str) -> list[int]:
+    """Meta's `n` of get_intermediate_layers: the last n of `count` items, or the 0-based indices n lists."""
+    chosen = list(range(count - n, count)) if isinstance(n, int) else [i % count for i in n]
+    if not chosen or any(not 0 <= i < count for i in chosen):
+        raise ValueError(f"n must be 1..{count} or {what} indices in [0, {count}), got {n!r}")
+    return chosen
+
+
+def cpu_chunk_size(x: torch.Tensor, budget: int | None, bytes_per_image: int) -> int:
+    """How many images of the batch x to run at a time so that the widest activation stays under
+    `budget` bytes: on the CPU, in inference, when not tracing; otherwise the whole batch."""
+    if x.device.type != "cpu" or budget is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return x.shape[0]
+    return max(1, budget // bytes_per_image)
+
+
 def trunc_normal_(tensor: torch.Tensor, std: float) -> None:
     """Truncated normal init at +-2 (absolute, as Transformers), computed in fp32 then cast."""
     with torch.no_grad():

@@ -27,7 +27,9 @@ from .layers import (
     ACTIVATION_FUNCTIONS,
     DropPath,
     apply_linear,
+    cpu_chunk_size,
     is_plain_linear,
+    last_or_chosen,
     linear,
     linear_mul,
     resolve_indices,
@@ -408,14 +410,6 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
 
     def _chunk_size(self, pixel_values: torch.Tensor, output_attentions: bool) -> int:
         """Images per chunk when a large CPU batch runs in pieces (see cpu_chunk_bytes)."""
-        B = pixel_values.shape[0]
-        if (
-            pixel_values.device.type != "cpu"
-            or self.cpu_chunk_bytes is None
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-        ):
-            return B
         h, w = self.grid_size(*pixel_values.shape[-2:])
         tokens, config = self.num_prefix_tokens + h * w, self.config
         widest = max(3 * config.hidden_size, config.intermediate_size * (2 if config.use_gated_mlp else 1))
@@ -424,8 +418,10 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
             per_image += config.num_attention_heads * tokens * tokens * pixel_values.element_size()
         # int8-dynamic layers quantize each input as a whole: 4 images of ViT-S/16 at 224 px ran
         # 1.5x faster than 16 (fp32 and bf16 do not care).
-        budget = self.cpu_chunk_bytes // (4 if getattr(self, "quantization", None) == "int8-dynamic" else 1)
-        return max(1, budget // per_image)
+        budget = self.cpu_chunk_bytes
+        if budget is not None and getattr(self, "quantization", None) == "int8-dynamic":
+            budget //= 4
+        return cpu_chunk_size(pixel_values, budget, per_image)
 
     def _run_block(self, block: Block, x, cos, sin, need_weights: bool = False):
         args = (x, cos, sin, self.num_prefix_tokens, self.attn_implementation, need_weights)
@@ -469,10 +465,7 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
         each entry is a tuple (patches, cls (B, D)[, registers (B, R, D)]), as in Meta's code.
         Blocks after the last one asked for are not run.
         """
-        L = self.config.num_hidden_layers
-        blocks = list(range(L - n, L)) if isinstance(n, int) else [i % L for i in n]
-        if not blocks or any(not 0 <= i < L for i in blocks):
-            raise ValueError(f"n must be 1..{L} or block indices in [0, {L}), got {n!r}")
+        blocks = last_or_chosen(n, self.config.num_hidden_layers, "block")
         outputs = self.hidden_states_at(pixel_values, [i + 1 for i in blocks])
         if norm:
             outputs = [self.norm(out) for out in outputs]

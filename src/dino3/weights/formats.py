@@ -18,6 +18,7 @@ from ..config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
 from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
+Converter = Callable[[Mapping[str, torch.Tensor], _Config], StateDict]
 
 # Current Transformers keeps the blocks in a child module called "model" (model.layer.N / model.stages.N)
 # and renames the hub's unprefixed keys on load. Both spellings are accepted.
@@ -136,33 +137,26 @@ def _convnext_names(config: DINOv3ConvNextConfig, layout: str) -> list[tuple[str
     return names
 
 
-def convnext_from_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    """Transformers' DINOv3ConvNextModel layout -> dino3's: a renaming, no tensor changes."""
-    return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, "hf")}
+def convnext_from(layout: str) -> Converter:
+    """ConvNeXt: `layout` -> dino3's, a renaming (Meta's `norms.3`, its second name for the final
+    norm, is left out)."""
+
+    def convert(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
+        return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, layout)}
+
+    return convert
 
 
-def convnext_to_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    return {theirs: state_dict[ours] for ours, theirs in _convnext_names(config, "hf")}
+def convnext_to(layout: str) -> Converter:
+    """ConvNeXt: dino3's -> `layout` (with Meta's `norms.3` beside `norm`, as its state dicts have)."""
 
+    def convert(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
+        out = {theirs: state_dict[ours] for ours, theirs in _convnext_names(config, layout)}
+        if layout == "meta":
+            out["norms.3.weight"], out["norms.3.bias"] = out["norm.weight"], out["norm.bias"]
+        return out
 
-def convnext_from_meta(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    """Meta's ConvNeXt layout -> dino3's. `norms.3` is Meta's second name for the final norm."""
-    return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, "meta")}
-
-
-def convnext_to_meta(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    out = {theirs: state_dict[ours] for ours, theirs in _convnext_names(config, "meta")}
-    out["norms.3.weight"], out["norms.3.bias"] = out["norm.weight"], out["norm.bias"]
-    return out
-
-
-def convnext_from_timm(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    """timm's ConvNeXt layout (`convnext_*.dinov3_lvd1689m`, no classifier) -> dino3's."""
-    return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, "timm")}
-
-
-def convnext_to_timm(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-    return {theirs: state_dict[ours] for ours, theirs in _convnext_names(config, "timm")}
+    return convert
 
 
 # -- Meta's original layout: ViT ------------------------------------------------------------------
@@ -348,15 +342,12 @@ def _copy_linear(src: Mapping, src_name: str, dst: dict, dst_name: str, bias: bo
 # -- registry ---------------------------------------------------------------------------------------
 LAYOUTS = ("hf", "meta", "timm")
 LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original)", "timm": "timm"}
-Converter = Callable[[Mapping[str, torch.Tensor], _Config], StateDict]
 # (model_type, layout) -> (that layout -> dino3's, dino3's -> that layout)
 _CONVERTERS: dict[tuple[str, str], tuple[Converter, Converter]] = {
     ("dinov3_vit", "hf"): (vit_from_hf, vit_to_hf),
     ("dinov3_vit", "meta"): (vit_from_meta, vit_to_meta),
     ("dinov3_vit", "timm"): (vit_from_timm, vit_to_timm),
-    ("dinov3_convnext", "hf"): (convnext_from_hf, convnext_to_hf),
-    ("dinov3_convnext", "meta"): (convnext_from_meta, convnext_to_meta),
-    ("dinov3_convnext", "timm"): (convnext_from_timm, convnext_to_timm),
+    **{("dinov3_convnext", layout): (convnext_from(layout), convnext_to(layout)) for layout in ("hf", "meta", "timm")},
 }
 # Keys a layout may carry that dino3 knows it does not need: they are checked by name and dropped.
 _OPTIONAL = {
