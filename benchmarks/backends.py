@@ -1,6 +1,6 @@
 """dino3's backends and precisions against the peers' fast paths, in one run.
 
-    python benchmarks/backends.py           # prints a markdown table; --append adds it to RESULTS.md
+    python benchmarks/backends.py           # prints a markdown table; --save puts it in RESULTS.md
 
 ViT-S/16 with random weights of realistic scale at 224 px, batch 32 (--batch), on the CPU. dino3:
 PyTorch (fp32, bf16, int8-dynamic), ONNX Runtime (f32, int8) and OpenVINO (f32, bf16, int8 with
@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from common import export_transformers_onnx, interleaved_seconds, save_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--preset", default="vits16")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
@@ -61,26 +61,7 @@ def main() -> None:
     calibration = [dino3.DINOv3ViTImageProcessor()(s).pixel_values.numpy() for s in samples]
 
     # The peers' path: Transformers' model exported to ONNX (fixed 224 x 224, dynamic batch).
-    hf_onnx = tmp / "transformers.onnx"
-
-    class Outputs(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return self.model(pixel_values).last_hidden_state
-
-    with torch.no_grad():
-        torch.onnx.export(
-            Outputs(reference),
-            (torch.randn(2, 3, 224, 224),),
-            str(hf_onnx),
-            dynamo=True,
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=1024)}},
-            input_names=["pixel_values"],
-            output_names=["last_hidden_state"],
-        )
+    hf_onnx = export_transformers_onnx(reference, tmp / "transformers.onnx")
     hf_onnx_int8 = tmp / "transformers-int8.onnx"
     quantize_dynamic(str(hf_onnx), str(hf_onnx_int8), weight_type=QuantType.QInt8)
     core = ov.Core()
@@ -124,19 +105,12 @@ def main() -> None:
         "dino3 openvino int8": dino3_runtime("openvino", "int8"),
     }
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         truth = ours(photos).cls_token
-        cosines = {}
-        for name, run in runs.items():
-            run(x)
-            cosines[name] = torch.nn.functional.cosine_similarity(run(photos)[:, 0], truth).min().item()
-        for _ in range(args.reps):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - start)
-    speed = {name: args.batch / statistics.median(t) for name, t in times.items()}
+        cos = torch.nn.functional.cosine_similarity
+        cosines = {name: cos(run(photos)[:, 0], truth).min().item() for name, run in runs.items()}
+        seconds = interleaved_seconds({name: (lambda run=run: run(x)) for name, run in runs.items()}, args.reps)
+    speed = {name: args.batch / s for name, s in seconds.items()}
     base = speed["Transformers eager fp32"]
     lines = [
         f"Backends and precisions, {args.preset} at 224 px, batch {args.batch}, CPU ({torch.get_num_threads()} "
@@ -149,9 +123,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n## Backends\n\n" + text + "\n")
+    if args.save:
+        save_section("Backends", text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """End to end: 64 JPEG photos -> CLS embeddings with ViT-S/16, dino3 against Transformers' pipeline
 and against the peers' fastest path (Transformers' processor feeding OpenVINO).
 
-    python benchmarks/embed.py            # prints a markdown table; --append adds it to RESULTS.md
+    python benchmarks/embed.py            # prints a markdown table; --save puts it in RESULTS.md
 
 Both libraries read the same files and use the same random weights (a ViT-S/16 checkpoint written
 in the Hugging Face layout). Timed in one process, interleaved, medians of --reps runs, model
@@ -13,7 +13,6 @@ file). Then once each as a fresh process, imports and model loading included.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import export_transformers_onnx, interleaved_seconds, save_section
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -44,24 +45,7 @@ def runtime_rows(tmp: Path, model: Path, photos: Path, paths: list[str], cli) ->
     os.environ["DINO3_CACHE"] = str(tmp / "cache")
     reference = transformers.DINOv3ViTModel.from_pretrained(model).eval()
 
-    class Pooled(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, pixel_values):
-            return self.inner(pixel_values).pooler_output
-
-    onnx_path = tmp / "transformers.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            Pooled(reference),
-            (torch.randn(2, 3, 224, 224),),
-            str(onnx_path),
-            dynamo=True,
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=1024)}},
-            input_names=["pixel_values"],
-        )
+    onnx_path = export_transformers_onnx(reference, tmp / "transformers.onnx", output="pooler_output")
     core = ov.Core()
     processor = transformers.DINOv3ViTImageProcessor()
     samples = sorted((ROOT.parent / "src" / "dino3" / "assets").glob("*.jpg"))
@@ -97,7 +81,7 @@ def runtime_rows(tmp: Path, model: Path, photos: Path, paths: list[str], cli) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
     parser.add_argument("--no-runtimes", action="store_true", help="leave out the OpenVINO rows")
     args = parser.parse_args()
 
@@ -129,15 +113,7 @@ def main() -> None:
         }
         if not args.no_runtimes:
             runs.update(runtime_rows(tmp, model, photos, paths, cli))
-        for fn in runs.values():
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.reps):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        speed = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+        speed = {name: len(paths) / s for name, s in interleaved_seconds(runs, args.reps).items()}
 
         hf_script = (
             "import sys, glob; from transformers import pipeline; "
@@ -173,9 +149,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.append:
-        with open(ROOT / "RESULTS.md", "a") as f:
-            f.write("\n## End to end\n\n" + text + "\n")
+    if args.save:
+        save_section("End to end", text)
 
 
 if __name__ == "__main__":

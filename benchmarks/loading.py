@@ -1,6 +1,6 @@
 """Peak memory while loading a large checkpoint, against the loaded model's own size.
 
-    python benchmarks/loading.py            # prints a markdown table; --append adds it to RESULTS.md
+    python benchmarks/loading.py            # prints a markdown table; --save puts it in RESULTS.md
 
 For ViT-L/16 and ViT-H+/16 a random checkpoint is written in the Hugging Face layout (fp32 and
 bf16 files); a fresh process then loads it with dino3 (and with Transformers, for reference) in
@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from common import save_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -70,7 +72,7 @@ def probe(library: str, folder: Path, dtype: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="vitl16,vith16plus")
-    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
 
     lines = [
@@ -96,9 +98,8 @@ def main() -> None:
                 (folder / "model.safetensors").unlink()
     text = "\n".join(lines)
     print(text)
-    if args.append:
-        with open(HERE / "RESULTS.md", "a") as f:
-            f.write("\n## Loading memory\n\n" + text + "\n")
+    if args.save:
+        save_section("Loading memory", text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Preprocessing throughput (decode included) of dino3 against Transformers on real JPEG photos, and
 what dino3's opt-in reduced-scale JPEG decoding (`jpeg_draft=True`) changes in the features.
 
-    python benchmarks/preprocess.py           # prints a markdown table; --append adds it to RESULTS.md
+    python benchmarks/preprocess.py           # prints a markdown table; --save puts it in RESULTS.md
 
 The photos in examples/images are re-encoded as JPEG (quality 92) and repeated to 64 files. Each
 library turns the 64 paths into a (64, 3, 224, 224) batch: Transformers with its pipeline's
@@ -12,14 +12,14 @@ the table gives the median of several.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from common import interleaved_seconds, save_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -36,19 +36,10 @@ def make_jpegs(folder: Path, count: int = 64) -> list[Path]:
     return paths
 
 
-def timed(fn, reps: int) -> float:
-    runs = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
 
     import transformers
@@ -70,13 +61,7 @@ def main() -> None:
             "dino3 processor": lambda: ours(names).pixel_values,
             "dino3 processor, jpeg_draft=True": lambda: draft(names).pixel_values,
         }
-        for fn in runs.values():
-            fn()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.reps):
-            for name, fn in runs.items():
-                times[name].append(timed(fn, 1))
-        speed = {name: len(names) / statistics.median(t) for name, t in times.items()}
+        speed = {name: len(names) / s for name, s in interleaved_seconds(runs, args.reps).items()}
 
         # What draft decoding changes: pixels, and the features of a ViT-S with realistic random weights.
         exact, reduced = ours(names).pixel_values, draft(names).pixel_values
@@ -106,9 +91,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n## Preprocessing\n\n" + text + "\n")
+    if args.save:
+        save_section("Preprocessing", text)
 
 
 if __name__ == "__main__":

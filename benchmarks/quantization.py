@@ -1,6 +1,6 @@
 """Each precision and quantization mode: speed, model memory, and closeness of the features to fp32.
 
-    python benchmarks/quantization.py          # prints a markdown table; --append adds it to RESULTS.md
+    python benchmarks/quantization.py          # prints a markdown table; --save puts it in RESULTS.md
 
 ViT-S/16 and ViT-B/16 with random weights of realistic scale (tests/helpers.randomize_; real
 weights may behave differently), at 224 px, batch 32. Speed: median images/s of --reps runs,
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from common import interleaved_seconds, save_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="vits16,vitb16")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -83,17 +83,10 @@ def main() -> None:
             "Transformers bf16": copy.deepcopy(reference).to(torch.bfloat16),
         }
         inputs = {name: x.to(torch.bfloat16) if "bf16" in name else x for name in models}
-        times: dict[str, list[float]] = {name: [] for name in models}
+        runs = {name: (lambda model=model, x=inputs[name]: model(x)) for name, model in models.items()}
         with torch.inference_mode():
-            for name, model in models.items():
-                model(inputs[name])
-            for _ in range(args.reps):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(inputs[name])
-                    times[name].append(time.perf_counter() - start)
+            speed = {name: 32 / s for name, s in interleaved_seconds(runs, args.reps).items()}
             truth = base(photos)
-        speed = {name: 32 / statistics.median(t) for name, t in times.items()}
         cos = torch.nn.functional.cosine_similarity
         for name, model in models.items():
             mode = {"Transformers fp32": "fp32", "Transformers bf16": "bf16"}.get(name, name)
@@ -114,9 +107,8 @@ def main() -> None:
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
-    if args.append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n## Precision and quantization\n\n" + text + "\n")
+    if args.save:
+        save_section("Precision and quantization", text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Throughput and memory of dino3 against Transformers (and timm) on the same weights, in one run.
 
-    python benchmarks/run.py                 # every row, fp32 and bf16, writes benchmarks/RESULTS.md
+    python benchmarks/run.py                 # every row, fp32 and bf16; its section of benchmarks/RESULTS.md
     python benchmarks/run.py --rows vits16   # rows whose name contains "vits16"
     python benchmarks/run.py --device cuda   # the same table on a GPU
 
@@ -29,6 +29,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from common import interleaved_seconds, save_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -112,18 +114,10 @@ def sync(device: str) -> None:
 
 def throughput(fns: dict, x: torch.Tensor, reps: int, device: str) -> dict[str, float]:
     """Median images/s of each function, run interleaved after one warm-up call each."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    runs = {name: (lambda fn=fn: fn(x)) for name, fn in fns.items()}
     with torch.inference_mode():
-        for fn in fns.values():
-            fn(x)
-        for _ in range(reps):
-            for name, fn in fns.items():
-                sync(device)
-                start = time.perf_counter()
-                fn(x)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
+        seconds = interleaved_seconds(runs, reps, sync=lambda: sync(device))
+    return {name: x.shape[0] / s for name, s in seconds.items()}
 
 
 def flops_per_image(model, x: torch.Tensor) -> float:
@@ -285,7 +279,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-timm", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('' for none)")
+    parser.add_argument("--no-save", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     parser.add_argument("--memory-probe", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -361,12 +355,9 @@ def main() -> None:
     )
     print(cold_line)
 
-    if args.output:
-        text = "\n".join(
-            ["# Benchmark results", "", *[h + "  " for h in header], "", *table, "", import_line, "", cold_line, ""]
-        )
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}")
+    if not args.no_save:
+        text = "\n".join([*[h + "  " for h in header], "", *table, "", import_line, "", cold_line])
+        save_section("Model throughput", text)
 
 
 if __name__ == "__main__":
