@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", help="preset name, hub id, checkpoint folder or weights file")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20; 17 and up work)")
     export.set_defaults(run=cmd_export)
 
     conv = commands.add_parser(

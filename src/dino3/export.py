@@ -12,6 +12,7 @@ Needs the `onnx` extra: pip install "dino3[onnx]".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -45,7 +46,7 @@ class _Outputs(nn.Module):
 def export_onnx(
     model: nn.Module | str | os.PathLike,
     path: str | os.PathLike,
-    opset: int = 18,
+    opset: int = 20,
     processor=None,
 ) -> Path:
     """Export a dino3 model (or anything `dino3.load` takes) to ONNX at `path`; returns the path."""
@@ -63,7 +64,6 @@ def export_onnx(
         model = load(model)
     if getattr(model, "quantization", None):
         raise ExportError("export the unquantized model; quantize in the runtime (precision='int8')")
-    model = model.float().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -76,7 +76,7 @@ def export_onnx(
         2: torch.export.Dim("height", min=stride, max=16384),
         3: torch.export.Dim("width", min=stride, max=16384),
     }
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _prepared(model):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _Outputs(model),
@@ -110,6 +110,26 @@ def export_onnx(
     }
     (path.parent / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module):
+    """The model as it is traced: float32, eval mode, each attention's q, k and v as three
+    projections (ONNX Runtime and OpenVINO's int8 ran them 3-5% faster than one and a split, as in
+    an export of Transformers' model). Put back as it was afterwards."""
+    from .models.vit import Attention
+
+    dtype, training = next(model.parameters()).dtype, model.training
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    model.float().eval()
+    for attention in attentions:
+        attention.split_qkv(True)
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            attention.split_qkv(False)
+        model.to(dtype).train(training)
 
 
 def check_graph(path: str | os.PathLike) -> None:
