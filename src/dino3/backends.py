@@ -148,10 +148,15 @@ def _require(backend: str) -> None:
 
 def _cache_key(checkpoint, load_kwargs: dict[str, Any]) -> str:
     """The weights' identity (files, sizes, modification times), what changes the numbers among the
-    load options, and dino3's version."""
+    load options, and the versions of dino3 and of its exported graph."""
     from . import __version__
+    from .export import GRAPH_VERSION
 
-    parts = [__version__, str(checkpoint.config.to_dict()) if checkpoint.config is not None else ""]
+    parts = [
+        __version__,
+        f"graph {GRAPH_VERSION}",
+        str(checkpoint.config.to_dict()) if checkpoint.config is not None else "",
+    ]
     for file in checkpoint.weight_files:
         stat = os.stat(file)
         parts.append(f"{os.path.realpath(file)}:{stat.st_size}:{stat.st_mtime_ns}")

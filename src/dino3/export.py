@@ -25,6 +25,8 @@ from .errors import Dino3Error
 
 OUTPUT_NAMES = ["last_hidden_state", "pooler_output"]
 EXPORT_INFO_NAME = "dino3.json"
+# Changes whenever the exported graph does, so that compiled caches made from older exports go stale.
+GRAPH_VERSION = 2
 
 
 class ExportError(Dino3Error, RuntimeError):
