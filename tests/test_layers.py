@@ -56,3 +56,34 @@ def test_onednn_is_used_only_when_no_gradient_is_needed(monkeypatch):
     monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)  # what DINO3_ONEDNN=0 sets
     with torch.no_grad():
         assert not layers._onednn_ok(x, w)
+
+
+# budget -> heads per group for 6 heads of 50 tokens (10 kB of fp32 scores each): whole images of
+# 6 heads, 3 images at a time; 3 heads, 2 heads, 1 head of an image at a time.
+@pytest.mark.parametrize("budget", [layers.ATTENTION_CHUNK_BYTES, 18 * 10_000, 4 * 10_000, 2 * 10_000, 1])
+def test_bf16_cpu_attention_is_as_accurate_as_sdpa(monkeypatch, budget):
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK_BYTES", budget)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(7, 6, 50, 32, generator=g) * 2 for _ in range(3))
+    scale = 32**-0.5
+    truth = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+    truth = truth.transpose(1, 2).reshape(7, 50, 6 * 32)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(7, 50, 6 * 32)
+    with torch.no_grad():
+        assert layers.bf16_cpu_attention_ok(q, 0.0)
+        ours = layers.bf16_cpu_attention(q, k, v, scale)
+    assert ours.shape == truth.shape and ours.dtype == torch.bfloat16
+
+    def error(x):
+        return (x.double() - truth).abs()
+
+    assert error(ours).mean() <= 1.05 * error(sdpa).mean()
+    assert error(ours).max() <= 1.5 * error(sdpa).max()
+
+
+def test_bf16_cpu_attention_is_only_for_inference():
+    q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    assert not layers.bf16_cpu_attention_ok(q.float(), 0.0)  # fp32 keeps PyTorch's SDPA
+    assert not layers.bf16_cpu_attention_ok(q, 0.1)  # attention dropout in training
+    assert not layers.bf16_cpu_attention_ok(q.requires_grad_(), 0.0)

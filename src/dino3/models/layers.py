@@ -82,6 +82,46 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias) * other
 
 
+# -- attention in bfloat16 on the CPU ----------------------------------------------------------------
+# PyTorch's CPU SDPA kernel reaches about 130 GFLOP/s in bf16 on this project's CPUs, a seventh of the
+# bf16 matmul rate. The same computation as batched matmuls over cache-sized groups of heads runs
+# 1.3-1.5x faster: scores and softmax in fp32 (as the SDPA kernel keeps them), probabilities rounded
+# to bf16 for the product with v (as it does too); errors against float64 within 4% of SDPA's.
+ATTENTION_CHUNK_BYTES = 4 * 2**20  # fp32 scores per group of heads
+
+
+def bf16_cpu_attention_ok(q: torch.Tensor, dropout: float) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and dropout == 0.0
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for (B, nh, T, Dh) bf16 inputs, returned as (B, T, nh * Dh)."""
+    B, nh, T, Dh = q.shape
+    out = torch.empty(B, T, nh, Dh, dtype=q.dtype)
+    fit = max(1, ATTENTION_CHUNK_BYTES // (T * T * 4))  # heads whose fp32 scores fit the budget
+    if fit >= nh:  # whole images at a time
+        step = fit // nh
+        groups = [(slice(i, i + step), slice(None)) for i in range(0, B, step)]
+    else:  # some of one image's heads at a time
+        step = max(d for d in range(1, fit + 1) if nh % d == 0)
+        groups = [(slice(i, i + 1), slice(h, h + step)) for i in range(B) for h in range(0, nh, step)]
+    for images, heads in groups:
+        qg, kg, vg = (t[images, heads] for t in (q, k, v))  # (b, h, T, Dh)
+        b, h = qg.shape[:2]
+        scores = torch.bmm(qg.flatten(0, 1).float(), kg.flatten(0, 1).float().transpose(1, 2))  # (b*h, T, T)
+        probs = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype)
+        result = torch.bmm(probs, vg.flatten(0, 1))  # (b*h, T, Dh)
+        out[images, :, heads] = result.view(b, h, T, Dh).transpose(1, 2)
+    return out.view(B, T, nh * Dh)
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """An ordinary nn.Linear with plain tensors, as opposed to one that quantization replaced."""
     return type(module) is nn.Linear and type(module.weight.data) is torch.Tensor

@@ -27,6 +27,8 @@ from .layers import (
     ACTIVATION_FUNCTIONS,
     DropPath,
     apply_linear,
+    bf16_cpu_attention,
+    bf16_cpu_attention_ok,
     cpu_chunk_size,
     is_plain_linear,
     last_or_chosen,
@@ -215,6 +217,8 @@ class Attention(nn.Module):
 
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        elif bf16_cpu_attention_ok(q, dropout):
+            return apply_linear(self.proj, bf16_cpu_attention(q, k, v, self.scale)), None
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
