@@ -132,6 +132,23 @@ def test_compiled_models_are_cached(checkpoints, monkeypatch):
     dino3.load(checkpoints / "vit", backend="onnxruntime")
 
 
+def test_openvino_keeps_a_model_file_per_image_size(checkpoints, tmp_path, monkeypatch):
+    from dino3 import backends
+
+    x = torch.randn(2, 3, 64, 48)
+    expected = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)(x).last_hidden_state
+    sized = tmp_path / "model-64x48.xml"
+    assert sized.is_file() and sized.with_suffix(".bin").is_file()
+    made = sized.stat().st_mtime_ns
+    again = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)
+    assert torch.equal(again(x).last_hidden_state, expected)
+    assert sized.stat().st_mtime_ns == made  # reused, not written again
+    monkeypatch.setattr(backends, "SIZED_FILES_UP_TO", 0)  # a large model: reshaped in memory instead
+    big = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)
+    assert big(torch.randn(1, 3, 32, 32)).last_hidden_state.shape == (1, 1 + 4 + 4, 128)
+    assert not (tmp_path / "model-32x32.xml").exists()
+
+
 def test_precision_must_exist_for_the_backend(checkpoints):
     with pytest.raises(BackendError, match=r"onnxruntime runs precision \('f32', 'int8'\), not 'bf16'; for bf16 use"):
         dino3.load(checkpoints / "vit", backend="onnxruntime", precision="bf16")

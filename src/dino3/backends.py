@@ -5,7 +5,8 @@
 
 The model is exported to ONNX once (dino3.export) and compiled by the runtime; both are cached on
 disk (`DINO3_CACHE`, default ~/.cache/dino3) under a key made of the weights' identity, the backend,
-the precision and dino3's version, so a second run starts fast. The precision is always explicit:
+the precision and dino3's version, so a second run starts fast (OpenVINO also keeps the model
+reshaped to each image size it has run, for models up to 1 GB). The precision is always explicit:
 
 - "f32": float32 everywhere (OpenVINO is told so: by default it would run bf16 on CPUs that have it).
 - "bf16": OpenVINO's bfloat16 inference precision (CPUs with AVX512-BF16 or AMX).
@@ -226,8 +227,10 @@ def _openvino(onnx_path: Path, precision: str, info: dict, calibration, folder: 
     hint = "bf16" if precision == "bf16" else "f32"
 
     def compile_for(height: int, width: int):
-        model = core.read_model(source)
-        model.reshape({"pixel_values": ov.PartialShape([-1, 3, height, width])})
+        model = _sized_model_file(core, source, height, width)
+        if model is None:  # a large model: no second copy of its weights on disk
+            model = core.read_model(source)
+            model.reshape({"pixel_values": ov.PartialShape([-1, 3, height, width])})
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         outputs = [compiled.output("last_hidden_state"), compiled.output("pooler_output")]
         return compiled.create_infer_request(), outputs
@@ -240,6 +243,30 @@ def _openvino(onnx_path: Path, precision: str, info: dict, calibration, folder: 
         return result[outputs[0]].copy(), result[outputs[1]].copy()
 
     return run
+
+
+SIZED_FILES_UP_TO = 2**30  # bytes of weights
+
+
+def _sized_model_file(core, source: str, height: int, width: int) -> str | None:
+    """The model reshaped to one image size, saved once beside its source, for models up to
+    SIZED_FILES_UP_TO: OpenVINO then finds the compiled model in its cache by the file's path,
+    without reading and reshaping the model first (0.1 s instead of 0.2 s for ViT-S/16 per run)."""
+    import openvino as ov
+
+    source = Path(source)
+    files = source.parent.glob(source.stem + ".*")  # model.onnx (+ .data), or an IR's .xml and .bin
+    if sum(f.stat().st_size for f in files) > SIZED_FILES_UP_TO:
+        return None
+    path = source.with_name(f"{source.stem}-{height}x{width}.xml")
+    if not path.exists():
+        model = core.read_model(str(source))
+        model.reshape({"pixel_values": ov.PartialShape([-1, 3, height, width])})
+        partial = path.with_name("partial-" + path.name)
+        ov.save_model(model, str(partial), compress_to_fp16=False)
+        os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(partial, path)
+    return str(path)
 
 
 @contextlib.contextmanager
