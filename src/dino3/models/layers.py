@@ -87,7 +87,7 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # bf16 matmul rate. The same computation as batched matmuls over cache-sized groups of heads runs
 # 1.3-1.5x faster: scores and softmax in fp32 (as the SDPA kernel keeps them), probabilities rounded
 # to bf16 for the product with v (as it does too); errors against float64 within 4% of SDPA's.
-ATTENTION_CHUNK_BYTES = 4 * 2**20  # fp32 scores per group of heads
+ATTENTION_CHUNK_BYTES = 2 * 2**20  # fp32 scores per group of heads
 
 
 def bf16_cpu_attention_ok(q: torch.Tensor, dropout: float) -> bool:
