@@ -297,8 +297,8 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
     config_class = DINOv3ViTConfig
     # On the CPU a large batch runs in chunks whose widest activation (qkv or MLP) stays under this
     # many bytes, so that it stays in the cache: ViT-S/16 at batch 32 ran up to 1.15x faster in fp32
-    # than unchunked, and in bf16 1.1x faster than with twice this budget, with a third less memory. Each image's
-    # numbers do not depend on the chunking. None turns it off.
+    # than unchunked, and in bf16 1.1x faster than with twice this budget, with a third less memory.
+    # Each image's numbers do not depend on the chunking. None turns it off.
     cpu_chunk_bytes: int | None = 10 * 2**20
 
     def __init__(self, config: DINOv3ViTConfig | None = None, attn_implementation: str = "sdpa") -> None:
