@@ -91,6 +91,7 @@ ATTENTION_CHUNK_BYTES = 2 * 2**20  # fp32 scores per group of heads
 
 
 def bf16_cpu_attention_ok(q: torch.Tensor, dropout: float) -> bool:
+    """Whether `bf16_cpu_attention` applies: bf16 on the CPU, inference, no tracing or compiling."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
