@@ -87,3 +87,5 @@ def test_bf16_cpu_attention_is_only_for_inference():
     assert not layers.bf16_cpu_attention_ok(q.float(), 0.0)  # fp32 keeps PyTorch's SDPA
     assert not layers.bf16_cpu_attention_ok(q, 0.1)  # attention dropout in training
     assert not layers.bf16_cpu_attention_ok(q.requires_grad_(), 0.0)
+    long = torch.empty(1, 1, 3000, 8, dtype=torch.bfloat16)  # 3000 tokens: SDPA's memory-efficient kernel
+    assert not layers.bf16_cpu_attention_ok(long, 0.0)
