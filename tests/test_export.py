@@ -18,7 +18,7 @@ import transformers
 import dino3
 from dino3.backends import BackendError, load_runtime
 from dino3.cli import main as cli
-from dino3.export import export_onnx
+from dino3.export import ExportError, export_onnx
 from helpers import max_diff, randomize_
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
@@ -73,6 +73,12 @@ def test_export_graph_is_the_form_runtimes_fuse(checkpoints, tmp_path):
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     kinds = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
     assert kinds.count("RoPE") == 2 * layers  # q and k in each layer
+
+
+def test_export_refuses_an_opset_without_layer_normalization(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="opset must be 17 or newer"):
+        export_onnx(checkpoints / "vit", tmp_path / "model.onnx", opset=16)
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_export_leaves_the_model_as_it_was(checkpoints, tmp_path):

@@ -89,3 +89,29 @@ def test_bf16_cpu_attention_is_only_for_inference():
     assert not layers.bf16_cpu_attention_ok(q.requires_grad_(), 0.0)
     long = torch.empty(1, 1, 3000, 8, dtype=torch.bfloat16)  # 3000 tokens: SDPA's memory-efficient kernel
     assert not layers.bf16_cpu_attention_ok(long, 0.0)
+
+
+def test_bf16_cpu_attention_scratch_serves_inference_mode_then_no_grad():
+    # The scratch buffers are made on first use; made under inference_mode they must still be
+    # writable later under no_grad. A fresh thread starts with no scratch of its own.
+    import threading
+
+    q = torch.randn(2, 2, 9, 8).bfloat16()
+    expected = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 9, 16)
+    errors = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                first = layers.bf16_cpu_attention(q, q, q, 8**-0.5)
+            with torch.no_grad():
+                second = layers.bf16_cpu_attention(q, q, q, 8**-0.5)
+            assert torch.equal(first, second)
+            assert max_diff(second, expected) <= 0.02
+        except Exception as e:  # noqa: BLE001  (reported in the main thread)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert not errors, errors

@@ -27,6 +27,7 @@ OUTPUT_NAMES = ["last_hidden_state", "pooler_output"]
 EXPORT_INFO_NAME = "dino3.json"
 # Changes whenever the exported graph does, so that compiled caches made from older exports go stale.
 GRAPH_VERSION = 2
+MIN_OPSET = 17
 
 
 class ExportError(Dino3Error, RuntimeError):
@@ -52,6 +53,8 @@ def export_onnx(
     processor=None,
 ) -> Path:
     """Export a dino3 model (or anything `dino3.load` takes) to ONNX at `path`; returns the path."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset must be {MIN_OPSET} or newer (the first with LayerNormalization), got {opset}")
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
