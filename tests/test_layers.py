@@ -115,3 +115,68 @@ def test_bf16_cpu_attention_scratch_serves_inference_mode_then_no_grad():
     thread.start()
     thread.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_into_writes_apply_ropes_numbers(dtype):
+    from dino3.models.vit import apply_rope, rope_into
+
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 5 + 12, 3, 4, 16, generator=g).to(dtype)  # (B, T, 3, nh, Dh), 5 prefix tokens
+    angles = torch.rand(12, 8, generator=g) * 6
+    cos, sin = (torch.cat((f(angles), f(angles)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    q = qkv[:, :, 0].transpose(1, 2)  # a strided (B, nh, T, Dh) view, as the attention has it
+    out = torch.empty(2, 4, 17, 16)
+    rope_into(q, out, cos, sin, 5)
+    assert torch.equal(out, apply_rope(q, cos, sin, 5).float())
+
+
+@pytest.mark.parametrize("scale", [64**-0.5, 48**-0.5])  # a power of two (applied to q) and not
+def test_bf16_cpu_attention_bf16_products_change_no_number(monkeypatch, scale):
+    from dino3.models.vit import apply_rope, rope_into
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 4, 41, 16, generator=g).bfloat16() * 3 for _ in range(3))
+    cos, sin = (torch.rand(40, 16, generator=g).bfloat16() for _ in range(2))
+    precision = torch.backends.mkldnn.matmul.fp32_precision
+    seen = []  # oneDNN's fp32 matmul precision at each fp32 product
+    torch_bmm = torch.bmm
+
+    def bmm(a, b, **kwargs):
+        if a.dtype == torch.float32:
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return torch_bmm(a, b, **kwargs)
+
+    def rotate(x, out):
+        rope_into(x, out, cos, sin, 1)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setattr(layers, "_bf16_products_safe", lambda: True)  # whatever threads pytest has
+    with torch.no_grad():
+        fast = layers.bf16_cpu_attention(q, k, v, scale, rotate)
+    assert seen and set(seen) == {"bf16"}
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision  # put back
+    monkeypatch.undo()
+    monkeypatch.setattr(layers, "BF16_PRODUCTS", False)  # what DINO3_BF16_PRODUCTS=0 sets
+    with torch.no_grad():
+        plain = layers.bf16_cpu_attention(apply_rope(q, cos, sin, 1), apply_rope(k, cos, sin, 1), v, scale)
+    assert torch.equal(fast, plain)
+
+
+def test_bf16_products_only_while_no_foreign_thread_runs(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    def threads(*names):
+        others = [SimpleNamespace(name=name) for name in names]
+        monkeypatch.setattr(layers.threading, "enumerate", lambda: [threading.current_thread(), *others])
+
+    threads()
+    assert layers._bf16_products_safe()
+    threads("dino3-decode_0", "dino3-decode_1", "tqdm_monitor")  # run no matmul
+    assert layers._bf16_products_safe()
+    threads("dino3-decode_0", "ThreadPoolExecutor-0_0")  # might run an fp32 matmul
+    assert not layers._bf16_products_safe()
+    threads()
+    monkeypatch.setattr(layers, "BF16_PRODUCTS", False)
+    assert not layers._bf16_products_safe()

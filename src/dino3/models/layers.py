@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -85,15 +86,27 @@ def linear_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 # -- attention in bfloat16 on the CPU ----------------------------------------------------------------
 # PyTorch's CPU SDPA kernel reaches about 130 GFLOP/s in bf16 on this project's CPUs, a seventh of the
-# bf16 matmul rate. The same computation as batched matmuls over cache-sized groups of heads runs
-# 1.2-1.4x faster (201 to 2309 tokens, batch 1 to 16): scores and softmax in fp32 (as the SDPA
-# kernel keeps them), probabilities rounded to bf16 for the product with v (as it does too); errors
-# against float64 within 4% of SDPA's.
-ATTENTION_CHUNK_BYTES = 2 * 2**20  # fp32 scores per group of heads
-# Beyond this many bytes of one head's fp32 scores (about 2900 tokens, 860 px with patch 16), the
-# gain fades (none at 4100 tokens) and SDPA's memory-efficient kernel is kept.
+# bf16 matmul rate. The same computation as batched matmuls over cache-sized groups of heads, with the
+# RoPE applied per group, runs 1.35-1.8x faster than RoPE + SDPA (201 to 2309 tokens, batch 1 to 16):
+# scores and softmax in fp32 (as the SDPA kernel keeps them), probabilities rounded to bf16 for the
+# product with v (as it does too); errors against float64 within 4% of SDPA's.
+ATTENTION_CHUNK_BYTES = 4 * 2**20  # fp32 scores per group of heads (2 MB: 2% slower on ViT-S/16)
+# Beyond this many bytes of one head's fp32 scores (about 2900 tokens, 860 px with patch 16), SDPA's
+# memory-efficient kernel is kept: ours still runs 1.3x faster at 4100 tokens, but its scores would
+# take 100 MB there.
 ATTENTION_MAX_HEAD_BYTES = 32 * 2**20
 SCRATCH_KEEP_BYTES = 8 * 2**20  # scratch buffers up to this size are kept between calls
+# The fp32 scores q k^T are products of bf16 values: each product is exact in fp32, only the fp32
+# sums round. PyTorch sends fp32 batched matmuls to MKL, except with oneDNN's fp32 matmul precision
+# set to bf16: then to oneDNN, which measures 2.1x faster here, and may read the inputs as bf16 (it
+# does on CPUs with AMX) -- for these inputs a no-op (tested bitwise). That setting
+# (torch.backends.mkldnn.matmul.fp32_precision) is process-wide, so it is changed only during the
+# attention, and only while no Python thread other than the caller and known harmless ones is alive:
+# no other fp32 matmul can run meanwhile (so a notebook kernel's threads keep it off).
+# DINO3_BF16_PRODUCTS=0 turns it off.
+BF16_PRODUCTS = os.environ.get("DINO3_BF16_PRODUCTS", "1") != "0"
+# Threads known to run no matmul: dino3's decoders (see dino3.pipeline) and tqdm's monitor.
+HARMLESS_THREADS = ("dino3-", "tqdm_monitor")
 
 
 def bf16_cpu_attention_ok(q: torch.Tensor, dropout: float) -> bool:
@@ -130,8 +143,45 @@ def _scratch(dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[torch.Tensor]
     return views
 
 
-def bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v for (B, nh, T, Dh) bf16 inputs, returned as (B, T, nh * Dh)."""
+def _bf16_products_safe() -> bool:
+    """Whether the process-wide bf16-products switch may be flipped now (see BF16_PRODUCTS)."""
+    if not BF16_PRODUCTS or not hasattr(torch.backends.mkldnn, "matmul"):
+        return False
+    current = threading.current_thread()
+    return all(t is current or t.name.startswith(HARMLESS_THREADS) for t in threading.enumerate())
+
+
+@contextlib.contextmanager
+def _bf16_products(enabled: bool):
+    """Let oneDNN read fp32 matmul inputs as bf16 inside the block (inputs that are bf16 values)."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _copy_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(x)
+
+
+def bf16_cpu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    rotate: Callable[[torch.Tensor, torch.Tensor], None] = _copy_into,
+) -> torch.Tensor:
+    """softmax(rotate(q) rotate(k)^T * scale) v for (B, nh, T, Dh) bf16 inputs, returned as (B, T, nh * Dh).
+
+    rotate(x, out) writes x, rotated by the RoPE, into the fp32 tensor out (the default copies):
+    applied per group of heads, the rotated q and k are written once, in the precision the scores need.
+    """
     B, nh, T, Dh = q.shape
     out = torch.empty(B, T, nh, Dh, dtype=q.dtype)
     fit = max(1, ATTENTION_CHUNK_BYTES // (T * T * 4))  # heads whose fp32 scores fit the budget
@@ -144,18 +194,25 @@ def bf16_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     size = min(fit - fit % nh, B * nh) if fit >= nh else step  # heads per group, at most
     q32, k32, scores = _scratch(torch.float32, (size, T, Dh), (size, T, Dh), (size, T, T))
     (probs,) = _scratch(q.dtype, (size, T, T))
-    for images, heads in groups:
-        qg, kg, vg = (t[images, heads] for t in (q, k, v))  # (b, h, T, Dh)
-        b, h = qg.shape[:2]
-        n = b * h
-        q32[:n].copy_(qg.flatten(0, 1))
-        k32[:n].copy_(kg.flatten(0, 1))
-        torch.bmm(q32[:n], k32[:n].transpose(1, 2), out=scores[:n])  # (n, T, T), fp32
-        scores[:n].mul_(scale)
-        torch.ops.aten._softmax.out(scores[:n], -1, False, out=scores[:n])  # in place
-        probs[:n].copy_(scores[:n])
-        result = torch.bmm(probs[:n], vg.flatten(0, 1))  # (n, T, Dh)
-        out[images, :, heads] = result.view(b, h, T, Dh).transpose(1, 2)
+    # A power-of-two scale is applied to q: exact, q stays bf16 values, and the scores come out the
+    # same (every partial sum scaled exactly). Any other scale is applied to the scores.
+    scale_q = math.frexp(scale)[0] == 0.5
+    with _bf16_products(_bf16_products_safe()):
+        for images, heads in groups:
+            qg, kg, vg = (t[images, heads] for t in (q, k, v))  # (b, h, T, Dh)
+            b, h = qg.shape[:2]
+            n = b * h
+            rotate(qg, q32[:n].view(b, h, T, Dh))
+            rotate(kg, k32[:n].view(b, h, T, Dh))
+            if scale_q:
+                q32[:n].mul_(scale)
+            torch.bmm(q32[:n], k32[:n].transpose(1, 2), out=scores[:n])  # (n, T, T), fp32
+            if not scale_q:
+                scores[:n].mul_(scale)
+            torch.ops.aten._softmax.out(scores[:n], -1, False, out=scores[:n])  # in place
+            probs[:n].copy_(scores[:n])
+            result = torch.bmm(probs[:n], vg.flatten(0, 1))  # (n, T, Dh)
+            out[images, :, heads] = result.view(b, h, T, Dh).transpose(1, 2)
     return out.view(B, T, nh * Dh)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix
     return torch.cat((prefix, patches * cos + rotated * sin), dim=-2)
 
 
+def rope_into(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> None:
+    """Write apply_rope(x, cos, sin, num_prefix) into `out` (same shape, any float dtype).
+
+    The same numbers (computed in x's dtype, then cast), with the rotation done half by half:
+    [a | b] * cos + [-b | a] * sin = [a*cos - b*sin | b*cos + a*sin]. The bf16 CPU attention writes
+    q and k rotated straight into its fp32 buffers this way, without the concatenations' copies.
+    """
+    half = x.shape[-1] // 2
+    out[..., :num_prefix, :].copy_(x[..., :num_prefix, :])
+    a, b = x[..., num_prefix:, :half], x[..., num_prefix:, half:]  # (..., N, Dh/2)
+    rotated = out[..., num_prefix:, :]
+    torch.sub(a * cos[:, :half], b * sin[:, :half], out=rotated[..., :half])
+    torch.add(b * cos[:, half:], a * sin[:, half:], out=rotated[..., half:])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and RoPE on the patch tokens."""
 
@@ -202,9 +218,12 @@ class Attention(nn.Module):
         else:
             heads = (F.linear(x, w, b).view(B, T, self.num_heads, self.head_dim) for w, b in self.split)
             q, k, v = (h.transpose(1, 2) for h in heads)  # (B, nh, T, Dh)
+        dropout = self.dropout if self.training else 0.0
+        if implementation == "sdpa" and not need_weights and bf16_cpu_attention_ok(q, dropout):
+            rotate = partial(rope_into, cos=cos, sin=sin, num_prefix=num_prefix)
+            return apply_linear(self.proj, bf16_cpu_attention(q, k, v, self.scale, rotate)), None
         q = apply_rope(q, cos, sin, num_prefix)
         k = apply_rope(k, cos, sin, num_prefix)
-        dropout = self.dropout if self.training else 0.0
 
         weights = None
         if need_weights or implementation == "eager":
@@ -217,8 +236,6 @@ class Attention(nn.Module):
 
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        elif bf16_cpu_attention_ok(q, dropout):
-            return apply_linear(self.proj, bf16_cpu_attention(q, k, v, self.scale)), None
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
