@@ -163,7 +163,7 @@ def test_bf16_cpu_attention_bf16_products_change_no_number(monkeypatch, scale):
     assert torch.equal(fast, plain)
 
 
-def test_bf16_products_only_while_no_foreign_thread_runs(monkeypatch):
+def test_bf16_products_only_while_no_foreign_thread_runs_where_onednn_rounds(monkeypatch):
     import threading
     from types import SimpleNamespace
 
@@ -171,12 +171,28 @@ def test_bf16_products_only_while_no_foreign_thread_runs(monkeypatch):
         others = [SimpleNamespace(name=name) for name in names]
         monkeypatch.setattr(layers.threading, "enumerate", lambda: [threading.current_thread(), *others])
 
+    monkeypatch.setattr(layers, "_bf16_products_round", lambda: True)  # as on CPUs with AMX
     threads()
     assert layers._bf16_products_safe()
     threads("dino3-decode_0", "dino3-decode_1", "tqdm_monitor")  # run no matmul
     assert layers._bf16_products_safe()
     threads("dino3-decode_0", "ThreadPoolExecutor-0_0")  # might run an fp32 matmul
     assert not layers._bf16_products_safe()
-    threads()
+    monkeypatch.setattr(layers, "_bf16_products_round", lambda: False)  # the setting only picks a kernel
+    assert layers._bf16_products_safe()
     monkeypatch.setattr(layers, "BF16_PRODUCTS", False)
     assert not layers._bf16_products_safe()
+
+
+@pytest.mark.parametrize("rounds", [True, False])
+def test_bf16_products_probe_tells_whether_inputs_are_rounded(monkeypatch, rounds):
+    torch_bmm = torch.bmm
+
+    def bmm(a, b, **kwargs):  # a CPU whose oneDNN rounds fp32 inputs to bf16 when allowed (or not)
+        if rounds and torch.backends.mkldnn.matmul.fp32_precision == "bf16":
+            a, b = a.bfloat16().float(), b.bfloat16().float()
+        return torch_bmm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    probe = layers._bf16_products_round.__wrapped__
+    assert probe() is rounds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -98,12 +99,13 @@ ATTENTION_MAX_HEAD_BYTES = 32 * 2**20
 SCRATCH_KEEP_BYTES = 8 * 2**20  # scratch buffers up to this size are kept between calls
 # The fp32 scores q k^T are products of bf16 values: each product is exact in fp32, only the fp32
 # sums round. PyTorch sends fp32 batched matmuls to MKL, except with oneDNN's fp32 matmul precision
-# set to bf16: then to oneDNN, which measures 2.1x faster here, and may read the inputs as bf16 (it
-# does on CPUs with AMX) -- for these inputs a no-op (tested bitwise). That setting
-# (torch.backends.mkldnn.matmul.fp32_precision) is process-wide, so it is changed only during the
-# attention, and only while no Python thread other than the caller and known harmless ones is alive:
-# no other fp32 matmul can run meanwhile (so a notebook kernel's threads keep it off).
-# DINO3_BF16_PRODUCTS=0 turns it off.
+# set to bf16: then to oneDNN, which measures 2.1x faster here, and may read the inputs as bf16 --
+# for these inputs a no-op (tested bitwise). That setting (torch.backends.mkldnn.matmul.fp32_precision)
+# is process-wide, and dino3 sets it only during the attention. Where oneDNN really rounds fp32
+# inputs to bf16 under it (CPUs with AMX; a one-off probe tells), an fp32 matmul of another thread at
+# that moment would be rounded too, so there it is set only while no Python thread other than the
+# caller and known harmless ones is alive. Elsewhere (this project's AMD CPUs) the setting only picks
+# oneDNN's fp32 kernel. DINO3_BF16_PRODUCTS=0 turns it off.
 BF16_PRODUCTS = os.environ.get("DINO3_BF16_PRODUCTS", "1") != "0"
 # Threads known to run no matmul: dino3's decoders (see dino3.pipeline) and tqdm's monitor.
 HARMLESS_THREADS = ("dino3-", "tqdm_monitor")
@@ -144,11 +146,29 @@ def _scratch(dtype: torch.dtype, *shapes: tuple[int, ...]) -> list[torch.Tensor]
 
 
 def _bf16_products_safe() -> bool:
-    """Whether the process-wide bf16-products switch may be flipped now (see BF16_PRODUCTS)."""
+    """Whether the process-wide bf16-products setting may be changed now (see BF16_PRODUCTS)."""
     if not BF16_PRODUCTS or not hasattr(torch.backends.mkldnn, "matmul"):
         return False
+    if not _bf16_products_round():
+        return True
     current = threading.current_thread()
     return all(t is current or t.name.startswith(HARMLESS_THREADS) for t in threading.enumerate())
+
+
+@functools.cache
+def _bf16_products_round() -> bool:
+    """Whether oneDNN, allowed to, rounds fp32 matmul inputs to bf16 on this CPU (probed once, at
+    the shapes of the attention at 224 and 512 px: bf16 rounding moves these sums by ~1e-2)."""
+    g = torch.Generator().manual_seed(0)
+    for n, tokens in ((4, 201), (1, 1029)):
+        a, b = torch.randn(n, tokens, 64, generator=g), torch.randn(n, 64, tokens, generator=g)
+        with torch.inference_mode(False), torch.no_grad():
+            strict = torch.bmm(a, b)
+            with _bf16_products(True):
+                relaxed = torch.bmm(a, b)
+        if (strict - relaxed).abs().max().item() > 1e-3:
+            return True
+    return False
 
 
 @contextlib.contextmanager
