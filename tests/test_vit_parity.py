@@ -187,9 +187,17 @@ def _scale_attention(mp, model):
 
 
 _CENTRES = vit.RopeTables.patch_centres
+
+
+def _break_rope(mp, rope):
+    # Both forms: apply_rope, and rope_into (the CPU attention's, which writes into a buffer).
+    mp.setattr(vit, "apply_rope", rope)
+    mp.setattr(vit, "rope_into", lambda x, out, cos, sin, num_prefix: out.copy_(rope(x, cos, sin, num_prefix)))
+
+
 BREAKAGES = {
-    "no-rope": lambda mp, model: mp.setattr(vit, "apply_rope", lambda x, cos, sin, n: x),
-    "rope-interleaved-pairs": lambda mp, model: mp.setattr(vit, "apply_rope", _interleaved_rope),
+    "no-rope": lambda mp, model: _break_rope(mp, lambda x, cos, sin, n: x),
+    "rope-interleaved-pairs": lambda mp, model: _break_rope(mp, _interleaved_rope),
     "rope-axes-swapped": lambda mp, model: mp.setattr(
         vit.RopeTables, "patch_centres", staticmethod(lambda h, w, d: _CENTRES(h, w, d).flip(-1))
     ),

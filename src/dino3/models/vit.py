@@ -24,12 +24,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DINOv3ViTConfig
+from .cpu_attention import cpu_attention, cpu_attention_ok
 from .layers import (
     ACTIVATION_FUNCTIONS,
     DropPath,
     apply_linear,
-    bf16_cpu_attention,
-    bf16_cpu_attention_ok,
     cpu_chunk_size,
     is_plain_linear,
     last_or_chosen,
@@ -155,7 +154,7 @@ def rope_into(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.
     """Write apply_rope(x, cos, sin, num_prefix) into `out` (same shape, any float dtype).
 
     The same numbers (computed in x's dtype, then cast), with the rotation done half by half:
-    [a | b] * cos + [-b | a] * sin = [a*cos - b*sin | b*cos + a*sin]. The bf16 CPU attention writes
+    [a | b] * cos + [-b | a] * sin = [a*cos - b*sin | b*cos + a*sin]. The CPU attention writes
     q and k rotated straight into its fp32 buffers this way, without the concatenations' copies.
     """
     half = x.shape[-1] // 2
@@ -219,9 +218,9 @@ class Attention(nn.Module):
             heads = (F.linear(x, w, b).view(B, T, self.num_heads, self.head_dim) for w, b in self.split)
             q, k, v = (h.transpose(1, 2) for h in heads)  # (B, nh, T, Dh)
         dropout = self.dropout if self.training else 0.0
-        if implementation == "sdpa" and not need_weights and bf16_cpu_attention_ok(q, dropout):
+        if implementation == "sdpa" and not need_weights and cpu_attention_ok(q, dropout):
             rotate = partial(rope_into, cos=cos, sin=sin, num_prefix=num_prefix)
-            return apply_linear(self.proj, bf16_cpu_attention(q, k, v, self.scale, rotate)), None
+            return apply_linear(self.proj, cpu_attention(q, k, v, self.scale, rotate)), None
         q = apply_rope(q, cos, sin, num_prefix)
         k = apply_rope(k, cos, sin, num_prefix)
 
