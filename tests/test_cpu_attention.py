@@ -182,4 +182,15 @@ def test_probe_tells_whether_onednn_rounds_inputs(monkeypatch, rounds):
         return torch_bmm(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "bmm", bmm)
-    assert attention._onednn_rounds.__wrapped__() is rounds
+    assert attention._probe_rounding() is rounds
+
+
+def test_probe_waits_for_no_foreign_thread(monkeypatch):
+    monkeypatch.setattr(attention, "_rounds", None)  # not probed yet
+    monkeypatch.setattr(attention, "_probe_rounding", lambda: False)
+    monkeypatch.setattr(attention, "_alone", lambda: False)
+    assert attention._onednn_rounds()  # assumed, and not recorded
+    assert attention._rounds is None
+    monkeypatch.setattr(attention, "_alone", lambda: True)
+    assert not attention._onednn_rounds()
+    assert attention._rounds is False

@@ -10,18 +10,18 @@ does); bf16 errors against float64 within 4% of SDPA's.
 The scores' fp32 matmul is the expensive part. PyTorch sends fp32 batched matmuls to MKL, except
 with oneDNN's fp32 matmul precision set to bf16 (`torch.backends.mkldnn.matmul.fp32_precision`):
 then to oneDNN, 2.1x faster here, which may then read fp32 inputs as bf16. On this project's AMD
-CPUs it does not (a one-off probe tells): the setting only picks oneDNN's fp32 kernel, and fp32
-attention uses it too. On CPUs where it rounds (those with AMX), only bf16 attention uses it, whose
-scores multiply bf16 values (rounding them is a no-op; tested bitwise), and only while no Python
-thread but the caller and known harmless ones is alive, because the setting is process-wide and
-would round another thread's fp32 matmul too. It is set only during the attention.
-DINO3_ONEDNN=0 turns it off (as it does oneDNN's linear layers).
+CPUs it does not (a one-off probe tells, run while no foreign thread is alive; until then, rounding
+is assumed): the setting only picks oneDNN's fp32 kernel, and fp32 attention uses it too. On CPUs
+where it rounds (those with AMX), only bf16 attention uses it, whose scores multiply bf16 values
+(rounding them is a no-op; tested bitwise), and only while no Python thread but the caller and
+known harmless ones is alive, because the setting is process-wide and would round another thread's
+fp32 matmul too. It is set only during the attention. DINO3_ONEDNN=0 turns it off (as it does
+oneDNN's linear layers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 from collections.abc import Callable
@@ -140,8 +140,11 @@ def _onednn_bmm_allowed(bf16_inputs: bool) -> bool:
         return False
     if not _onednn_rounds():
         return True
-    if not bf16_inputs:
-        return False
+    return bf16_inputs and _alone()
+
+
+def _alone() -> bool:
+    """Whether no Python thread but this one and known harmless ones is alive."""
     current = threading.current_thread()
     return all(t is current or t.name.startswith(HARMLESS_THREADS) for t in threading.enumerate())
 
@@ -161,17 +164,32 @@ def _onednn_bmm(enabled: bool):
         matmul.fp32_precision = before
 
 
-@functools.cache
+_rounds: bool | None = None  # what the probe found
+
+
 def _onednn_rounds() -> bool:
-    """Whether oneDNN, allowed to, rounds fp32 matmul inputs to bf16 on this CPU (probed once, at
-    the shapes of the attention at 224 and 512 px: bf16 rounding moves these sums by ~1e-2)."""
+    """Whether oneDNN, allowed to, rounds fp32 matmul inputs to bf16 on this CPU. Probed once, while
+    no foreign thread is alive (the probe flips the process-wide setting); until then, assumed."""
+    global _rounds
+    if _rounds is None:
+        if not _alone():
+            return True
+        _rounds = _probe_rounding()
+    return _rounds
+
+
+def _probe_rounding() -> bool:
+    """Run fp32 matmuls at attention-like shapes (201 and 400 tokens) with and without the setting:
+    bf16 rounding of the inputs moves these sums by ~1e-2, a change of kernel by ~1e-6. Small, so
+    that the probe adds little to the first call's memory."""
     g = torch.Generator().manual_seed(0)
-    for n, tokens in ((4, 201), (1, 1029)):
-        a, b = torch.randn(n, tokens, 64, generator=g), torch.randn(n, 64, tokens, generator=g)
-        with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
+        for n, tokens in ((2, 201), (1, 400)):
+            a, b = torch.randn(n, tokens, 64, generator=g), torch.randn(n, 64, tokens, generator=g)
             strict = torch.bmm(a, b)
             with _onednn_bmm(True):
-                relaxed = torch.bmm(a, b)
-        if (strict - relaxed).abs().max().item() > 1e-3:
-            return True
+                moved = torch.bmm(a, b).sub_(strict).abs_().max().item()
+            del a, b, strict
+            if moved > 1e-3:
+                return True
     return False
