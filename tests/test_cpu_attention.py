@@ -3,6 +3,7 @@ switch it flips (set only where it changes no number)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -185,12 +186,36 @@ def test_probe_tells_whether_onednn_rounds_inputs(monkeypatch, rounds):
     assert attention._probe_rounding() is rounds
 
 
-def test_probe_waits_for_no_foreign_thread(monkeypatch):
+def test_probe_runs_here_only_while_no_foreign_thread_is_alive(monkeypatch):
     monkeypatch.setattr(attention, "_rounds", None)  # not probed yet
+    monkeypatch.setattr(attention, "_probe_thread", None)
     monkeypatch.setattr(attention, "_probe_rounding", lambda: False)
+    monkeypatch.setattr(attention, "_probe_elsewhere", lambda: None)  # an interpreter that never answers
     monkeypatch.setattr(attention, "_alone", lambda: False)
-    assert attention._onednn_rounds()  # assumed, and not recorded
-    assert attention._rounds is None
+    assert attention._onednn_rounds()  # assumed meanwhile
+    assert attention._rounds is None and attention._probe_thread.name.startswith("dino3-")
+    attention._probe_thread.join()
     monkeypatch.setattr(attention, "_alone", lambda: True)
     assert not attention._onednn_rounds()
     assert attention._rounds is False
+
+
+@pytest.mark.parametrize("answer", ["0", "1", "garbage"])
+def test_probe_in_a_fresh_interpreter(monkeypatch, answer):
+    monkeypatch.setattr(attention, "_rounds", None)
+    ran = []
+
+    def run(command, **kwargs):
+        ran.append(command)
+        return SimpleNamespace(returncode=0, stdout=f"{answer}\n")
+
+    monkeypatch.setattr(attention.subprocess, "run", run)
+    attention._probe_elsewhere()
+    assert ran and ran[0][0] == sys.executable
+    assert attention._rounds == {"0": False, "1": True}.get(answer)
+
+
+def test_probe_in_a_fresh_interpreter_for_real(monkeypatch):
+    monkeypatch.setattr(attention, "_rounds", None)
+    attention._probe_elsewhere()
+    assert attention._rounds is attention._probe_rounding()

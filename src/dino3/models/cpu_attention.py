@@ -10,21 +10,24 @@ does); bf16 errors against float64 within 4% of SDPA's.
 The scores' fp32 matmul is the expensive part. PyTorch sends fp32 batched matmuls to MKL, except
 with oneDNN's fp32 matmul precision set to bf16 (`torch.backends.mkldnn.matmul.fp32_precision`):
 then to oneDNN, 2.1x faster here, which may then read fp32 inputs as bf16. On this project's AMD
-CPUs it does not (a one-off probe tells, run while no foreign thread is alive; until then, rounding
-is assumed): the setting only picks oneDNN's fp32 kernel, and fp32 attention uses it too. On CPUs
-where it rounds (those with AMX), only bf16 attention uses it, whose scores multiply bf16 values
-(rounding them is a no-op; tested bitwise), and only while no Python thread but the caller and
-known harmless ones is alive, because the setting is process-wide and would round another thread's
-fp32 matmul too. It is set only during the attention. DINO3_ONEDNN=0 turns it off (as it does
-oneDNN's linear layers).
+CPUs it does not (a one-off probe tells, run while no foreign thread is alive, or else in a fresh
+interpreter in the background; until it answers, rounding is assumed): the setting only picks
+oneDNN's fp32 kernel, and fp32 attention uses it too. On CPUs where it rounds (those with AMX), only
+bf16 attention uses it, whose scores multiply bf16 values (rounding them is a no-op; tested
+bitwise), and only while no Python thread but the caller and known harmless ones is alive, because
+the setting is process-wide and would round another thread's fp32 matmul too. It is set only during
+the attention. DINO3_ONEDNN=0 turns it off (as it does oneDNN's linear layers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -165,17 +168,40 @@ def _onednn_bmm(enabled: bool):
 
 
 _rounds: bool | None = None  # what the probe found
+_probe_thread: threading.Thread | None = None
 
 
 def _onednn_rounds() -> bool:
-    """Whether oneDNN, allowed to, rounds fp32 matmul inputs to bf16 on this CPU. Probed once, while
-    no foreign thread is alive (the probe flips the process-wide setting); until then, assumed."""
-    global _rounds
+    """Whether oneDNN, allowed to, rounds fp32 matmul inputs to bf16 on this CPU; assumed until known.
+
+    The probe flips the process-wide setting, so it runs here only while no foreign thread is alive.
+    Otherwise a fresh interpreter probes (in the background, about 2 s; a daemon thread waits for it).
+    """
+    global _rounds, _probe_thread
     if _rounds is None:
-        if not _alone():
-            return True
-        _rounds = _probe_rounding()
-    return _rounds
+        if _alone():
+            _rounds = _probe_rounding()
+        elif _probe_thread is None:
+            _probe_thread = threading.Thread(target=_probe_elsewhere, name="dino3-probe", daemon=True)
+            _probe_thread.start()
+    return True if _rounds is None else _rounds
+
+
+def _probe_elsewhere() -> None:
+    """Probe in a fresh interpreter (whose only thread is the probe's) and keep what it finds."""
+    global _rounds
+    package_root = str(Path(__file__).resolve().parents[2])  # where this dino3 is imported from
+    code = (
+        f"import sys; sys.path.insert(0, {package_root!r}); "
+        "from dino3.models.cpu_attention import _probe_rounding; print(int(_probe_rounding()))"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        found = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return  # no answer: rounding stays assumed
+    if found in ("0", "1") and _rounds is None:
+        _rounds = found == "1"
 
 
 def _probe_rounding() -> bool:
