@@ -215,6 +215,14 @@ def test_probe_in_a_fresh_interpreter(monkeypatch, answer):
     assert attention._rounds == {"0": False, "1": True}.get(answer)
 
 
+def test_no_probe_from_a_bundled_application(monkeypatch):
+    monkeypatch.setattr(attention, "_rounds", None)
+    monkeypatch.setattr(attention.sys, "frozen", True, raising=False)
+    monkeypatch.setattr(attention.subprocess, "run", lambda *a, **k: pytest.fail("ran sys.executable"))
+    attention._probe_elsewhere()
+    assert attention._rounds is None
+
+
 def test_probe_in_a_fresh_interpreter_for_real(monkeypatch):
     monkeypatch.setattr(attention, "_rounds", None)
     attention._probe_elsewhere()

@@ -190,6 +190,8 @@ def _onednn_rounds() -> bool:
 def _probe_elsewhere() -> None:
     """Probe in a fresh interpreter (whose only thread is the probe's) and keep what it finds."""
     global _rounds
+    if getattr(sys, "frozen", False):  # a bundled application: sys.executable is not an interpreter
+        return
     package_root = str(Path(__file__).resolve().parents[2])  # where this dino3 is imported from
     code = (
         f"import sys; sys.path.insert(0, {package_root!r}); "
