@@ -87,6 +87,16 @@ def test_cpu_attention_is_only_for_inference_and_unrounded_fp32(monkeypatch):
     assert not attention.cpu_attention_ok(q.float(), 0.0)
 
 
+def test_cpu_attention_ok_probes_only_for_cpu_inference(monkeypatch):
+    # A GPU model, training or tracing never needs to know how oneDNN rounds: no probe for them.
+    monkeypatch.setattr(attention, "_onednn_rounds", lambda: pytest.fail("probed"))
+    q = torch.randn(1, 2, 5, 8)
+    assert not attention.cpu_attention_ok(q.to("meta"), 0.0)
+    assert not attention.cpu_attention_ok(q.clone().requires_grad_(), 0.0)
+    assert not attention.cpu_attention_ok(q, 0.1)
+    assert not attention.cpu_attention_ok(q.half(), 0.0)
+
+
 def test_scratch_made_under_inference_mode_serves_no_grad():
     # The scratch buffers are made on first use; made under inference_mode they must still be
     # writable later under no_grad. A fresh thread starts with no scratch of its own.

@@ -45,20 +45,18 @@ HARMLESS_THREADS = ("dino3-", "tqdm_monitor")
 
 def cpu_attention_ok(q: torch.Tensor, dropout: float) -> bool:
     """Whether `cpu_attention` applies: on the CPU, in inference, not tracing or compiling; bf16, or
-    fp32 where oneDNN computes fp32 matmuls unrounded."""
-    if q.dtype == torch.bfloat16:
-        dtype_ok = True
-    else:
-        dtype_ok = q.dtype == torch.float32 and _onednn_bmm_allowed(bf16_inputs=False)
-    return (
-        dtype_ok
-        and q.device.type == "cpu"
+    fp32 where oneDNN computes fp32 matmuls unrounded (asked last: the first ask probes oneDNN)."""
+    if not (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float32)
         and q.shape[-2] ** 2 * 4 <= ATTENTION_MAX_HEAD_BYTES
         and dropout == 0.0
         and not (torch.is_grad_enabled() and q.requires_grad)
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
-    )
+    ):
+        return False
+    return q.dtype == torch.bfloat16 or _onednn_bmm_allowed(bf16_inputs=False)
 
 
 def _copy_into(x: torch.Tensor, out: torch.Tensor) -> None:
