@@ -167,7 +167,7 @@ def test_user_mistakes_exit_2_without_traceback(checkpoint, tmp_path, capsys):
         (["embed", str(PHOTOS / NAMES[0]), "-m", str(checkpoint), "-o", str(tmp_path / "f.csv")], "must end in one of"),
         (
             ["embed", str(PHOTOS / NAMES[0]), "-m", str(checkpoint), "-o", "x.npz", "--keep-aspect", "shorter"],
-            "needs --target",
+            "needs target_size",
         ),
         (["embed", str(PHOTOS / NAMES[0]), "-m", str(checkpoint), "-o", "x.npz", "--layers", "a,b"], "--layers a,b"),
     ]
@@ -239,4 +239,4 @@ def test_info(capsys):
 def test_info_on_a_folder(checkpoint, capsys):
     assert main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
-    assert "21.6M parameters" in out and "1 safetensors file(s), torch.float32" in out
+    assert "21.6M parameters" in out and "Hugging Face layout, 1 file, torch.float32" in out

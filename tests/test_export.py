@@ -16,9 +16,10 @@ import torch
 import transformers
 
 import dino3
-from dino3.backends import BackendError, load_runtime
+from dino3 import export_onnx
 from dino3.cli import main as cli
-from dino3.export import ExportError, export_onnx
+from dino3.errors import BackendError, ExportError
+from dino3.runtime import load_runtime
 from helpers import max_diff, randomize_
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
@@ -54,7 +55,7 @@ def test_exported_graph(checkpoints, tmp_path, arch):
     assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output"]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and dims[1] == 3 and isinstance(dims[2], str) and isinstance(dims[3], str)
-    assert (tmp_path / "preprocessor_config.json").is_file() and (tmp_path / "dino3.json").is_file()
+    assert (tmp_path / "model.preprocessor_config.json").is_file() and (tmp_path / "model.dino3.json").is_file()
 
 
 def test_export_graph_is_the_form_runtimes_fuse(checkpoints, tmp_path):
@@ -87,7 +88,6 @@ def test_export_leaves_the_model_as_it_was(checkpoints, tmp_path):
     export_onnx(model, tmp_path / "model.onnx")
     assert model.training and next(model.parameters()).dtype == torch.bfloat16
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(block.attn.split is None for block in model.blocks)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
@@ -125,40 +125,85 @@ def test_low_precision_stays_close_to_f32(checkpoints, backend, precision, bound
     assert bound <= cosine < 1 - 1e-7
 
 
-def test_openvino_int8_calibrates_on_given_images(checkpoints):
-    runtime = dino3.load(checkpoints / "vit", backend="openvino", precision="int8", calibration=PHOTOS[:3])
-    assert runtime(torch.randn(1, 3, 64, 64)).last_hidden_state.shape == (1, 21, 128)
+def test_openvino_int8_calibrates_on_given_images(checkpoints, tmp_path):
+    """Each calibration set makes its own quantized model, from the images given (not the samples)."""
+    x = dino3.DINOv3ViTImageProcessor()(PHOTOS[:2]).pixel_values
+    outputs = []
+    for images in (PHOTOS[:3], PHOTOS[3:6]):
+        runtime = dino3.load(
+            checkpoints / "vit", backend="openvino", precision="int8", calibration=images, runtime_cache=tmp_path
+        )
+        outputs.append(runtime(x).last_hidden_state)
+    quantized = sorted(tmp_path.glob("*/openvino-int8-*.xml"))
+    assert len(quantized) == 2  # one per calibration set
+    assert max_diff(outputs[0], outputs[1]) > 0  # different calibrations, different int8 scales
+    with pytest.raises(BackendError, match="calibration images are for OpenVINO's int8"):
+        dino3.load(checkpoints / "vit", backend="openvino", precision="f32", calibration=PHOTOS[:3])
 
 
 def test_compiled_models_are_cached(checkpoints, monkeypatch):
-    from dino3 import export
+    from dino3.runtime import model as runtime_model
 
     dino3.load(checkpoints / "vit", backend="onnxruntime")
-    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(runtime_model, "export_model", lambda *a, **k: pytest.fail("exported again"))
     dino3.load(checkpoints / "vit", backend="onnxruntime")
 
 
-def test_openvino_keeps_a_model_file_per_image_size(checkpoints, tmp_path, monkeypatch):
-    from dino3 import backends
+def test_two_checkpoints_in_one_runtime_cache_keep_their_own_graphs(checkpoints, tmp_path):
+    """An explicit runtime_cache is the root of the cache, not one entry: two checkpoints given the
+    same folder each run their own weights."""
+    other = tmp_path / "other"
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=128, num_attention_heads=2, intermediate_size=256, num_hidden_layers=2, num_register_tokens=4
+    )
+    randomize_(transformers.DINOv3ViTModel(config), seed=5).save_pretrained(other)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for source in (checkpoints / "vit", other):
+        got = dino3.load(source, backend="onnxruntime", runtime_cache=tmp_path / "cache")(x).last_hidden_state
+        with torch.no_grad():
+            assert max_diff(got, dino3.load(source)(x).last_hidden_state) <= 1e-4
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
-    x = torch.randn(2, 3, 64, 48)
-    expected = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)(x).last_hidden_state
-    sized = tmp_path / "model-64x48.xml"
-    assert sized.is_file() and sized.with_suffix(".bin").is_file()
-    made = sized.stat().st_mtime_ns
-    again = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)
+
+def test_an_interrupted_export_is_rebuilt(checkpoints, tmp_path):
+    runtime = dino3.load(checkpoints / "vit", backend="onnxruntime", runtime_cache=tmp_path)
+    x = torch.randn(1, 3, 48, 48)
+    expected = runtime(x).last_hidden_state
+    (entry,) = tmp_path.iterdir()
+    (entry / "model.dino3.json").unlink()  # as an export killed before its description was written
+    again = dino3.load(checkpoints / "vit", backend="onnxruntime", runtime_cache=tmp_path)
     assert torch.equal(again(x).last_hidden_state, expected)
-    assert sized.stat().st_mtime_ns == made  # reused, not written again
-    monkeypatch.setattr(backends, "SIZED_FILES_UP_TO", 0)  # a large model: reshaped in memory instead
-    big = dino3.load(checkpoints / "vit", backend="openvino", cache_dir=tmp_path)
-    assert big(torch.randn(1, 3, 32, 32)).last_hidden_state.shape == (1, 1 + 4 + 4, 128)
-    assert not (tmp_path / "model-32x32.xml").exists()
+    assert (entry / "model.dino3.json").is_file()
+    assert not list(tmp_path.glob(".*partial"))  # no scratch folder left behind
+
+
+def test_openvino_keeps_each_precision_apart_and_bounds_its_cache(checkpoints, tmp_path, monkeypatch):
+    """OpenVINO reuses a blob compiled for f32 when bf16 is asked for from the same cache folder, and
+    then returns NaN: each precision has its own folder. Compiled sizes beyond MAX_BLOBS are dropped."""
+    from dino3.runtime import openvino
+
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        truth = dino3.load(checkpoints / "vit")(x).last_hidden_state
+    for precision in ("f32", "bf16", "f32"):
+        got = dino3.load(checkpoints / "vit", backend="openvino", precision=precision, runtime_cache=tmp_path)(x)
+        assert not torch.isnan(got.last_hidden_state).any(), precision
+        cosine = torch.nn.functional.cosine_similarity(got.last_hidden_state, truth, dim=-1).min()
+        assert cosine >= 0.999, precision
+    (entry,) = tmp_path.iterdir()
+    assert (entry / "openvino-f32").is_dir() and (entry / "openvino-bf16").is_dir()
+    assert not list(entry.glob("*.xml"))  # no copy of the weights per image size
+    monkeypatch.setattr(openvino, "MAX_BLOBS", 2)
+    runtime = dino3.load(checkpoints / "vit", backend="openvino", precision="f32", runtime_cache=tmp_path)
+    for side in (32, 48, 64, 80):
+        runtime(torch.randn(1, 3, side, side))
+    assert len(list((entry / "openvino-f32").glob("*.blob"))) == 2
 
 
 def test_precision_must_exist_for_the_backend(checkpoints):
     with pytest.raises(BackendError, match=r"onnxruntime runs precision \('f32', 'int8'\), not 'bf16'; for bf16 use"):
         dino3.load(checkpoints / "vit", backend="onnxruntime", precision="bf16")
-    with pytest.raises(ValueError, match="precision= chooses a runtime's precision"):
+    with pytest.raises(BackendError, match="precision chooses a runtime's precision"):
         dino3.load(checkpoints / "vit", precision="bf16")
 
 

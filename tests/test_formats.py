@@ -258,13 +258,18 @@ def test_wrong_hash_is_reported(vits16_meta, tmp_path):
 
 
 def test_sat_name_picks_the_sat_preset():
-    from dino3.weights import formats
+    from dino3.weights import formats, recognize
 
     with torch.device("meta"):  # ViT-L/16-shaped tensors, without memory
         ours = dino3.DINOv3ViTModel(dino3.get_preset("vitl16").make_config())
-    meta_shapes = formats.from_dino3(ours.state_dict(), ours.config, "meta")
-    for name, expected in [("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", "vitl16-sat493m"), ("vitl16.pth", "vitl16")]:
-        _, preset = formats.infer_config(meta_shapes, "meta", "dinov3_vit", name)
+    meta = formats.from_dino3(ours.state_dict(), ours.config, "meta")
+    shapes = {k: tuple(v.shape) for k, v in meta.items()}
+    for name, expected in [
+        ("dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", "vitl16-sat493m"),
+        ("vitl16-sat493m-finetuned.pth", "vitl16-sat493m"),
+        ("vitl16.pth", "vitl16"),
+    ]:
+        _, preset = recognize.infer_config(shapes, "meta", "dinov3_vit", name)
         assert preset.name == expected
 
 

@@ -66,8 +66,8 @@ def test_load_from_local_hub_cache_offline(hub_cache, checkpoint, name):
         assert max_diff(model(x).last_hidden_state, reference(x).last_hidden_state) <= 1e-5
 
 
-def test_config_from_pretrained_offline(hub_cache):
-    config = dino3.DINOv3ViTConfig.from_pretrained("vits16")
+def test_load_config_offline(hub_cache):
+    config = dino3.load_config("vits16")
     assert config.hidden_size == 64 and config.num_register_tokens == 4
 
 
@@ -216,3 +216,19 @@ def test_unknown_repo_or_unauthorised(fake_hub):
         dino3.load("facebook/dinov3-vitz99-pretrain-lvd1689m")
     message = str(e.value)
     assert "was not found on the hub, or you are not authorised" in message and "HF_TOKEN" in message
+
+
+def test_info_reads_no_weights(hub_cache, monkeypatch, capsys):
+    """`dino3 info` describes a hub model from its config.json and the weights' headers (fetched by
+    range requests), never by downloading the weights (gigabytes for the 7B)."""
+    from dino3.cli import main
+    from dino3.weights import hub
+
+    fetched = []
+    real_download = hub.download
+    monkeypatch.setattr(
+        hub, "download", lambda repo, name, *a, **k: fetched.append(name) or real_download(repo, name, *a, **k)
+    )
+    assert main(["info", REPO]) == 0
+    assert fetched == ["config.json"]
+    assert "DINOv3 ViT" in capsys.readouterr().out

@@ -12,6 +12,7 @@ from transformers import DINOv3ViTModel as HFModel
 
 import dino3
 from dino3 import CheckpointError, DINOv3ViTConfig, DINOv3ViTModel
+from dino3.models import pretrained
 from helpers import max_diff, randomize_
 
 SMALL = dict(hidden_size=128, num_attention_heads=2, intermediate_size=192, num_hidden_layers=2, num_register_tokens=4)
@@ -109,7 +110,7 @@ def test_misshaped_tensor_is_named(tmp_path):
     assert "norm.weight: file (64,), model (128,)" in str(e.value)
 
 
-def test_config_of_another_size_reports_every_mismatch(tmp_path):
+def test_config_of_another_size_reports_every_mismatch(tmp_path, monkeypatch):
     reference_folder(tmp_path, **SMALL)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 3
@@ -117,6 +118,13 @@ def test_config_of_another_size_reports_every_mismatch(tmp_path):
     with pytest.raises(CheckpointError) as e:
         DINOv3ViTModel.from_pretrained(tmp_path)
     assert "17 missing" in str(e.value) and "layer.2.norm1.weight" in str(e.value)
+    # An absurd config is refused from the file's header alone: no model is built, no tensor read.
+    config["num_hidden_layers"] = 1_000_000
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(DINOv3ViTModel, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(pretrained, "read_safetensors", lambda *a, **k: pytest.fail("tensors were read"))
+    with pytest.raises(CheckpointError, match="the config asks for 1000000 blocks .*, the file holds 2"):
+        dino3.load(tmp_path)
 
 
 @pytest.mark.parametrize(

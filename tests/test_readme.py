@@ -10,7 +10,8 @@ import torch
 import transformers
 
 import dino3
-from dino3.weights import files, formats
+from dino3.models import pretrained
+from dino3.weights import formats
 from helpers import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     vits16 = dino3.DINOv3ViTModel(dino3.get_preset("vits16").make_config())
     meta = formats.from_dino3(vits16.state_dict(), vits16.config, "meta")
     torch.save(meta, work / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
-    monkeypatch.setattr(files, "check_file_hash", lambda path: None)
+    monkeypatch.setattr(pretrained, "check_file_hash", lambda path, expected: None)
     monkeypatch.chdir(work)
     monkeypatch.setenv("DINO3_CACHE", str(tmp_path / "cache"))
 

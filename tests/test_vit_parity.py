@@ -190,9 +190,7 @@ _CENTRES = vit.RopeTables.patch_centres
 
 
 def _break_rope(mp, rope):
-    # Both forms: apply_rope, and rope_into (the CPU attention's, which writes into a buffer).
     mp.setattr(vit, "apply_rope", rope)
-    mp.setattr(vit, "rope_into", lambda x, out, cos, sin, num_prefix: out.copy_(rope(x, cos, sin, num_prefix)))
 
 
 BREAKAGES = {

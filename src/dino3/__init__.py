@@ -3,7 +3,7 @@
 `import dino3` is cheap: torch and the models are imported on first use.
 
     import dino3
-    model = dino3.load("vits16")            # preset, hub id or local folder
+    model = dino3.load("vits16")            # preset, hub id, local folder or weights file
     out = model(pixel_values)
     out.pooler_output, out.patch_grid       # (B, D), (B, h, w, D)
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -22,31 +22,39 @@ _EXPORTS = {
     "DINOv3ViTModel": "dino3.models.vit",
     "DINOv3ConvNextModel": "dino3.models.convnext",
     "DINOv3Backbone": "dino3.models.backbone",
+    "DINOv3Output": "dino3.models.outputs",
     "DINOv3ViTImageProcessor": "dino3.processing",
     "load_image": "dino3.images",
     "load_images": "dino3.images",
-    "ImageError": "dino3.images",
-    "DINOv3Output": "dino3.models.outputs",
-    "load": "dino3.models",
-    "convert": "dino3.weights.convert",
-    "export_onnx": "dino3.export",
+    "load": "dino3.api",
+    "load_config": "dino3.api",
+    "export_onnx": "dino3.api",
+    "convert": "dino3.convert",
     "quantize": "dino3.quantization",
+    "extract": "dino3.features",
     "list_models": "dino3.presets",
     "get_preset": "dino3.presets",
+    "register_preset": "dino3.presets",
     "Preset": "dino3.presets",
     "Dino3Error": "dino3.errors",
     "ConfigError": "dino3.errors",
     "CheckpointError": "dino3.errors",
     "HubAccessError": "dino3.errors",
     "UnknownModelError": "dino3.errors",
+    "ImageError": "dino3.errors",
+    "UsageError": "dino3.errors",
+    "BackendError": "dino3.errors",
+    "ExportError": "dino3.errors",
+    "QuantizationError": "dino3.errors",
 }
+_SUBMODULES = ("pipeline", "embed")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
 
-__all__ = sorted(_EXPORTS) + ["__version__", "pipeline"]
+__all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "pipeline":  # the module, which is callable: dino3.pipeline("image-feature-extraction", ...)
-        return importlib.import_module("dino3.pipeline")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dino3.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'dino3' has no attribute {name!r}")
@@ -60,17 +68,28 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from . import embed, pipeline
+    from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
-    from .errors import CheckpointError, ConfigError, Dino3Error, HubAccessError, UnknownModelError
-    from .export import export_onnx
-    from .images import ImageError, load_image, load_images
-    from .models import load
+    from .convert import convert
+    from .errors import (
+        BackendError,
+        CheckpointError,
+        ConfigError,
+        Dino3Error,
+        ExportError,
+        HubAccessError,
+        ImageError,
+        QuantizationError,
+        UnknownModelError,
+        UsageError,
+    )
+    from .features import extract
+    from .images import load_image, load_images
     from .models.backbone import DINOv3Backbone
     from .models.convnext import DINOv3ConvNextModel
     from .models.outputs import DINOv3Output
     from .models.vit import DINOv3ViTModel
-    from .pipeline import pipeline
-    from .presets import Preset, get_preset, list_models
+    from .presets import Preset, get_preset, list_models, register_preset
     from .processing import DINOv3ViTImageProcessor
     from .quantization import quantize
-    from .weights.convert import convert

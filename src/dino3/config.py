@@ -1,9 +1,13 @@
-"""Model configurations: the Transformers field names and defaults, and `config.json` I/O.
+"""Model configurations: pure data with the Transformers field names and defaults.
 
 The defaults are those of Transformers' `DINOv3ViTConfig` / `DINOv3ConvNextConfig` (they describe
 ViT-S/16 and ConvNeXt-tiny, except that the ViT default has no registers). Fields that a
 `config.json` carries but dino3 does not use (`architectures`, `out_features`, `dtype`, ...) are kept
 in `extra` and written back, so a file round-trips through dino3 unchanged.
+
+Both classes answer the same questions about their tokens (`stride`, `grid_size`, `feature_dim`,
+`num_register_tokens`, `num_hidden_states`, `describe`), so that code above the models never asks
+which architecture it has. Reading a config by model name is `dino3.load_config` (the hub lives above).
 """
 
 from __future__ import annotations
@@ -72,13 +76,7 @@ class _Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> _Config:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
+        data = read_json_object(path, str(path))
         return cls.from_dict(data)
 
     def save_pretrained(self, folder: str | os.PathLike) -> str:
@@ -88,16 +86,6 @@ class _Config:
         with open(path, "w", encoding="utf-8") as f:
             f.write(self.to_json_string())
         return path
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> _Config:
-        """Read the config of a preset name, hub id or local folder."""
-        from .weights.hub import resolve_config
-
-        config = resolve_config(name_or_path, **hub_kwargs)
-        if not isinstance(config, cls):
-            raise ConfigError(f"{name_or_path} holds a {type(config).__name__}, not a {cls.__name__}")
-        return config
 
     def replace(self, **changes: Any) -> _Config:
         """A copy with some fields changed (validated again)."""
@@ -174,6 +162,42 @@ class DINOv3ViTConfig(_Config):
         p = self.patch_size
         return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
+    # -- what every config answers ------------------------------------------------------------------
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Pixels per output token along (height, width): the patch size."""
+        return self.patch_hw
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch rows and columns of the output for an input of height x width pixels."""
+        ph, pw = self.patch_hw
+        return height // ph, width // pw
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of every output token."""
+        return self.hidden_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS and the registers."""
+        return 1 + self.num_register_tokens
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Hidden states to choose from: the embedding output (0), then each block's (1..L)."""
+        return self.num_hidden_layers + 1
+
+    def describe(self) -> list[str]:
+        """Lines that say what this architecture is, for `dino3 info`."""
+        mlp = "SwiGLU" if self.use_gated_mlp else "MLP"
+        biases = "q/v biases" if self.query_bias else "no q/k/v biases"
+        return [
+            f"layers         {self.num_hidden_layers} blocks, width {self.hidden_size}, {self.num_attention_heads} "
+            f"heads of {self.head_dim}, {mlp} {self.intermediate_size} ({self.hidden_act}), {biases}",
+            f"tokens         1 CLS + {self.num_register_tokens} registers + one per {self.patch_size}px patch",
+        ]
+
     def validate(self) -> None:
         if isinstance(self.patch_size, (list, tuple)):
             if len(self.patch_size) != 2 or any(not isinstance(p, int) or p <= 0 for p in self.patch_size):
@@ -245,6 +269,39 @@ class DINOv3ConvNextConfig(_Config):
     def num_stages(self) -> int:
         return len(self.hidden_sizes)
 
+    # -- what every config answers ------------------------------------------------------------------
+    num_register_tokens: ClassVar[int] = 0
+    num_prefix_tokens: ClassVar[int] = 1  # the average-pooled token
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Pixels per output token along (height, width): the stem's 4, then 2 per later stage."""
+        s = 4 * 2 ** (self.num_stages - 1)
+        return s, s
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of the last stage for an input of height x width pixels (each stage
+        floors, and nested floor divisions are one floor division)."""
+        s = self.stride[0]
+        return height // s, width // s
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of every output token: the last stage's."""
+        return self.hidden_sizes[-1]
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Hidden states to choose from: the input pixels (0), then each stage's (1..S)."""
+        return self.num_stages + 1
+
+    def describe(self) -> list[str]:
+        """Lines that say what this architecture is, for `dino3 info`."""
+        return [
+            f"stages         depths {self.depths}, widths {self.hidden_sizes}",
+            f"tokens         1 pooled token + one per {self.stride[0]}px patch of the last stage",
+        ]
+
     def validate(self) -> None:
         self._positive_int("num_channels", "image_size")
         for name in ("hidden_sizes", "depths"):
@@ -263,21 +320,22 @@ class DINOv3ConvNextConfig(_Config):
             raise ConfigError(f"layer_scale_init_value must be a number, got {self.layer_scale_init_value!r}")
 
 
-CONFIG_CLASSES: dict[str, type[_Config]] = {
-    DINOv3ViTConfig.model_type: DINOv3ViTConfig,
-    DINOv3ConvNextConfig.model_type: DINOv3ConvNextConfig,
-}
-
-
-def config_from_dict(data: dict[str, Any], source: str = "config") -> _Config:
-    """Pick the config class from `model_type` and build it."""
-    model_type = data.get("model_type")
-    if model_type not in CONFIG_CLASSES:
-        raise ConfigError(
-            f"{source} has model_type {model_type!r}; dino3 loads {sorted(CONFIG_CLASSES)} "
-            "(DINOv3 ViT and ConvNeXt checkpoints)"
-        )
-    return CONFIG_CLASSES[model_type].from_dict(data)
+def read_json_object(path: str | os.PathLike, source: str | None = None) -> dict[str, Any]:
+    """The JSON object in a file, or a ConfigError that names the file and what is wrong with it."""
+    source = source or str(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); it may be corrupt") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON ({e}); the file may be truncated") from None
+    except RecursionError:
+        raise ConfigError(f"{source} nests JSON too deeply to be a configuration") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _is_number(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""The errors dino3 raises for user mistakes and bad inputs. Each message names the thing and the remedy."""
+"""Every error class dino3 raises. Each message names the thing that is wrong and the remedy."""
 
 
 class Dino3Error(Exception):
@@ -6,7 +6,7 @@ class Dino3Error(Exception):
 
 
 class ConfigError(Dino3Error, ValueError):
-    """A configuration value that no model can be built from."""
+    """A configuration value that no model (or processor) can be built from."""
 
 
 class UnknownModelError(Dino3Error, ValueError):
@@ -19,3 +19,28 @@ class CheckpointError(Dino3Error, ValueError):
 
 class HubAccessError(Dino3Error, OSError):
     """The hub refused or could not serve a file: gated repo, missing token, unknown repo, offline."""
+
+
+class ImageError(Dino3Error, ValueError):
+    """An input that is not a usable image; the message names the input and the reason."""
+
+
+class QuantizationError(Dino3Error, ValueError):
+    """A quantization mode that cannot run here; the message says why and what to use instead."""
+
+
+class BackendError(Dino3Error, RuntimeError):
+    """A runtime backend that is missing or cannot run the requested precision here."""
+
+
+class ExportError(Dino3Error, RuntimeError):
+    """An export that cannot be made here, or a graph that is not what dino3 promises."""
+
+
+class UsageError(Dino3Error, ValueError):
+    """A request that cannot be carried out as asked: options that contradict each other or do not
+    apply, an output that exists, an input that matches nothing. The command line exits with 2."""
+
+
+class RunLockedError(UsageError):
+    """Another process is writing the same output right now."""

@@ -1,29 +1,36 @@
 """From many images to features: the batched engine, and the `image-feature-extraction` pipeline.
 
 `iter_batches` turns a stream of image sources into batches of pixel tensors. Decoding and
-preprocessing run in a pool of threads (PIL and torch release the GIL), ahead of the model, in
-input order; images of one size are batched together. A bad image is either raised or handed to
-`on_error` and skipped, so that a long job goes on.
+preprocessing run in daemon threads (PIL and torch release the GIL) ahead of the model, in input
+order, within one memory budget for all of them; images of one size are batched together. Whatever
+goes wrong with one image is handed to `on_error` (or raised), never lost: a long job goes on. A
+consumer that stops (an exception, Ctrl-C, closing the generator) stops the threads' work; they
+never hold up the process's exit.
 
 `pipeline("image-feature-extraction", model=...)` has Transformers' semantics: one image gives one
 result, a list gives a list; each result is the image's `last_hidden_state` (pool=False) or
 `pooler_output` (pool=True) with a batch dimension of 1, as nested lists unless return_tensors=True.
+`pool` also takes dino3's pooling names ("cls", "mean", "cls+mean", "patches"; see dino3.features).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .images import ImageError
+from . import images as _images
+from .errors import ImageError, UsageError
+from .features import POOLS, extract
 from .processing import DINOv3ViTImageProcessor
 
 TASK = "image-feature-extraction"
@@ -41,49 +48,67 @@ def iter_batches(
     batch_size: int = 8,
     workers: int = 2,
     on_error: Callable[[int, Any, Exception], None] | None = None,
+    memory_pixels: int | None = None,
 ) -> Iterator[Batch]:
     """Batches of processed images, in input order within each image size.
 
     workers: threads that decode and preprocess ahead of the consumer (0: do it inline).
     on_error: called with (index, source, error) for an image that cannot be loaded, which is then
-        skipped; without it, the error is raised.
+        skipped; without it, the error is raised. Every failure of one image is an ImageError.
+    memory_pixels: how many pixels all threads may be decoding at once (default: MAX_PIXELS, so
+        that one image of the largest allowed size runs alone).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError(f"workers must be 0 or more, got {workers!r}")
     pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # images waiting for a full batch, by size
-    for index, source, pixels in _processed(sources, processor, workers):
+    waiting = 0
+    max_waiting = 4 * batch_size  # mixed sizes: beyond this, the oldest group goes as a partial batch
+    for index, source, pixels in _processed(sources, processor, workers, memory_pixels):
         if isinstance(pixels, Exception):
             if on_error is None:
                 raise pixels
             on_error(index, source, pixels)
             continue
-        waiting = pending.setdefault(tuple(pixels.shape), [])
-        waiting.append((index, pixels))
-        if len(waiting) == batch_size:
+        group = pending.setdefault(tuple(pixels.shape), [])
+        group.append((index, pixels))
+        waiting += 1
+        if len(group) == batch_size:
             del pending[tuple(pixels.shape)]
-            yield _stack(waiting)
-    for waiting in pending.values():
-        yield _stack(waiting)
+            waiting -= len(group)
+            yield _stack(group)
+        elif waiting > max_waiting:
+            oldest = min(pending, key=lambda shape: pending[shape][0][0])
+            waiting -= len(pending[oldest])
+            yield _stack(pending.pop(oldest))
+    for group in sorted(pending.values(), key=lambda g: g[0][0]):
+        yield _stack(group)
 
 
 def _stack(items: list[tuple[int, torch.Tensor]]) -> Batch:
     return Batch([i for i, _ in items], torch.stack([pixels for _, pixels in items]))
 
 
-def _processed(sources: Iterable[Any], processor: DINOv3ViTImageProcessor, workers: int):
-    """(index, source, (3, H, W) pixels or the exception) for each source, in order."""
+def _processed(sources: Iterable[Any], processor: DINOv3ViTImageProcessor, workers: int, memory_pixels: int | None):
+    """(index, source, (3, H, W) pixels or the ImageError) for each source, in order."""
+    memory = _images.MemoryBudget(memory_pixels or _images.MAX_PIXELS)
+    cancel = threading.Event()
 
     def work(source):
         try:
-            return processor.pixels(source)
-        except (ImageError, OSError) as e:
+            return processor.pixels(source, memory=memory, cancel=cancel)
+        except ImageError as e:
             return e
+        except Exception as e:  # noqa: BLE001  (anything else about one image is that image's failure)
+            return ImageError(f"{_images._describe(source)}: {type(e).__name__}: {str(e)[:300]}")
 
     if workers <= 0:
         for index, source in enumerate(sources):
             yield index, source, work(source)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dino3-decode") as pool:
+    pool = _DaemonPool(workers)
+    try:
         window: deque = deque()
         for index, source in enumerate(sources):
             window.append((index, source, pool.submit(work, source)))
@@ -93,6 +118,51 @@ def _processed(sources: Iterable[Any], processor: DINOv3ViTImageProcessor, worke
         while window:
             i, s, future = window.popleft()
             yield i, s, future.result()
+    finally:
+        cancel.set()  # downloads stop, waiting reservations give up
+        pool.shutdown()
+
+
+class _DaemonPool:
+    """A few daemon threads running submitted calls: unlike ThreadPoolExecutor's, they never hold up
+    the interpreter's exit (a download that hangs cannot keep Ctrl-C from ending the program)."""
+
+    def __init__(self, workers: int) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"dino3-decode-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> Future:
+        future: Future = Future()
+        self.tasks.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        while True:  # drop what has not started
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self.threads:
+            self.tasks.put(None)
 
 
 class FeatureExtractionPipeline:
@@ -119,11 +189,13 @@ class FeatureExtractionPipeline:
     def __call__(
         self,
         images: Any,
-        pool: bool = False,
+        pool: bool | str = False,
         return_tensors: bool = False,
         batch_size: int | None = None,
         image_processor_kwargs: dict[str, Any] | None = None,
     ):
+        if not isinstance(pool, bool) and pool not in POOLS:
+            raise UsageError(f"pool must be True, False or one of {POOLS}, got {pool!r}")
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
         processor = self.processor
@@ -131,13 +203,16 @@ class FeatureExtractionPipeline:
             processor = DINOv3ViTImageProcessor.from_dict(processor.to_dict(), **image_processor_kwargs)
         results: list[Any] = [None] * len(sources)
         batches = iter_batches(sources, processor, batch_size or self.batch_size, self.workers)
-        with torch.inference_mode():
-            for batch in batches:
-                out = self.model(batch.pixel_values.to(device=self.device, dtype=self.dtype))
+        for batch in batches:
+            if isinstance(pool, str):
+                features, _ = extract(self.model, batch.pixel_values, pool)
+            else:
+                with torch.inference_mode():
+                    out = self.model(batch.pixel_values.to(device=self.device, dtype=self.dtype))
                 features = out.pooler_output if pool else out.last_hidden_state
-                for row, index in enumerate(batch.indices):
-                    item = features[row : row + 1]
-                    results[index] = item if return_tensors else item.tolist()
+            for row, index in enumerate(batch.indices):
+                item = features[row : row + 1]
+                results[index] = item if return_tensors else item.tolist()
         return results[0] if single else results
 
 
@@ -160,25 +235,19 @@ def pipeline(
     workers: threads that decode images ahead of the model (0: decode inline).
     load_kwargs: for dino3.load, e.g. quantize="int8-dynamic", or backend="openvino", precision="bf16".
     """
+    from .api import load
+    from .models.pretrained import resolve_device, resolve_dtype
+
     if task != TASK:
         raise ValueError(f"dino3 provides the {TASK!r} task only, not {task!r}")
     if model is None:
         raise ValueError("pipeline() needs a model: a preset name (see dino3.list_models()), hub id or folder")
-    if isinstance(model, torch.nn.Module):
-        if dtype is not None or device is not None:
-            from .models.pretrained import FP16_MESSAGE, parse_dtype
-
-            if parse_dtype(dtype) == torch.float16:
-                raise ValueError(FP16_MESSAGE)
-            model = model.to(device=device, dtype=parse_dtype(dtype))
-        name = getattr(model, "name_or_path", None)
-    else:
-        from .models import load
-
-        name = model
+    if isinstance(model, (str, os.PathLike)):
         model = load(model, dtype=dtype, device=device, **load_kwargs)
+    elif dtype is not None or device is not None:
+        model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype, allow_auto=False))
     if processor is None:
-        processor = DINOv3ViTImageProcessor.from_pretrained(name) if name is not None else DINOv3ViTImageProcessor()
+        processor = DINOv3ViTImageProcessor.for_model(model)
     return FeatureExtractionPipeline(model, processor, batch_size=batch_size, workers=workers)
 
 

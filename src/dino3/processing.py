@@ -15,9 +15,11 @@ grid size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .images import load_image
-from .presets import IMAGENET_MEAN, IMAGENET_STD, find_preset
+from ._io import atomic_write_text
+from .config import read_json_object
+from .errors import ConfigError, ImageError
+from .images import MemoryBudget, decode, open_image
+from .presets import IMAGENET_MEAN, IMAGENET_STD, Preset, find_preset
+from .weights.hub import HubOptions, download
 
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # PIL's resampling constants, as preprocessor_config.json stores them, and what they run here.
 RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+KEEP_ASPECT = ("shorter", "longer")
 FITS = ("crop", "pad", "resize")
+# The longest side an image may be resized to (16384 px, as the ONNX export's largest size). A guard
+# against inputs such as a 1x50000 strip, which keep_aspect="shorter" would blow up; raise it at will.
+MAX_SIDE = 16384
 
 
 class BatchFeature(dict):
@@ -87,6 +96,7 @@ class DINOv3ViTImageProcessor:
         fit: str = "crop",
         jpeg_draft: bool = False,
         alpha: str = "white",
+        max_side: int = MAX_SIDE,
         **extra: Any,
     ) -> None:
         self.do_resize = do_resize
@@ -106,6 +116,7 @@ class DINOv3ViTImageProcessor:
         self.fit = fit
         self.jpeg_draft = jpeg_draft
         self.alpha = alpha
+        self.max_side = max_side
         self.extra = extra  # other preprocessor_config.json keys, written back unchanged
         self.validate()
 
@@ -123,7 +134,6 @@ class DINOv3ViTImageProcessor:
         "crop_size",
         "do_convert_rgb",
     )
-    _DINO3_FIELDS = ("keep_aspect", "target_size", "patch_size", "fit", "jpeg_draft", "alpha")
     _DINO3_DEFAULTS = {
         "keep_aspect": None,
         "target_size": None,
@@ -131,6 +141,7 @@ class DINOv3ViTImageProcessor:
         "fit": "crop",
         "jpeg_draft": False,
         "alpha": "white",
+        "max_side": MAX_SIDE,
     }
 
     def validate(self) -> None:
@@ -140,23 +151,31 @@ class DINOv3ViTImageProcessor:
             )
         for name in ("image_mean", "image_std"):
             values = getattr(self, name)
-            if len(values) not in (1, 3):
-                raise ConfigError(f"{name} needs 1 or 3 values, got {values}")
+            if len(values) not in (1, 3) or not all(_is_number(v) for v in values):
+                raise ConfigError(f"{name} needs 1 or 3 numbers, got {values}")
         if any(s == 0 for s in self.image_std):
             raise ConfigError("image_std must not contain 0")
         if self.alpha not in ("white", "drop"):
             raise ConfigError(f"alpha must be 'white' or 'drop', got {self.alpha!r}")
+        for name in ("patch_size", "max_side"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.keep_aspect is not None:
-            if self.keep_aspect not in ("shorter", "longer"):
+            if self.keep_aspect not in KEEP_ASPECT:
                 raise ConfigError(f"keep_aspect must be None, 'shorter' or 'longer', got {self.keep_aspect!r}")
-            if not isinstance(self.target_size, int) or self.target_size < self.patch_size:
+            if not _is_positive_int(self.target_size) or not self.patch_size <= self.target_size <= self.max_side:
                 raise ConfigError(
-                    f"keep_aspect={self.keep_aspect!r} needs target_size, an integer >= patch_size "
-                    f"({self.patch_size}); got {self.target_size!r}"
+                    f"keep_aspect={self.keep_aspect!r} needs target_size, an integer from patch_size "
+                    f"({self.patch_size}) to max_side ({self.max_side}); got {self.target_size!r}"
                 )
             if self.fit not in FITS:
                 raise ConfigError(f"fit must be one of {FITS}, got {self.fit!r}")
+        elif self.target_size is not None:
+            raise ConfigError("target_size sets the kept side's length: it needs keep_aspect='shorter' or 'longer'")
         elif self.do_resize:
+            sizes = [v for v in self.size.values() if v is not None] if isinstance(self.size, dict) else [self.size]
+            if not sizes or not all(_is_positive_int(v) and v <= self.max_side for v in sizes):
+                raise ConfigError(f"size must hold positive integers up to max_side ({self.max_side}), got {self.size}")
             _output_size((100, 100), self.size)  # raises on an unusable size dict
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,43 +190,68 @@ class DINOv3ViTImageProcessor:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> DINOv3ViTImageProcessor:
         data = {**data, **overrides}
         data.pop("image_processor_type", None)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"not a usable image processor configuration ({e})") from None
 
     def save_pretrained(self, folder: str | os.PathLike) -> str:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, PROCESSOR_CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        self.save_file(path)
         return path
+
+    def save_file(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> DINOv3ViTImageProcessor:
-        """The processor of a preset name, hub id or local folder; keyword arguments override fields.
+        """The processor of a preset name, hub id, local folder or weights file; keyword arguments
+        override fields (token=, revision=, cache_dir=, local_files_only= reach the hub).
 
-        An official checkpoint (preset name or its hub id) gets its own normalisation: ImageNet
+        A known checkpoint (preset name or its hub id) gets its own normalisation: ImageNet
         statistics for the LVD-1689M models, Meta's SAT-493M statistics for the satellite ones. A
-        folder or another hub repo is read from its preprocessor_config.json.
+        folder (or the folder of a weights file) is read from its preprocessor_config.json, and one
+        without it gets the defaults; another hub repo is read from its preprocessor_config.json.
         """
-        hub_keys = ("token", "revision", "cache_dir", "local_files_only")
-        hub = {k: overrides.pop(k) for k in hub_keys if k in overrides}
-        preset = find_preset(str(name_or_path)) if not Path(os.fspath(name_or_path)).exists() else None
+        hub = HubOptions.pop_from(overrides)
+        path = Path(os.fspath(name_or_path)).expanduser()
+        preset = find_preset(str(name_or_path)) if not path.exists() else None
         if preset is not None:
-            return cls(**{"image_mean": preset.image_mean, "image_std": preset.image_std, **overrides})
-        folder = Path(os.fspath(name_or_path)).expanduser()
-        if folder.is_dir():
-            path = folder / PROCESSOR_CONFIG_NAME
-            if not path.is_file():
-                return cls(**overrides)  # a checkpoint folder saved without a processor: the defaults
+            return cls.for_preset(preset, **overrides)
+        if path.exists():
+            folder = path if path.is_dir() else path.parent
+            config_file = folder / PROCESSOR_CONFIG_NAME
+            if not config_file.is_file():
+                return cls(**overrides)  # a checkpoint saved without a processor: the defaults
         else:
-            from .weights.hub import download
+            config_file = Path(download(str(name_or_path), PROCESSOR_CONFIG_NAME, hub))
+        return cls.from_dict(read_json_object(config_file), **overrides)
 
-            path = Path(download(str(name_or_path), PROCESSOR_CONFIG_NAME, **hub))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(data, **overrides)
+    @classmethod
+    def for_preset(cls, preset: Preset, **overrides: Any) -> DINOv3ViTImageProcessor:
+        size = {"height": preset.image_size, "width": preset.image_size}
+        return cls(**{"image_mean": preset.image_mean, "image_std": preset.image_std, "size": size, **overrides})
+
+    @classmethod
+    def for_model(cls, model: Any, **overrides: Any) -> DINOv3ViTImageProcessor:
+        """The processor that goes with a loaded model (a dino3 model or runtime); see for_checkpoint."""
+        preset, source = getattr(model, "preset", None), getattr(model, "name_or_path", None)
+        return cls.for_checkpoint(model.config, preset, source, **overrides)
+
+    @classmethod
+    def for_checkpoint(cls, config: Any, preset: Preset | None = None, source: str | None = None, **overrides: Any):
+        """The processor of a checkpoint: its preset's, else its folder's preprocessor_config.json,
+        else the defaults; in the aspect-preserving mode, sides become multiples of the model's
+        stride (the ViT's patch, the ConvNeXt's 32)."""
+        overrides.setdefault("patch_size", config.stride[0])
+        if preset is not None:
+            return cls.for_preset(preset, **overrides)
+        if source is not None and Path(source).expanduser().exists():
+            return cls.from_pretrained(source, **overrides)
+        return cls(**overrides)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "image_processor_type")
@@ -241,10 +285,32 @@ class DINOv3ViTImageProcessor:
 
     preprocess = __call__
 
-    def pixels(self, image: Any) -> torch.Tensor:
-        """One image-like input -> its (3, H, W) float32 pixel values."""
-        decoded = load_image(image, alpha=self.alpha, draft_size=self._draft_size())
-        return self._process_batch(decoded[None])[0]
+    def pixels(
+        self, image: Any, memory: MemoryBudget | None = None, cancel: threading.Event | None = None
+    ) -> torch.Tensor:
+        """One image-like input -> its (3, H, W) float32 pixel values.
+
+        memory: a budget of pixels being decoded at once, shared with other threads (see
+        dino3.images.MemoryBudget); cancel: an event that stops a download. Anything that goes wrong
+        is an ImageError that names the input.
+        """
+        opened = open_image(image, draft_size=self._draft_size(), cancel=cancel)
+        width, height = opened.size
+        if self.keep_aspect is not None:
+            h, w = self.aspect_size(height, width)
+            if max(h, w) > self.max_side:
+                raise ImageError(
+                    f"{opened.name}: {width}x{height} px would be resized to {w}x{h} "
+                    f"(keep_aspect={self.keep_aspect!r}), over max_side={self.max_side}; "
+                    "use keep_aspect='longer' or raise max_side"
+                )
+        reserve = memory.reserve(width * height, cancel) if memory is not None else contextlib.nullcontext()
+        with reserve:
+            decoded = decode(opened, alpha=self.alpha)
+            try:
+                return self._process_batch(decoded[None])[0]
+            except (RuntimeError, MemoryError) as e:  # an allocation that failed
+                raise ImageError(f"{opened.name}: cannot be processed ({type(e).__name__}: {str(e)[:200]})") from None
 
     def _process_batch(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float images of one size -> (B, 3, H', W') float32 pixel values."""
@@ -345,6 +411,14 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - m) / s
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

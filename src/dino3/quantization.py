@@ -21,19 +21,21 @@ import contextlib
 import torch
 from torch import nn
 
-from .errors import Dino3Error
+from .errors import QuantizationError
 
 MODES = ("int8-dynamic", "int8-weight", "int4-weight")
 
 
-class QuantizationError(Dino3Error, ValueError):
-    """A quantization mode that cannot run here; the message says why and what to use instead."""
+def check_mode(mode: str) -> str:
+    """The mode, if dino3 knows it; else a QuantizationError that lists the modes."""
+    if mode not in MODES:
+        raise QuantizationError(f"unknown quantization mode {mode!r}; choose one of {MODES}")
+    return mode
 
 
 def quantize(model: nn.Module, mode: str) -> nn.Module:
     """Quantize the model's Linear layers in place (see the module docstring); returns the model."""
-    if mode not in MODES:
-        raise QuantizationError(f"unknown quantization mode {mode!r}; choose one of {MODES}")
+    check_mode(mode)
     if getattr(model, "quantization", None):
         raise QuantizationError(f"the model is already quantized ({model.quantization})")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype

@@ -64,11 +64,11 @@ class DINOv3Backbone(nn.Module):
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> DINOv3Backbone:
         """Load a model (any checkpoint `dino3.load` takes) and view it as a backbone. The backbone
         options come from the keyword arguments, else from the checkpoint's config.json."""
-        from . import load
+        from .pretrained import load_pretrained
 
         names = ("out_indices", "out_features", "apply_layernorm", "reshape_hidden_states", "return_class_token")
         options = {k: kwargs.pop(k) for k in names if k in kwargs}
-        model = load(name_or_path, **kwargs)
+        model = load_pretrained(name_or_path, **kwargs)
         extra = model.config.extra
         if "out_indices" not in options and "out_features" not in options and "out_indices" in extra:
             options["out_indices"] = extra["out_indices"]  # config.json carries both, aligned

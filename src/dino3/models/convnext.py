@@ -126,7 +126,7 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
         pixel_values: (B, C, H, W), normalised images; cast to the model's dtype.
         output_hidden_states: also return (pixel_values, stage 1 .. stage 4 outputs), un-normed, NCHW.
         """
-        x = _check_pixels(pixel_values, self.config.num_channels, self.norm.weight.dtype)
+        x = _check_pixels(pixel_values, self.config.num_channels, self.norm.weight.dtype, self.config.stride[0])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         chunk = self._chunk_size(x)
@@ -155,13 +155,21 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
     @property
     def num_stages(self) -> int:
         """Hidden states there are to choose from: the input pixels (0), then each stage's (1..4)."""
-        return self.config.num_stages + 1
+        return self.config.num_hidden_states
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of the last stage's map for an input of height x width pixels."""
+        return self.config.grid_size(height, width)
 
     def hidden_states_at(self, pixel_values: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """Un-normed (B, C, h, w) maps at the given indices (0 = the pixels, i = stage i's output;
         negative ones count from the end), running only the stages needed to reach them."""
         indices = resolve_indices(indices, self.num_stages)
-        x = _check_pixels(pixel_values, self.config.num_channels, self.norm.weight.dtype)
+        x = _check_pixels(pixel_values, self.config.num_channels, self.norm.weight.dtype, self.config.stride[0])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         states = {0: x}
@@ -203,14 +211,14 @@ class DINOv3ConvNextModel(PretrainedMixin, nn.Module):
         return cpu_chunk_size(x, self.cpu_chunk_bytes, per_image)
 
 
-def _check_pixels(pixel_values: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+def _check_pixels(pixel_values: torch.Tensor, channels: int, dtype: torch.dtype, stride: int) -> torch.Tensor:
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(f"pixel_values must be a tensor of shape (B, {channels}, H, W), got {shape}")
-    if min(pixel_values.shape[-2:]) < 32:
+    if min(pixel_values.shape[-2:]) < stride:
         raise ValueError(
             f"the image ({pixel_values.shape[-2]}x{pixel_values.shape[-1]}) is too small: the ConvNeXt "
-            "downsamples by 32, so each side needs at least 32 pixels"
+            f"downsamples by {stride}, so each side needs at least {stride} pixels"
         )
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values has dtype {pixel_values.dtype}; the model takes normalised float pixels")

@@ -33,8 +33,8 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # oneDNN's matmul with the bias and activation fused as post-ops computes the same thing (the same
 # products and sums, in another accumulation order: float rounding apart, the numbers are equal) and
 # measures about 2x faster in fp32 on this project's AMD EPYC CPUs (benchmarks/RESULTS.md). It has no
-# autograd formula, so it is only used when no gradient is needed; set DINO3_ONEDNN=0 to turn it off
-# (and the oneDNN matmuls of the CPU attention, see cpu_attention.py).
+# autograd formula, so it is only used when no gradient is needed; set DINO3_ONEDNN=0 to turn it off.
+# It is chosen per call: no process-wide setting is read or changed.
 ONEDNN_LINEAR = os.environ.get("DINO3_ONEDNN", "1") != "0"
 _ONEDNN_POST_OPS = {
     None: ("none", ""),
@@ -133,11 +133,22 @@ def resolve_indices(indices: int | Sequence[int], count: int) -> list[int]:
 
 
 def last_or_chosen(n: int | Sequence[int], count: int, what: str) -> list[int]:
-    """Meta's `n` of get_intermediate_layers: the last n of `count` items, or the 0-based indices n lists."""
-    chosen = list(range(count - n, count)) if isinstance(n, int) else [i % count for i in n]
-    if not chosen or any(not 0 <= i < count for i in chosen):
-        raise ValueError(f"n must be 1..{count} or {what} indices in [0, {count}), got {n!r}")
-    return chosen
+    """Meta's `n` of get_intermediate_layers: the last n of `count` items, or the 0-based indices n
+    lists (negative ones count from the end, as in Python). Anything out of range is an error."""
+    if (
+        isinstance(n, bool)
+        or not isinstance(n, int)
+        and not all(isinstance(i, int) and not isinstance(i, bool) for i in n)
+    ):
+        raise ValueError(f"n must be a count or a list of {what} indices, got {n!r}")
+    if isinstance(n, int):
+        if not 1 <= n <= count:
+            raise ValueError(f"n must be 1..{count} (the last n {what}s), got {n}")
+        return list(range(count - n, count))
+    chosen = list(n)
+    if not chosen or any(not -count <= i < count for i in chosen):
+        raise ValueError(f"{what} indices must lie in [-{count}, {count}) (there are {count} {what}s), got {chosen}")
+    return [i % count for i in chosen]
 
 
 def cpu_chunk_size(x: torch.Tensor, budget: int | None, bytes_per_image: int) -> int:

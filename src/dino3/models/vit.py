@@ -13,10 +13,7 @@ layouts to this one.
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +21,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DINOv3ViTConfig
-from .cpu_attention import cpu_attention, cpu_attention_ok
 from .layers import (
     ACTIVATION_FUNCTIONS,
     DropPath,
@@ -39,134 +35,16 @@ from .layers import (
 )
 from .outputs import DINOv3Output
 from .pretrained import PretrainedMixin
+from .rope import RopeTables, apply_rope
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash")
 
 
-class RopeTables(nn.Module):
-    """cos / sin tables of the 2D RoPE for a grid of h x w patches, computed in fp32.
-
-    Each table is (h*w, head_dim), laid out [Y | X | Y | X] over the head dimension (a quarter of the
-    dims per axis, the rotation pairing dim i with dim i + head_dim/2; see `apply_rope`).
-    Tables are cached per (h, w, dtype, device); in training mode with coordinate augmentation they
-    are drawn afresh on every call, as the reference does.
-    """
-
-    CACHE_SIZE = 32
-
-    def __init__(self, config: DINOv3ViTConfig) -> None:
-        super().__init__()
-        self.head_dim = config.head_dim
-        self.theta = float(config.rope_theta)
-        self.shift = config.pos_embed_shift
-        self.jitter = config.pos_embed_jitter
-        self.rescale = config.pos_embed_rescale
-        # Meta's code divides by a `periods` buffer that its checkpoints store rounded to bf16; the
-        # reference (and dino3 by default) computes the frequencies in fp32. Setting `periods` (for
-        # example with dino3.load(meta_file, rope_periods="checkpoint")) follows Meta exactly.
-        self.periods: torch.Tensor | None = None
-        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    @property
-    def augments(self) -> bool:
-        return self.training and any(v is not None for v in (self.shift, self.jitter, self.rescale))
-
-    def inv_freq(self) -> torch.Tensor:
-        # (head_dim/4,), fp32, on the CPU like the reference's buffer, so that every device agrees.
-        return 1 / self.theta ** torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32)
-
-    @staticmethod
-    def patch_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
-        """(h*w, 2) patch-centre (y, x) coordinates in (-1, 1), each axis normalised separately."""
-        ys = torch.arange(0.5, h, dtype=torch.float32, device=device) / h
-        xs = torch.arange(0.5, w, dtype=torch.float32, device=device) / w
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
-        return 2.0 * coords - 1.0
-
-    def augment(self, coords: torch.Tensor) -> torch.Tensor:
-        """Training-time shift, jitter and rescale of the coordinates (same draws as the reference)."""
-        if self.shift is not None:
-            coords = coords + torch.empty((1, 2), device=coords.device).uniform_(-self.shift, self.shift)
-        if self.jitter is not None:
-            log_j = math.log(self.jitter)
-            coords = coords * torch.empty((1, 2), device=coords.device).uniform_(-log_j, log_j).exp()
-        if self.rescale is not None:
-            log_r = math.log(self.rescale)
-            coords = coords * torch.empty(1, device=coords.device).uniform_(-log_r, log_r).exp()
-        return coords
-
-    def compute(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        coords = self.patch_centres(h, w, device)
-        if self.augments:
-            coords = self.augment(coords)
-        if self.periods is not None:  # Meta's formula, with the checkpoint's periods
-            angles = 2 * math.pi * coords[:, :, None] / self.periods.float().to(device)[None, None, :]
-        else:
-            inv_freq = self.inv_freq().to(device)
-            angles = 2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]  # (N, 2, Dh/4)
-        angles = angles.flatten(1, 2)  # (N, Dh/2) = [Y | X]
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (N, Dh) each
-
-    def use_periods(self, periods: torch.Tensor | None) -> None:
-        """Compute angles as Meta does, dividing by these periods (None: the reference's fp32 formula)."""
-        if periods is not None and tuple(periods.shape) != (self.head_dim // 4,):
-            raise ValueError(f"periods must have shape ({self.head_dim // 4},), got {tuple(periods.shape)}")
-        self.periods = None if periods is None else periods.detach().float().cpu()
-        self._cache.clear()
-
-    def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Fresh tables in training with augmentation, and when exporting or compiling (so that they
-        # are computed in the graph, from the input's symbolic size).
-        if self.augments or torch.compiler.is_compiling():
-            cos, sin = self.compute(h, w, device)
-            return cos.to(dtype), sin.to(dtype)
-        key = (h, w, dtype, torch.device(device))
-        tables = self._cache.get(key)
-        if tables is None:
-            # Plain tensors even under inference_mode, so that a later forward with autograd can use them.
-            with torch.inference_mode(False), torch.no_grad():
-                cos, sin = self.compute(h, w, device)
-                tables = (cos.to(dtype), sin.to(dtype))
-            self._cache[key] = tables
-            if len(self._cache) > self.CACHE_SIZE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return tables
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Rotate the patch tokens of x (B, heads, T, Dh); the first `num_prefix` tokens stay as they are.
-
-    x * cos + rotate_half(x) * sin with rotate_half([a | b]) = [-b | a], written as the reference
-    writes it (two slices, a negation, a concatenation): OpenVINO recognises this form in an export
-    and fuses it into one RoPE operation (ViT-S/16 int8 8% faster than with a split), and PyTorch
-    runs it no slower than other forms.
-    """
-    prefix, patches = x.split((num_prefix, x.shape[-2] - num_prefix), dim=-2)
-    half = patches.shape[-1] // 2
-    rotated = torch.cat((-patches[..., half:], patches[..., :half]), dim=-1)
-    return torch.cat((prefix, patches * cos + rotated * sin), dim=-2)
-
-
-def rope_into(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_prefix: int) -> None:
-    """Write apply_rope(x, cos, sin, num_prefix) into `out` (same shape, any float dtype).
-
-    The same numbers (computed in x's dtype, then cast), with the rotation done half by half:
-    [a | b] * cos + [-b | a] * sin = [a*cos - b*sin | b*cos + a*sin]. The CPU attention writes
-    q and k rotated straight into its fp32 buffers this way, without the concatenations' copies.
-    """
-    half = x.shape[-1] // 2
-    out[..., :num_prefix, :].copy_(x[..., :num_prefix, :])
-    a, b = x[..., num_prefix:, :half], x[..., num_prefix:, half:]  # (..., N, Dh/2)
-    rotated = out[..., num_prefix:, :]
-    torch.sub(a * cos[:, :half], b * sin[:, :half], out=rotated[..., :half])
-    torch.add(b * cos[:, half:], a * sin[:, half:], out=rotated[..., half:])
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection and RoPE on the patch tokens."""
+    """Multi-head self-attention with one fused qkv projection and RoPE on the patch tokens.
+
+    It keeps no state between calls: threads may run one model at once.
+    """
 
     def __init__(self, config: DINOv3ViTConfig) -> None:
         super().__init__()
@@ -181,7 +59,6 @@ class Attention(nn.Module):
         self.k_bias = nn.Parameter(torch.empty(dim)) if config.key_bias else None
         self.v_bias = nn.Parameter(torch.empty(dim)) if config.value_bias else None
         self.proj = nn.Linear(dim, dim, bias=config.proj_bias)
-        self.split: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # see split_qkv
 
     def qkv_bias(self) -> torch.Tensor | None:
         biases = (self.q_bias, self.k_bias, self.v_bias)
@@ -190,16 +67,19 @@ class Attention(nn.Module):
             return None
         return torch.cat([b if b is not None else torch.zeros_like(present[0]) for b in biases])
 
-    def split_qkv(self, split: bool) -> None:
-        """Compute q, k and v with three projections (views of the fused weight) instead of one, or
-        go back to the fused one. For export: ONNX Runtime, and OpenVINO after NNCF quantization, run
-        three MatMuls faster than one and a split."""
-        if not split:
-            self.split = None
-            return
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of (B, T, D) tokens, each (B, heads, T, Dh)."""
+        B, T, _ = x.shape
         bias = self.qkv_bias()
-        biases = bias.chunk(3) if bias is not None else (None, None, None)
-        self.split = list(zip(self.qkv.weight.chunk(3), biases))
+        if torch.onnx.is_in_onnx_export():  # (quantized models are not exported)
+            # Three projections (views of the fused weight) in an ONNX export: ONNX Runtime, and
+            # OpenVINO after NNCF quantization, run three MatMuls 3-5% faster than one and a split.
+            biases = bias.chunk(3) if bias is not None else (None, None, None)
+            heads = [F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), biases)]
+            return tuple(h.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for h in heads)
+        qkv = apply_linear(self.qkv, x, bias=bias)  # (B, T, 3D)
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, Dh)
+        return q, k, v
 
     def forward(
         self,
@@ -211,18 +91,10 @@ class Attention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
-        if self.split is None:
-            qkv = apply_linear(self.qkv, x, bias=self.qkv_bias())  # (B, T, 3D)
-            q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, Dh)
-        else:
-            heads = (F.linear(x, w, b).view(B, T, self.num_heads, self.head_dim) for w, b in self.split)
-            q, k, v = (h.transpose(1, 2) for h in heads)  # (B, nh, T, Dh)
-        dropout = self.dropout if self.training else 0.0
-        if implementation == "sdpa" and not need_weights and cpu_attention_ok(q, dropout):
-            rotate = partial(rope_into, cos=cos, sin=sin, num_prefix=num_prefix)
-            return apply_linear(self.proj, cpu_attention(q, k, v, self.scale, rotate)), None
+        q, k, v = self.project_qkv(x)
         q = apply_rope(q, cos, sin, num_prefix)
         k = apply_rope(k, cos, sin, num_prefix)
+        dropout = self.dropout if self.training else 0.0
 
         weights = None
         if need_weights or implementation == "eager":
@@ -349,7 +221,7 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 + self.config.num_register_tokens
+        return self.config.num_prefix_tokens
 
     def reset_parameters(self) -> None:
         """Random initialisation as Transformers does it (truncated normal, zero biases, layer scale)."""
@@ -384,8 +256,7 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch rows and columns for an input of height x width pixels."""
-        ph, pw = self.config.patch_hw
-        return height // ph, width // pw
+        return self.config.grid_size(height, width)
 
     def embed(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) pixels -> (B, 1 + R + h*w, D) tokens, before the first block."""
@@ -471,7 +342,7 @@ class DINOv3ViTModel(PretrainedMixin, nn.Module):
     @property
     def num_stages(self) -> int:
         """Hidden states there are to choose from: the embedding output (0), then each block's (1..L)."""
-        return self.config.num_hidden_layers + 1
+        return self.config.num_hidden_states
 
     def hidden_states_at(self, pixel_values: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
         """Un-normed hidden states (B, T, D) at the given indices (0 = embedding output, i = block i's

@@ -1,15 +1,26 @@
 """Checkpoint layouts: the one place that knows how other projects name and shape the weights.
 
-dino3's modules use their own layout (fused qkv, fused SwiGLU gate+up). Each foreign layout has one
-function per direction that converts a whole state dict; nothing else in dino3 knows foreign names.
-Loading is strict: `check_state_dict` compares a file's keys and shapes with what the config needs
-and reports every missing, unexpected and mis-shaped tensor before anything is converted.
+dino3's modules use their own layout (fused qkv, fused SwiGLU gate+up). Each architecture has one
+table that gives, for every dino3 tensor, how each foreign layout stores it; the same table converts
+in both directions and says which tensors and shapes a file in that layout must hold. A cell is:
+
+- a name: the same tensor under that name;
+- `Joined(a, b, ...)`: the dino3 tensor is those tensors one after the other (Transformers' q, k, v);
+- `PartOf(name, j, n)`: the dino3 tensor is part j of n of that tensor (Meta's q and v biases in one
+  qkv bias, whose key part is ignored on reading and written as zeros);
+- `Reshaped(name, shape)`: the same values in another shape (Meta's (1, D) mask token);
+- `NonEmpty(name)`: stored only when it has elements (Meta's and timm's register tokens);
+- `ABSENT`: not stored (timm's mask token, a training-only input): zeros on reading, dropped on writing.
+
+Layouts may also hold tensors dino3 has no use for (`Extra`): Meta's key-bias mask, RoPE periods and
+unused norms. They are checked or ignored on reading, and made on writing where the layout needs them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,235 +29,173 @@ from ..config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
 from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
-Converter = Callable[[Mapping[str, torch.Tensor], _Config], StateDict]
+Shape = tuple[int, ...]
+
+LAYOUTS = ("hf", "meta", "timm")
+LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original)", "timm": "timm"}
 
 # Current Transformers keeps the blocks in a child module called "model" (model.layer.N / model.stages.N)
 # and renames the hub's unprefixed keys on load. Both spellings are accepted.
 _HF_ENCODER_PREFIX = re.compile(r"^model\.(?=layer\.|stages\.)")
 
 
-# -- Hugging Face Transformers: ViT ---------------------------------------------------------------
-def vit_from_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """Transformers' DINOv3ViTModel layout -> dino3's. Expects a checked, complete state dict."""
-    sd = state_dict
-    out: StateDict = {
-        "cls_token": sd["embeddings.cls_token"],
-        "mask_token": sd["embeddings.mask_token"],
-        "register_tokens": sd["embeddings.register_tokens"],
-        "patch_embed.weight": sd["embeddings.patch_embeddings.weight"],
-        "patch_embed.bias": sd["embeddings.patch_embeddings.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-    }
-    for i in range(config.num_hidden_layers):
-        hf, d3 = f"layer.{i}.", f"blocks.{i}."
-        att = hf + "attention."
-        out[d3 + "attn.qkv.weight"] = torch.cat([sd[att + f"{n}_proj.weight"] for n in "qkv"])
-        for n, present in zip("qkv", (config.query_bias, config.key_bias, config.value_bias)):
-            if present:
-                out[d3 + f"attn.{n}_bias"] = sd[att + f"{n}_proj.bias"]
-        _copy_linear(sd, att + "o_proj", out, d3 + "attn.proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[d3 + n + ".weight"] = sd[hf + n + ".weight"]
-            out[d3 + n + ".bias"] = sd[hf + n + ".bias"]
-        out[d3 + "ls1"] = sd[hf + "layer_scale1.lambda1"]
-        out[d3 + "ls2"] = sd[hf + "layer_scale2.lambda1"]
-        mlp = hf + "mlp."
-        if config.use_gated_mlp:
-            out[d3 + "mlp.fc1.weight"] = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
-            if config.mlp_bias:
-                out[d3 + "mlp.fc1.bias"] = torch.cat([sd[mlp + "gate_proj.bias"], sd[mlp + "up_proj.bias"]])
-        else:
-            _copy_linear(sd, mlp + "up_proj", out, d3 + "mlp.fc1", config.mlp_bias)
-        _copy_linear(sd, mlp + "down_proj", out, d3 + "mlp.fc2", config.mlp_bias)
-    return out
+# -- cells ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Joined:
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str) -> None:
+        object.__setattr__(self, "names", names)
 
 
-def vit_to_hf(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """dino3's ViT layout -> Transformers' (the hub's unprefixed keys)."""
-    sd = state_dict
-    out: StateDict = {
-        "embeddings.cls_token": sd["cls_token"],
-        "embeddings.mask_token": sd["mask_token"],
-        "embeddings.register_tokens": sd["register_tokens"],
-        "embeddings.patch_embeddings.weight": sd["patch_embed.weight"],
-        "embeddings.patch_embeddings.bias": sd["patch_embed.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-    }
-    for i in range(config.num_hidden_layers):
-        hf, d3 = f"layer.{i}.", f"blocks.{i}."
-        att = hf + "attention."
-        for n, weight in zip("qkv", sd[d3 + "attn.qkv.weight"].chunk(3)):
-            out[att + f"{n}_proj.weight"] = weight.clone()
-        for n, present in zip("qkv", (config.query_bias, config.key_bias, config.value_bias)):
-            if present:
-                out[att + f"{n}_proj.bias"] = sd[d3 + f"attn.{n}_bias"]
-        _copy_linear(sd, d3 + "attn.proj", out, att + "o_proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[hf + n + ".weight"] = sd[d3 + n + ".weight"]
-            out[hf + n + ".bias"] = sd[d3 + n + ".bias"]
-        out[hf + "layer_scale1.lambda1"] = sd[d3 + "ls1"]
-        out[hf + "layer_scale2.lambda1"] = sd[d3 + "ls2"]
-        mlp = hf + "mlp."
-        if config.use_gated_mlp:
-            gate, up = sd[d3 + "mlp.fc1.weight"].chunk(2)
-            out[mlp + "gate_proj.weight"], out[mlp + "up_proj.weight"] = gate.clone(), up.clone()
-            if config.mlp_bias:
-                gate, up = sd[d3 + "mlp.fc1.bias"].chunk(2)
-                out[mlp + "gate_proj.bias"], out[mlp + "up_proj.bias"] = gate.clone(), up.clone()
-        else:
-            _copy_linear(sd, d3 + "mlp.fc1", out, mlp + "up_proj", config.mlp_bias)
-        _copy_linear(sd, d3 + "mlp.fc2", out, mlp + "down_proj", config.mlp_bias)
-    return out
+@dataclass(frozen=True)
+class PartOf:
+    name: str
+    index: int
+    count: int
 
 
-# -- ConvNeXt: all three layouts are renamings -----------------------------------------------------
-# Inside a block: dino3 name -> (Transformers, Meta, timm) name.
-_CONVNEXT_BLOCK = {
-    "dwconv": ("depthwise_conv", "dwconv", "conv_dw"),
-    "norm": ("layer_norm", "norm", "norm"),
-    "fc1": ("pointwise_conv1", "pwconv1", "mlp.fc1"),
-    "fc2": ("pointwise_conv2", "pwconv2", "mlp.fc2"),
-}
-_LAYOUT_COLUMN = {"hf": 0, "meta": 1, "timm": 2}
+@dataclass(frozen=True)
+class Reshaped:
+    name: str
+    shape: Callable[[Shape], Shape]  # dino3's shape -> this layout's
 
 
-def _convnext_names(config: DINOv3ConvNextConfig, layout: str) -> list[tuple[str, str]]:
-    """(dino3 key, key in `layout`) for every tensor of a ConvNeXt."""
-    column = _LAYOUT_COLUMN[layout]
-    names = []
-    for s, depth in enumerate(config.depths):
-        for j in range(2):  # the downsampling: stage 0 conv + norm (the stem), later stages norm + conv
-            theirs = {
-                "hf": f"stages.{s}.downsample_layers.{j}",
-                "meta": f"downsample_layers.{s}.{j}",
-                "timm": f"stem.{j}" if s == 0 else f"stages.{s}.downsample.{j}",
-            }[layout]
-            names += [(f"stages.{s}.downsample.{j}.{leaf}", f"{theirs}.{leaf}") for leaf in ("weight", "bias")]
-        for b in range(depth):
-            ours = f"stages.{s}.blocks.{b}."
-            theirs = {"hf": f"stages.{s}.layers.{b}.", "meta": f"stages.{s}.{b}.", "timm": f"stages.{s}.blocks.{b}."}[
-                layout
-            ]
-            for mine, other in _CONVNEXT_BLOCK.items():
-                names += [(f"{ours}{mine}.{leaf}", f"{theirs}{other[column]}.{leaf}") for leaf in ("weight", "bias")]
-            names.append((ours + "gamma", theirs + "gamma"))
-    final = {"hf": "layer_norm", "meta": "norm", "timm": "head.norm"}[layout]
-    names += [("norm.weight", f"{final}.weight"), ("norm.bias", f"{final}.bias")]
-    return names
+@dataclass(frozen=True)
+class NonEmpty:
+    name: str
 
 
-def convnext_from(layout: str) -> Converter:
-    """ConvNeXt: `layout` -> dino3's, a renaming (Meta's `norms.3`, its second name for the final
-    norm, is left out)."""
-
-    def convert(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-        return {ours: state_dict[theirs] for ours, theirs in _convnext_names(config, layout)}
-
-    return convert
+ABSENT = None
+Cell = Any  # str | Joined | PartOf | Reshaped | NonEmpty | None
 
 
-def convnext_to(layout: str) -> Converter:
-    """ConvNeXt: dino3's -> `layout` (with Meta's `norms.3` beside `norm`, as its state dicts have)."""
-
-    def convert(state_dict: Mapping[str, torch.Tensor], config: DINOv3ConvNextConfig) -> StateDict:
-        out = {theirs: state_dict[ours] for ours, theirs in _convnext_names(config, layout)}
-        if layout == "meta":
-            out["norms.3.weight"], out["norms.3.bias"] = out["norm.weight"], out["norm.bias"]
-        return out
-
-    return convert
+@dataclass(frozen=True)
+class Row:
+    ours: str
+    cells: dict[str, Cell]  # layout -> cell; a layout missing here cannot store this tensor
 
 
-# -- Meta's original layout: ViT ------------------------------------------------------------------
-def vit_from_meta(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """Meta's DinoVisionTransformer layout -> dino3's.
+@dataclass(frozen=True)
+class Extra:
+    """A tensor a layout holds that dino3 does not: `make` builds it when writing (None: never
+    written); `check` validates it when reading (it is then dropped, or kept as an extra)."""
 
-    The qkv bias is stored whole with a `bias_mask` that zeroes its key part: the key part is
-    dropped whatever it holds, and a mask that is not ones / zeros / ones is refused. The RoPE
-    `periods` buffer and `local_cls_norm` (unused at inference) are not needed.
-    """
-    sd = state_dict
-    D = config.hidden_size
-    cls = sd["cls_token"]
-    out: StateDict = {
-        "cls_token": cls,
-        "mask_token": sd["mask_token"].reshape(1, 1, D),
-        "register_tokens": sd["storage_tokens"] if config.num_register_tokens else cls.new_zeros(1, 0, D),
-        "patch_embed.weight": sd["patch_embed.proj.weight"],
-        "patch_embed.bias": sd["patch_embed.proj.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-    }
-    for i in range(config.num_hidden_layers):
-        m, d3 = f"blocks.{i}.", f"blocks.{i}."
-        out[d3 + "attn.qkv.weight"] = sd[m + "attn.qkv.weight"]
-        if config.query_bias:
-            _check_bias_mask(sd[m + "attn.qkv.bias_mask"], D, m + "attn.qkv.bias_mask")
-            q, _, v = sd[m + "attn.qkv.bias"].chunk(3)
-            out[d3 + "attn.q_bias"], out[d3 + "attn.v_bias"] = q, v
-        _copy_linear(sd, m + "attn.proj", out, d3 + "attn.proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[d3 + n + ".weight"], out[d3 + n + ".bias"] = sd[m + n + ".weight"], sd[m + n + ".bias"]
-        out[d3 + "ls1"], out[d3 + "ls2"] = sd[m + "ls1.gamma"], sd[m + "ls2.gamma"]
-        if config.use_gated_mlp:  # w1 = gate, w2 = up, w3 = down
-            out[d3 + "mlp.fc1.weight"] = torch.cat([sd[m + "mlp.w1.weight"], sd[m + "mlp.w2.weight"]])
-            if config.mlp_bias:
-                out[d3 + "mlp.fc1.bias"] = torch.cat([sd[m + "mlp.w1.bias"], sd[m + "mlp.w2.bias"]])
-            _copy_linear(sd, m + "mlp.w3", out, d3 + "mlp.fc2", config.mlp_bias)
-        else:
-            _copy_linear(sd, m + "mlp.fc1", out, d3 + "mlp.fc1", config.mlp_bias)
-            _copy_linear(sd, m + "mlp.fc2", out, d3 + "mlp.fc2", config.mlp_bias)
-    return out
+    name: str
+    make: Callable[[StateDict, _Config], torch.Tensor] | None = None
+    check: Callable[[torch.Tensor, str], None] | None = None
+    shape: Callable[[dict[str, Shape]], Shape] | None = None  # set for the ones a file must hold
 
 
-def vit_to_meta(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """dino3's ViT layout -> Meta's, with the `bias_mask` and RoPE `periods` buffers Meta's code loads."""
-    _require_meta_biases(config)
-    sd = state_dict
-    D, head_dim = config.hidden_size, config.head_dim
-    cls = sd["cls_token"]
-    out: StateDict = {
-        "cls_token": cls,
-        "mask_token": sd["mask_token"].reshape(1, D),
-        "patch_embed.proj.weight": sd["patch_embed.weight"],
-        "patch_embed.proj.bias": sd["patch_embed.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-        # Meta's RoPE: angles = coordinate / period, periods = base ** (2 j / (head_dim / 2))
-        "rope_embed.periods": config.rope_theta
-        ** (2 * torch.arange(head_dim // 4, dtype=torch.float32, device=cls.device) / (head_dim // 2)),
-    }
-    if config.num_register_tokens:
-        out["storage_tokens"] = sd["register_tokens"]
-    for i in range(config.num_hidden_layers):
-        m, d3 = f"blocks.{i}.", f"blocks.{i}."
-        out[m + "attn.qkv.weight"] = sd[d3 + "attn.qkv.weight"]
-        if config.query_bias:
-            q, v = sd[d3 + "attn.q_bias"], sd[d3 + "attn.v_bias"]
-            out[m + "attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
-            ones = torch.ones_like(q)
-            out[m + "attn.qkv.bias_mask"] = torch.cat([ones, torch.zeros_like(q), ones])
-        _copy_linear(sd, d3 + "attn.proj", out, m + "attn.proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[m + n + ".weight"], out[m + n + ".bias"] = sd[d3 + n + ".weight"], sd[d3 + n + ".bias"]
-        out[m + "ls1.gamma"], out[m + "ls2.gamma"] = sd[d3 + "ls1"], sd[d3 + "ls2"]
-        if config.use_gated_mlp:
-            gate, up = sd[d3 + "mlp.fc1.weight"].chunk(2)
-            out[m + "mlp.w1.weight"], out[m + "mlp.w2.weight"] = gate.clone(), up.clone()
-            if config.mlp_bias:
-                gate, up = sd[d3 + "mlp.fc1.bias"].chunk(2)
-                out[m + "mlp.w1.bias"], out[m + "mlp.w2.bias"] = gate.clone(), up.clone()
-            _copy_linear(sd, d3 + "mlp.fc2", out, m + "mlp.w3", config.mlp_bias)
-        else:
-            _copy_linear(sd, d3 + "mlp.fc1", out, m + "mlp.fc1", config.mlp_bias)
-            _copy_linear(sd, d3 + "mlp.fc2", out, m + "mlp.fc2", config.mlp_bias)
-    return out
+# -- the ViT table -----------------------------------------------------------------------------------------
+def _drop_middle_dim(shape: Shape) -> Shape:
+    return (shape[0], shape[-1])
 
 
-def _check_bias_mask(mask: torch.Tensor, dim: int, name: str) -> None:
-    expected = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+def _same(name: str) -> dict[str, str]:
+    return {"meta": name, "timm": name}
+
+
+_VIT_ROWS = [
+    # ours                          Hugging Face                                 Meta / timm
+    ("cls_token", {"hf": "embeddings.cls_token", **_same("cls_token")}),
+    (
+        "mask_token",
+        {"hf": "embeddings.mask_token", "meta": Reshaped("mask_token", _drop_middle_dim), "timm": ABSENT},
+    ),
+    (
+        "register_tokens",
+        {"hf": "embeddings.register_tokens", "meta": NonEmpty("storage_tokens"), "timm": NonEmpty("reg_token")},
+    ),
+    ("patch_embed.weight", {"hf": "embeddings.patch_embeddings.weight", **_same("patch_embed.proj.weight")}),
+    ("patch_embed.bias", {"hf": "embeddings.patch_embeddings.bias", **_same("patch_embed.proj.bias")}),
+    ("norm.weight", {"hf": "norm.weight", **_same("norm.weight")}),
+    ("norm.bias", {"hf": "norm.bias", **_same("norm.bias")}),
+    ("blocks.{i}.norm1.weight", {"hf": "layer.{i}.norm1.weight", **_same("blocks.{i}.norm1.weight")}),
+    ("blocks.{i}.norm1.bias", {"hf": "layer.{i}.norm1.bias", **_same("blocks.{i}.norm1.bias")}),
+    ("blocks.{i}.norm2.weight", {"hf": "layer.{i}.norm2.weight", **_same("blocks.{i}.norm2.weight")}),
+    ("blocks.{i}.norm2.bias", {"hf": "layer.{i}.norm2.bias", **_same("blocks.{i}.norm2.bias")}),
+    (
+        "blocks.{i}.attn.qkv.weight",
+        {
+            "hf": Joined(*(f"layer.{{i}}.attention.{n}_proj.weight" for n in "qkv")),
+            **_same("blocks.{i}.attn.qkv.weight"),
+        },
+    ),
+    (
+        "blocks.{i}.attn.q_bias",
+        {
+            "hf": "layer.{i}.attention.q_proj.bias",
+            "meta": PartOf("blocks.{i}.attn.qkv.bias", 0, 3),
+            "timm": "blocks.{i}.attn.q_bias",
+        },
+    ),
+    # Meta masks the key bias to zero and timm has none: only the Hugging Face layout can store one.
+    ("blocks.{i}.attn.k_bias", {"hf": "layer.{i}.attention.k_proj.bias"}),
+    (
+        "blocks.{i}.attn.v_bias",
+        {
+            "hf": "layer.{i}.attention.v_proj.bias",
+            "meta": PartOf("blocks.{i}.attn.qkv.bias", 2, 3),
+            "timm": "blocks.{i}.attn.v_bias",
+        },
+    ),
+    (
+        "blocks.{i}.attn.proj.weight",
+        {"hf": "layer.{i}.attention.o_proj.weight", **_same("blocks.{i}.attn.proj.weight")},
+    ),
+    ("blocks.{i}.attn.proj.bias", {"hf": "layer.{i}.attention.o_proj.bias", **_same("blocks.{i}.attn.proj.bias")}),
+    (
+        "blocks.{i}.ls1",
+        {"hf": "layer.{i}.layer_scale1.lambda1", "meta": "blocks.{i}.ls1.gamma", "timm": "blocks.{i}.gamma_1"},
+    ),
+    (
+        "blocks.{i}.ls2",
+        {"hf": "layer.{i}.layer_scale2.lambda1", "meta": "blocks.{i}.ls2.gamma", "timm": "blocks.{i}.gamma_2"},
+    ),
+]
+# The MLP: gated (SwiGLU: fc1 = [gate; up]) or plain.
+_VIT_GATED_ROWS = [
+    (
+        f"blocks.{{i}}.mlp.fc1.{leaf}",
+        {
+            "hf": Joined(f"layer.{{i}}.mlp.gate_proj.{leaf}", f"layer.{{i}}.mlp.up_proj.{leaf}"),
+            "meta": Joined(f"blocks.{{i}}.mlp.w1.{leaf}", f"blocks.{{i}}.mlp.w2.{leaf}"),
+            "timm": Joined(f"blocks.{{i}}.mlp.fc1_g.{leaf}", f"blocks.{{i}}.mlp.fc1_x.{leaf}"),
+        },
+    )
+    for leaf in ("weight", "bias")
+] + [
+    (
+        f"blocks.{{i}}.mlp.fc2.{leaf}",
+        {
+            "hf": f"layer.{{i}}.mlp.down_proj.{leaf}",
+            "meta": f"blocks.{{i}}.mlp.w3.{leaf}",
+            "timm": f"blocks.{{i}}.mlp.fc2.{leaf}",
+        },
+    )
+    for leaf in ("weight", "bias")
+]
+_VIT_PLAIN_ROWS = [
+    (f"blocks.{{i}}.mlp.fc1.{leaf}", {"hf": f"layer.{{i}}.mlp.up_proj.{leaf}", **_same(f"blocks.{{i}}.mlp.fc1.{leaf}")})
+    for leaf in ("weight", "bias")
+] + [
+    (
+        f"blocks.{{i}}.mlp.fc2.{leaf}",
+        {"hf": f"layer.{{i}}.mlp.down_proj.{leaf}", **_same(f"blocks.{{i}}.mlp.fc2.{leaf}")},
+    )
+    for leaf in ("weight", "bias")
+]
+
+
+def _meta_bias_mask(state_dict: StateDict, config: DINOv3ViTConfig, i: int) -> torch.Tensor:
+    q = state_dict[f"blocks.{i}.attn.q_bias"]
+    return torch.cat([torch.ones_like(q), torch.zeros_like(q), torch.ones_like(q)])
+
+
+def _check_bias_mask(mask: torch.Tensor, name: str) -> None:
+    third = mask.shape[0] // 3
+    expected = torch.cat([torch.ones(third), torch.zeros(third), torch.ones(third)])
     if mask.device.type != "meta" and not torch.equal(mask.float().cpu(), expected):
         raise CheckpointError(
             f"{name} is not Meta's key-bias mask (ones for q and v, zeros for k): the checkpoint may be "
@@ -254,319 +203,253 @@ def _check_bias_mask(mask: torch.Tensor, dim: int, name: str) -> None:
         )
 
 
-def _require_meta_biases(config: DINOv3ViTConfig) -> None:
-    if config.key_bias or config.query_bias != config.value_bias:
-        raise CheckpointError(
-            "Meta's layout stores q/k/v biases together with the key part masked to zero; this model "
-            f"(query_bias={config.query_bias}, key_bias={config.key_bias}, value_bias={config.value_bias}) "
-            "cannot be written in it"
-        )
+def meta_rope_periods(config: DINOv3ViTConfig, device=None) -> torch.Tensor:
+    """Meta's RoPE `periods` buffer: base ** (2 j / (head_dim / 2)), angles = coordinate / period."""
+    head_dim = config.head_dim
+    return config.rope_theta ** (2 * torch.arange(head_dim // 4, dtype=torch.float32, device=device) / (head_dim // 2))
 
 
-# -- timm's layout: ViT (timm/models/eva.py, vit_*_patch16_dinov3*) ------------------------------
-def vit_from_timm(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """timm's DINOv3 Eva layout -> dino3's. timm keeps no mask token (it only serves masked
-    training); dino3 sets it to zeros, Transformers' initial value."""
-    sd = state_dict
-    D = config.hidden_size
-    cls = sd["cls_token"]
-    out: StateDict = {
-        "cls_token": cls,
-        "mask_token": cls.new_zeros(1, 1, D),
-        "register_tokens": sd["reg_token"] if config.num_register_tokens else cls.new_zeros(1, 0, D),
-        "patch_embed.weight": sd["patch_embed.proj.weight"],
-        "patch_embed.bias": sd["patch_embed.proj.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-    }
-    for i in range(config.num_hidden_layers):
-        t = d3 = f"blocks.{i}."
-        out[d3 + "attn.qkv.weight"] = sd[t + "attn.qkv.weight"]
-        if config.query_bias:
-            out[d3 + "attn.q_bias"], out[d3 + "attn.v_bias"] = sd[t + "attn.q_bias"], sd[t + "attn.v_bias"]
-        _copy_linear(sd, t + "attn.proj", out, d3 + "attn.proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[d3 + n + ".weight"], out[d3 + n + ".bias"] = sd[t + n + ".weight"], sd[t + n + ".bias"]
-        out[d3 + "ls1"], out[d3 + "ls2"] = sd[t + "gamma_1"], sd[t + "gamma_2"]
-        if config.use_gated_mlp:  # fc1_g = gate, fc1_x = up
-            out[d3 + "mlp.fc1.weight"] = torch.cat([sd[t + "mlp.fc1_g.weight"], sd[t + "mlp.fc1_x.weight"]])
-            if config.mlp_bias:
-                out[d3 + "mlp.fc1.bias"] = torch.cat([sd[t + "mlp.fc1_g.bias"], sd[t + "mlp.fc1_x.bias"]])
-        else:
-            _copy_linear(sd, t + "mlp.fc1", out, d3 + "mlp.fc1", config.mlp_bias)
-        _copy_linear(sd, t + "mlp.fc2", out, d3 + "mlp.fc2", config.mlp_bias)
-    return out
+def _vit_extras(config: DINOv3ViTConfig, layout: str) -> list[Extra]:
+    if layout != "meta":
+        return []
+    extras = [
+        Extra("rope_embed.periods", make=lambda sd, c: meta_rope_periods(c, sd["cls_token"].device)),
+        # The SAT ViT-L and the 7B models carry a second final norm that Meta never uses at inference.
+        Extra("local_cls_norm.weight"),
+        Extra("local_cls_norm.bias"),
+    ]
+    if config.query_bias:
+        for i in range(config.num_hidden_layers):
+            extras.append(
+                Extra(
+                    f"blocks.{i}.attn.qkv.bias_mask",
+                    make=lambda sd, c, i=i: _meta_bias_mask(sd, c, i),
+                    check=_check_bias_mask,
+                    shape=lambda required, i=i: required[f"blocks.{i}.attn.qkv.bias"],
+                )
+            )
+    return extras
 
 
-def vit_to_timm(state_dict: Mapping[str, torch.Tensor], config: DINOv3ViTConfig) -> StateDict:
-    """dino3's ViT layout -> timm's (the mask token, a training-only input, has no place there)."""
-    if config.key_bias or config.query_bias != config.value_bias:
-        raise CheckpointError("timm's DINOv3 layout has q and v biases (or none) and no key bias; this model differs")
-    sd = state_dict
-    out: StateDict = {
-        "cls_token": sd["cls_token"],
-        "patch_embed.proj.weight": sd["patch_embed.weight"],
-        "patch_embed.proj.bias": sd["patch_embed.bias"],
-        "norm.weight": sd["norm.weight"],
-        "norm.bias": sd["norm.bias"],
-    }
-    if config.num_register_tokens:
-        out["reg_token"] = sd["register_tokens"]
-    for i in range(config.num_hidden_layers):
-        t = d3 = f"blocks.{i}."
-        out[t + "attn.qkv.weight"] = sd[d3 + "attn.qkv.weight"]
-        if config.query_bias:
-            out[t + "attn.q_bias"], out[t + "attn.v_bias"] = sd[d3 + "attn.q_bias"], sd[d3 + "attn.v_bias"]
-        _copy_linear(sd, d3 + "attn.proj", out, t + "attn.proj", config.proj_bias)
-        for n in ("norm1", "norm2"):
-            out[t + n + ".weight"], out[t + n + ".bias"] = sd[d3 + n + ".weight"], sd[d3 + n + ".bias"]
-        out[t + "gamma_1"], out[t + "gamma_2"] = sd[d3 + "ls1"], sd[d3 + "ls2"]
-        if config.use_gated_mlp:
-            gate, up = sd[d3 + "mlp.fc1.weight"].chunk(2)
-            out[t + "mlp.fc1_g.weight"], out[t + "mlp.fc1_x.weight"] = gate.clone(), up.clone()
-            if config.mlp_bias:
-                gate, up = sd[d3 + "mlp.fc1.bias"].chunk(2)
-                out[t + "mlp.fc1_g.bias"], out[t + "mlp.fc1_x.bias"] = gate.clone(), up.clone()
-        else:
-            _copy_linear(sd, d3 + "mlp.fc1", out, t + "mlp.fc1", config.mlp_bias)
-        _copy_linear(sd, d3 + "mlp.fc2", out, t + "mlp.fc2", config.mlp_bias)
-    return out
+def _vit_rows(config: DINOv3ViTConfig) -> list[Row]:
+    patterns = _VIT_ROWS + (_VIT_GATED_ROWS if config.use_gated_mlp else _VIT_PLAIN_ROWS)
+    rows = []
+    for ours, cells in patterns:
+        blocks = range(config.num_hidden_layers) if "{i}" in ours else [None]
+        for i in blocks:
+            rows.append(Row(_fill(ours, i), {layout: _fill_cell(cell, i) for layout, cell in cells.items()}))
+    return rows
 
 
-def _copy_linear(src: Mapping, src_name: str, dst: dict, dst_name: str, bias: bool) -> None:
-    dst[dst_name + ".weight"] = src[src_name + ".weight"]
-    if bias:
-        dst[dst_name + ".bias"] = src[src_name + ".bias"]
+def _fill(name: str, i: int | None) -> str:
+    return name if i is None else name.replace("{i}", str(i))
 
 
-# -- registry ---------------------------------------------------------------------------------------
-LAYOUTS = ("hf", "meta", "timm")
-LAYOUT_NAMES = {"hf": "Hugging Face", "meta": "Meta (original)", "timm": "timm"}
-# (model_type, layout) -> (that layout -> dino3's, dino3's -> that layout)
-_CONVERTERS: dict[tuple[str, str], tuple[Converter, Converter]] = {
-    ("dinov3_vit", "hf"): (vit_from_hf, vit_to_hf),
-    ("dinov3_vit", "meta"): (vit_from_meta, vit_to_meta),
-    ("dinov3_vit", "timm"): (vit_from_timm, vit_to_timm),
-    **{("dinov3_convnext", layout): (convnext_from(layout), convnext_to(layout)) for layout in ("hf", "meta", "timm")},
-}
-# Keys a layout may carry that dino3 knows it does not need: they are checked by name and dropped.
-_OPTIONAL = {
-    "meta": re.compile(r"^(local_cls_norm\.(weight|bias)|rope_embed\.periods|norms\.3\.(weight|bias))$"),
+def _fill_cell(cell: Cell, i: int | None) -> Cell:
+    if isinstance(cell, str):
+        return _fill(cell, i)
+    if isinstance(cell, Joined):
+        return Joined(*(_fill(n, i) for n in cell.names))
+    if isinstance(cell, PartOf):
+        return PartOf(_fill(cell.name, i), cell.index, cell.count)
+    if isinstance(cell, (Reshaped, NonEmpty)):
+        return type(cell)(_fill(cell.name, i), *([cell.shape] if isinstance(cell, Reshaped) else []))
+    return cell
+
+
+# -- the ConvNeXt table: all three layouts are renamings -----------------------------------------------------
+# Inside a block: dino3 name -> (Transformers, Meta, timm) name.
+_CONVNEXT_BLOCK = {
+    "dwconv": ("depthwise_conv", "dwconv", "conv_dw"),
+    "norm": ("layer_norm", "norm", "norm"),
+    "fc1": ("pointwise_conv1", "pwconv1", "mlp.fc1"),
+    "fc2": ("pointwise_conv2", "pwconv2", "mlp.fc2"),
 }
 
 
-def to_dino3(
-    state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf", consume: bool = False
-) -> StateDict:
-    """A checked state dict in `layout` -> dino3's own layout.
-
-    consume=True empties `state_dict` as it goes, so that the parts of each fused tensor (q, k, v;
-    gate, up) are freed as soon as it is made: loading then never holds two copies of the weights.
-    """
-    if not consume:
-        state_dict = dict(state_dict)
-    if layout == "hf":
-        for key in [k for k in state_dict if _HF_ENCODER_PREFIX.match(k)]:
-            state_dict[_HF_ENCODER_PREFIX.sub("", key)] = state_dict.pop(key)
-    return _CONVERTERS[(config.model_type, layout)][0](_Taking(state_dict), config)
-
-
-class _Taking(dict):
-    """A view of a state dict whose lookups remove the entry (see to_dino3's consume)."""
-
-    def __init__(self, source: dict) -> None:
-        super().__init__()
-        self.source = source
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.source.pop(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.source
-
-    def keys(self):
-        return self.source.keys()
-
-    def items(self):
-        return self.source.items()
+def _convnext_rows(config: DINOv3ConvNextConfig) -> list[Row]:
+    rows = []
+    for s, depth in enumerate(config.depths):
+        for j in range(2):  # the downsampling: stage 0 conv + norm (the stem), later stages norm + conv
+            theirs = {
+                "hf": f"stages.{s}.downsample_layers.{j}",
+                "meta": f"downsample_layers.{s}.{j}",
+                "timm": f"stem.{j}" if s == 0 else f"stages.{s}.downsample.{j}",
+            }
+            for leaf in ("weight", "bias"):
+                rows.append(Row(f"stages.{s}.downsample.{j}.{leaf}", {k: f"{v}.{leaf}" for k, v in theirs.items()}))
+        for b in range(depth):
+            prefix = {"hf": f"stages.{s}.layers.{b}.", "meta": f"stages.{s}.{b}.", "timm": f"stages.{s}.blocks.{b}."}
+            for mine, other in _CONVNEXT_BLOCK.items():
+                for leaf in ("weight", "bias"):
+                    cells = {layout: f"{prefix[layout]}{other[c]}.{leaf}" for c, layout in enumerate(LAYOUTS)}
+                    rows.append(Row(f"stages.{s}.blocks.{b}.{mine}.{leaf}", cells))
+            rows.append(Row(f"stages.{s}.blocks.{b}.gamma", {layout: prefix[layout] + "gamma" for layout in LAYOUTS}))
+    final = {"hf": "layer_norm", "meta": "norm", "timm": "head.norm"}
+    for leaf in ("weight", "bias"):
+        rows.append(Row(f"norm.{leaf}", {layout: f"{name}.{leaf}" for layout, name in final.items()}))
+    return rows
 
 
-def from_dino3(state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf") -> StateDict:
-    """dino3's own layout -> `layout`."""
-    return _CONVERTERS[(config.model_type, layout)][1](state_dict, config)
+def _convnext_extras(config: DINOv3ConvNextConfig, layout: str) -> list[Extra]:
+    if layout != "meta":
+        return []
+    # Meta's state dicts name the final norm twice: `norm` and `norms.3`.
+    return [Extra(f"norms.3.{leaf}", make=lambda sd, c, leaf=leaf: sd[f"norm.{leaf}"]) for leaf in ("weight", "bias")]
 
 
-def from_hf(state_dict: Mapping[str, torch.Tensor], config: _Config) -> StateDict:
-    return to_dino3(state_dict, config, "hf")
+# -- the tables, by architecture ----------------------------------------------------------------------------
+_TABLES: dict[str, tuple[Callable[[Any], list[Row]], Callable[[Any, str], list[Extra]]]] = {
+    DINOv3ViTConfig.model_type: (_vit_rows, _vit_extras),
+    DINOv3ConvNextConfig.model_type: (_convnext_rows, _convnext_extras),
+}
 
 
-def to_hf(state_dict: Mapping[str, torch.Tensor], config: _Config) -> StateDict:
-    return from_dino3(state_dict, config, "hf")
+def _table(config: _Config, layout: str, ours: Mapping[str, Any]) -> tuple[list[Row], list[Extra]]:
+    """The rows for the tensors this model has, and the layout's extras."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    rows_of, extras_of = _TABLES[config.model_type]
+    rows = [row for row in rows_of(config) if row.ours in ours]
+    missing = set(ours) - {row.ours for row in rows}
+    if missing:  # pragma: no cover (a table that lags behind its model)
+        raise AssertionError(f"the {config.model_type} table has no row for {sorted(missing)[:5]}")
+    return rows, extras_of(config, layout)
 
 
-def is_optional(key: str, layout: str) -> bool:
-    pattern = _OPTIONAL.get(layout)
-    return bool(pattern and pattern.match(key))
+def _not_storable(row: Row, layout: str) -> CheckpointError:
+    return CheckpointError(
+        f"the {LAYOUT_NAMES[layout]} layout cannot store {row.ours} (this model has a tensor that layout has no "
+        "place for, such as a key bias); write it in the Hugging Face layout"
+    )
 
 
+# -- shapes a file must hold ----------------------------------------------------------------------------------
+def expected_shapes(ours: Mapping[str, Shape], config: _Config, layout: str) -> tuple[dict[str, Shape], set[str]]:
+    """(required keys -> shapes, optional keys) of a file in `layout` for a model whose own tensors
+    have the shapes `ours`."""
+    rows, extras = _table(config, layout, ours)
+    required: dict[str, Shape] = {}
+    for row in rows:
+        if layout not in row.cells:
+            continue  # the model has a tensor this layout cannot hold: an error only when writing
+        shape, cell = tuple(ours[row.ours]), row.cells[layout]
+        if isinstance(cell, str):
+            required[cell] = shape
+        elif isinstance(cell, Joined):
+            part = (shape[0] // len(cell.names), *shape[1:])
+            for name in cell.names:
+                required[name] = part
+        elif isinstance(cell, PartOf):
+            required[cell.name] = (shape[0] * cell.count, *shape[1:])
+        elif isinstance(cell, Reshaped):
+            required[cell.name] = tuple(cell.shape(shape))
+        elif isinstance(cell, NonEmpty) and _numel(shape):
+            required[cell.name] = shape
+    optional = set()
+    for extra in extras:
+        if extra.shape is not None:
+            required[extra.name] = tuple(extra.shape(required))
+        else:
+            optional.add(extra.name)
+    return required, optional
+
+
+def _numel(shape: Shape) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+# -- reading and writing -----------------------------------------------------------------------------------
 def normalize_hf_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drop the `model.` encoder prefix of current Transformers' in-memory names."""
     return {_HF_ENCODER_PREFIX.sub("", k): v for k, v in state_dict.items()}
 
 
-# -- strict checking --------------------------------------------------------------------------------
-def check_state_dict(
-    found: Mapping[str, torch.Size | tuple[int, ...]],
-    expected: Mapping[str, torch.Size | tuple[int, ...]],
-    source: str,
-    hint: str = "",
+def to_dino3(
+    state_dict: Mapping[str, torch.Tensor],
+    ours: Mapping[str, Shape],
+    config: _Config,
     layout: str = "hf",
-) -> None:
-    """Raise a CheckpointError naming every missing, unexpected and mis-shaped key, if any. Keys the
-    layout may or may not carry (`is_optional`) are neither missing nor unexpected."""
-    missing = [k for k in expected if k not in found and not is_optional(k, layout)]
-    unexpected = [k for k in found if k not in expected and not is_optional(k, layout)]
-    mismatched = [
-        f"{k}: file {tuple(found[k])}, model {tuple(expected[k])}"
-        for k in expected
-        if k in found and tuple(found[k]) != tuple(expected[k])
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    matched = sum(1 for k in expected if k in found and tuple(found[k]) == tuple(expected[k]))
-    lines = [f"{source} does not match the model: {matched} of {len(expected)} tensors fit."]
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-        if keys:
-            shown = "\n    ".join(keys[:20])
-            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-            lines.append(f"  {len(keys)} {title}:\n    {shown}{more}")
-    if hint:
-        lines.append(hint)
-    raise CheckpointError("\n".join(lines))
+    consume: bool = False,
+) -> tuple[StateDict, StateDict]:
+    """A checked state dict in `layout` -> (dino3's state dict, the layout's extras it held).
 
-
-# -- recognising a bare state dict ----------------------------------------------------------------
-_WRAPPERS = ("model", "state_dict", "teacher", "model_ema", "module")
-
-
-def unwrap(checkpoint: Mapping) -> StateDict:
-    """The tensors of a checkpoint, out of the usual wrappers ({"model": ...}, {"teacher": ...}) and
-    prefixes ("backbone.", "module.")."""
-    while isinstance(checkpoint, Mapping):
-        inner = [k for k in _WRAPPERS if isinstance(checkpoint.get(k), Mapping)]
-        if not inner or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            break
-        checkpoint = checkpoint[inner[0]]
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"the file holds a {type(checkpoint).__name__}, not a state dict of tensors")
-    others = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        raise CheckpointError(f"the state dict holds entries that are not tensors: {others[:10]}")
-    state_dict = dict(checkpoint)
-    for prefix in ("module.", "backbone.", "teacher.backbone."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def detect_layout(keys) -> tuple[str, str]:
-    """(layout, model_type) of a state dict, from its key names."""
-    keys = set(normalize_hf_keys(dict.fromkeys(keys)))
-    if "embeddings.cls_token" in keys:
-        return "hf", "dinov3_vit"
-    if "stages.0.downsample_layers.0.weight" in keys:
-        return "hf", "dinov3_convnext"
-    if "cls_token" in keys and "blocks.0.ls1.gamma" in keys:
-        return "meta", "dinov3_vit"
-    if "cls_token" in keys and "blocks.0.gamma_1" in keys:
-        return "timm", "dinov3_vit"
-    if "downsample_layers.0.0.weight" in keys:
-        return "meta", "dinov3_convnext"
-    if "stem.0.weight" in keys and "stages.0.blocks.0.conv_dw.weight" in keys:
-        return "timm", "dinov3_convnext"
-    shown = ", ".join(sorted(keys)[:8])
-    raise CheckpointError(
-        f"not a DINOv3 checkpoint in a layout dino3 knows (Hugging Face, Meta or timm); its keys begin: {shown}"
-    )
-
-
-def infer_config(state_dict: Mapping[str, torch.Tensor], layout: str, model_type: str, name: str = ""):
-    """(config, preset) of the official checkpoint whose architecture the tensor shapes show.
-
-    Shapes give the width, depth, MLP kind and biases but not the number of heads, so a state dict
-    without a config must match an official model; `name` (the file name) picks between the LVD
-    and SAT variants of one architecture.
+    `ours` gives the shapes of dino3's tensors (a model built on the meta device tells them).
+    consume=True empties `state_dict` as it goes, so that the parts of each fused tensor (q, k, v;
+    gate, up) are freed as soon as it is made: loading then never holds two copies of the weights.
     """
-    from ..presets import PRESETS
-
-    sd = normalize_hf_keys(state_dict) if layout == "hf" else state_dict
-    signature = _vit_signature(sd, layout) if model_type == "dinov3_vit" else _convnext_signature(sd, layout)
-    matches = [p for p in PRESETS.values() if _preset_signature(p) == signature]
-    if not matches:
-        described = ", ".join(f"{k}={v}" for k, v in signature.items())
-        raise CheckpointError(
-            f"the tensors ({described}) match no official DINOv3 model, and there is no config.json: "
-            "pass config=DINOv3ViTConfig(...) or DINOv3ConvNextConfig(...) (or a preset name) describing it"
-        )
-    lowered = name.lower()
-    preset = next((p for p in matches if p.meta_file.lower() == lowered), None)
-    preset = preset or next((p for p in matches if "sat493m" in p.name and "sat493m" in lowered), None)
-    preset = preset or next(p for p in matches if p.dataset == "LVD-1689M")
-    return preset.make_config(), preset
-
-
-def _vit_signature(sd: Mapping[str, torch.Tensor], layout: str) -> dict:
-    cls = {"hf": "embeddings.cls_token"}.get(layout, "cls_token")
-    registers = {"hf": "embeddings.register_tokens", "meta": "storage_tokens", "timm": "reg_token"}[layout]
-    block = {"hf": "layer.{}."}.get(layout, "blocks.{}.")
-    first = block.format(0)
-    up = {
-        "hf": ["mlp.up_proj.weight"],
-        "meta": ["mlp.w2.weight", "mlp.fc1.weight"],
-        "timm": ["mlp.fc1_x.weight", "mlp.fc1.weight"],
-    }[layout]
-    gated = {"hf": "mlp.gate_proj.weight", "meta": "mlp.w1.weight", "timm": "mlp.fc1_g.weight"}[layout]
-    bias = {"hf": "attention.q_proj.bias", "meta": "attn.qkv.bias", "timm": "attn.q_bias"}[layout]
-    patch = {"hf": "embeddings.patch_embeddings.weight"}.get(layout, "patch_embed.proj.weight")
-    depth = len({k.split(".")[1] for k in sd if k.startswith(first.split(".")[0] + ".")})
-    return {
-        "hidden_size": sd[cls].shape[-1],
-        "num_hidden_layers": depth,
-        "intermediate_size": next(sd[first + k].shape[0] for k in up if first + k in sd),
-        "use_gated_mlp": first + gated in sd,
-        "query_bias": first + bias in sd,
-        "num_register_tokens": sd[registers].shape[1] if registers in sd else 0,
-        "patch_size": sd[patch].shape[-1],
-    }
+    source = dict(normalize_hf_keys(state_dict) if layout == "hf" else state_dict)
+    if consume and isinstance(state_dict, dict):
+        state_dict.clear()
+    rows, extras = _table(config, layout, ours)
+    floating = next((t for t in source.values() if t.is_floating_point()), torch.empty(0))
+    out: StateDict = {}
+    for row in rows:
+        if layout not in row.cells:
+            raise _not_storable(row, layout)
+        cell = row.cells[layout]
+        shape = tuple(ours[row.ours])
+        if isinstance(cell, str):
+            out[row.ours] = source.pop(cell)
+        elif isinstance(cell, Joined):
+            out[row.ours] = torch.cat([source.pop(name) for name in cell.names])
+        elif isinstance(cell, PartOf):
+            whole = source[cell.name]
+            out[row.ours] = whole.chunk(cell.count)[cell.index].clone()
+        elif isinstance(cell, Reshaped):
+            out[row.ours] = source.pop(cell.name).reshape(shape)
+        elif isinstance(cell, NonEmpty) and _numel(shape):
+            out[row.ours] = source.pop(cell.name)
+        else:  # ABSENT, or an empty NonEmpty: zeros, Transformers' initial value
+            out[row.ours] = torch.zeros(shape, dtype=floating.dtype, device=floating.device)
+    for row in rows:  # the whole tensors that PartOf cells read from
+        cell = row.cells.get(layout)
+        if isinstance(cell, PartOf):
+            source.pop(cell.name, None)
+    kept: StateDict = {}
+    for extra in extras:
+        if extra.name in source:
+            tensor = source.pop(extra.name)
+            if extra.check is not None:
+                extra.check(tensor, extra.name)
+            kept[extra.name] = tensor
+    return out, kept
 
 
-_CONVNEXT_DWCONV = {
-    "hf": re.compile(r"^stages\.(\d+)\.layers\.(\d+)\.depthwise_conv\.weight$"),
-    "meta": re.compile(r"^stages\.(\d+)\.(\d+)\.dwconv\.weight$"),
-    "timm": re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight$"),
-}
+def from_dino3(state_dict: Mapping[str, torch.Tensor], config: _Config, layout: str = "hf") -> StateDict:
+    """dino3's own layout -> `layout` (with the extras that layout's own loaders expect)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    rows, extras = _table(config, layout, shapes)
+    out: StateDict = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        if layout not in row.cells:
+            raise _not_storable(row, layout)
+        cell, tensor = row.cells[layout], state_dict[row.ours]
+        if isinstance(cell, str):
+            out[cell] = tensor
+        elif isinstance(cell, Joined):
+            for name, part in zip(cell.names, tensor.chunk(len(cell.names))):
+                out[name] = part.clone()
+        elif isinstance(cell, PartOf):
+            parts.setdefault(cell.name, {})[cell.index] = tensor
+            counts[cell.name] = cell.count
+        elif isinstance(cell, Reshaped):
+            out[cell.name] = tensor.reshape(cell.shape(tuple(tensor.shape)))
+        elif isinstance(cell, NonEmpty) and tensor.numel():
+            out[cell.name] = tensor
+    for name, pieces in parts.items():  # parts no row gives (Meta's key bias) are zeros
+        like = next(iter(pieces.values()))
+        out[name] = torch.cat([pieces.get(j, torch.zeros_like(like)) for j in range(counts[name])])
+    for extra in extras:
+        if extra.make is not None:
+            out[extra.name] = extra.make(dict(state_dict), config)
+    return out
 
 
-def _convnext_signature(sd: Mapping[str, torch.Tensor], layout: str) -> dict:
-    blocks: dict[int, list[torch.Tensor]] = {}
-    for key, value in sd.items():
-        match = _CONVNEXT_DWCONV[layout].match(key)
-        if match:
-            blocks.setdefault(int(match.group(1)), []).append(value)
-    stages = sorted(blocks)
-    return {"depths": [len(blocks[s]) for s in stages], "hidden_sizes": [blocks[s][0].shape[0] for s in stages]}
-
-
-def _preset_signature(preset) -> dict:
-    config = preset.make_config()
-    if config.model_type == "dinov3_vit":
-        return {
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "intermediate_size": config.intermediate_size,
-            "use_gated_mlp": config.use_gated_mlp,
-            "query_bias": config.query_bias,
-            "num_register_tokens": config.num_register_tokens,
-            "patch_size": config.patch_size,
-        }
-    return {"depths": config.depths, "hidden_sizes": config.hidden_sizes}
+def to_hf(state_dict: Mapping[str, torch.Tensor], config: _Config) -> StateDict:
+    return from_dino3(state_dict, config, "hf")

@@ -1,0 +1,124 @@
+"""What a job's inputs name: files, folders, globs, list files and URLs -> the image paths, in order.
+
+Folders are searched recursively (symbolic links to folders followed, each real folder once) for
+files with an image suffix; list files (.txt, .lst, .list) hold one path or URL per line, relative
+to the list file. Order: as given, folders and globs sorted. What is found but cannot be an input (a
+dangling link, a pipe, a name that is not UTF-8) is listed in `skipped` with the reason, never
+dropped without a word; a path or pattern that names nothing is a UsageError before any work starts.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._io import escape_field
+from ..errors import UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+URL_PREFIXES = ("http://", "https://")
+
+
+@dataclass
+class Inputs:
+    paths: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why), names escaped for printing
+    ignored: int = 0  # files in the folders without an image suffix
+
+
+def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES) -> Inputs:
+    """Files, folders, globs, list files and URLs -> Inputs (see the module docstring)."""
+    found = Inputs()
+    for item in items:
+        item = os.fspath(item)
+        if item.startswith(URL_PREFIXES):
+            found.paths.append(item)
+            continue
+        path = Path(item).expanduser()
+        if path.is_dir():
+            _walk(path, suffixes, found)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            _read_list(path, found)
+        elif path.exists() or path.is_symlink():
+            _add_file(path, found)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not matches:
+                raise UsageError(f"{item}: the pattern matches no file")
+            for match in matches:
+                if Path(match).is_dir():
+                    _walk(Path(match), suffixes, found)
+                else:
+                    _add_file(Path(match), found)
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    return found
+
+
+def _add_file(path: Path, found: Inputs) -> None:
+    name = str(path)
+    if not _is_utf8(name):
+        found.skipped.append((escape_field(name), "the file name is not valid UTF-8; rename the file"))
+        return
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        found.skipped.append((name, "a symbolic link to nothing (dangling)"))
+        return
+    except OSError as e:
+        found.skipped.append((name, f"cannot be read ({e.strerror or e})"))
+        return
+    if not stat.S_ISREG(mode):
+        found.skipped.append((name, "not a regular file (a pipe, socket or device)"))
+        return
+    found.paths.append(name)
+
+
+def _walk(root: Path, suffixes: set[str], found: Inputs) -> None:
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=lambda e: _walk_error(e, found)):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back to a folder already searched
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in sorted(files):  # a dangling link is listed with the files
+            path = Path(folder) / name
+            if path.suffix.lower() in suffixes:
+                _add_file(path, found)
+            elif path.is_symlink() and not path.exists():
+                found.skipped.append((escape_field(str(path)), "a symbolic link to nothing (dangling)"))
+            else:
+                found.ignored += 1
+
+
+def _walk_error(error: OSError, found: Inputs) -> None:
+    found.skipped.append((escape_field(str(error.filename)), f"cannot be searched ({error.strerror or error})"))
+
+
+def _read_list(path: Path, found: Inputs) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: a list file must be UTF-8 text ({e.reason} at byte {e.start})") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(URL_PREFIXES) or os.path.isabs(line):
+            found.paths.append(line)
+        else:
+            found.paths.append(str(path.parent / line))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

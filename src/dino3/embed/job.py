@@ -1,0 +1,259 @@
+"""The embed job as a library: many images -> one embeddings file, resumable, never losing work.
+
+    result = dino3.embed.run(["photos/"], model="vits16", output="features.npz", pool="cls+mean")
+
+Every option is checked before any state is created and before the model is loaded; the output is
+locked for the job's lifetime; progress is saved every `checkpoint_every` images (see store.py), so
+that `resume=True` continues an interrupted job and writes the same file an uninterrupted one would
+have; an image that cannot be embedded is listed with its reason and the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_text, escape_field
+from .._version import __version__
+from ..errors import UsageError
+from ..features import Layers, check_layers, check_pool, extract, parse_layers
+from .inputs import Inputs, expand_inputs
+from .store import Chunk, RunLock, Store, input_stat
+from .writers import check_output, sidecars, write_embeddings
+
+
+@dataclass
+class EmbedResult:
+    output: Path
+    count: int  # images in the output
+    computed: int  # of which embedded by this run (the rest came from an interrupted one)
+    failures: list[tuple[str, str]]  # (input, reason), skipped inputs included
+    seconds: float
+    ignored: int  # files in the folders without an image suffix
+    notes: list[str] = field(default_factory=list)
+
+
+def _positive(name: str, value: Any, zero_ok: bool = False) -> int:
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def run(
+    inputs: Sequence[str] | Inputs,
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    pool: str = "cls",
+    layers: Layers | str = None,
+    size: int = 224,
+    keep_aspect: str | None = None,
+    target: int | None = None,
+    fit: str | None = None,
+    max_side: int | None = None,
+    jpeg_draft: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    backend: str = "torch",
+    precision: str | None = None,
+    calibration: Sequence[str] | None = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    checkpoint_every: int = 256,
+    resume: bool = False,
+    overwrite: bool = False,
+    check_hash: bool = True,
+    progress: bool = True,
+    load: Callable[..., Any] | None = None,
+) -> EmbedResult:
+    """Embed images into one file; see the module docstring and `dino3 embed --help`."""
+    from ..api import load as default_load
+    from ..errors import BackendError
+    from ..models.pretrained import resolve_device, resolve_dtype
+    from ..processing import MAX_SIDE, DINOv3ViTImageProcessor
+    from ..quantization import check_mode
+    from ..runtime import check_backend
+
+    # -- everything the job needs is checked before anything is created or loaded ---------------------
+    try:
+        check_pool(pool)
+        layers = parse_layers(layers) if isinstance(layers, str) else layers
+        _positive("batch_size", batch_size)
+        _positive("workers", workers, zero_ok=True)
+        _positive("checkpoint_every", checkpoint_every)
+        precision = check_backend(backend, precision, calibration)
+        if backend != "torch" and (dtype not in (None, "float32") or quantize is not None):
+            raise UsageError(
+                "with a runtime backend, choose the precision with precision= (--precision f32, bf16, int8)"
+            )
+        if backend != "torch" and layers is not None:
+            raise UsageError("layers need the torch backend (the exported graph returns the final tokens)")
+        dtype = resolve_dtype(dtype, allow_auto=False)
+        resolve_device(device)
+        if quantize is not None:
+            check_mode(quantize)
+        if keep_aspect is None and (target is not None or fit is not None):
+            raise UsageError("target and fit apply with keep_aspect ('shorter' or 'longer'); give keep_aspect too")
+        processing = {"jpeg_draft": jpeg_draft, "max_side": max_side or MAX_SIDE}
+        if keep_aspect is not None:
+            processing.update(keep_aspect=keep_aspect, target_size=target, fit=fit or "crop")
+        else:
+            processing["size"] = {"height": size, "width": size}
+        DINOv3ViTImageProcessor(**processing)  # validates sizes (ConfigError) before any work
+    except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
+        raise UsageError(str(e)) from None
+    output = check_output(output, may_be_ragged=pool == "patches" and keep_aspect is not None)
+    store_folder = output.with_name(output.name + ".partial")
+    if resume and overwrite:
+        raise UsageError("resume and overwrite contradict each other; choose one")
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output} exists; pass --overwrite to replace it")
+    if store_folder.exists() and not (resume or overwrite):
+        raise UsageError(
+            f"{store_folder} holds an interrupted run: pass --resume to continue it, or --overwrite to start over"
+        )
+    if calibration is not None:
+        calibration = expand_inputs(list(calibration)).paths
+    found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs))
+    paths = found.paths
+    if not paths:
+        raise UsageError(
+            "no images found in the inputs" + (f" ({len(found.skipped)} skipped)" if found.skipped else "")
+        )
+
+    started = time.perf_counter()
+    with RunLock(output):
+        # -- the model (a typo or a missing extra fails here, and leaves nothing behind) ------------------
+        load = load or default_load
+        options: dict[str, Any] = {"check_hash": check_hash}
+        if backend == "torch":
+            options.update(dtype=dtype, device=device, quantize=quantize)
+        else:
+            options.update(backend=backend, precision=precision, calibration=calibration)
+        loaded = load(model, **options)
+        layers = check_layers(layers, loaded)
+        processor = DINOv3ViTImageProcessor.for_model(loaded, **processing)
+        settings = {
+            "model": str(model),
+            "model_identity": model_identity(loaded),
+            "pool": pool,
+            "layers": layers,
+            "dtype": str(dtype).removeprefix("torch."),
+            "quantize": quantize,
+            "backend": backend,
+            "precision": precision if backend != "torch" else None,
+            "calibration": _digest([str(c) for c in calibration]) if calibration else None,
+            "processor": processor.to_dict(),
+        }
+        store = Store(output, {**settings, "inputs_sha256": _digest(paths), "count": len(paths)})
+        notes: list[str] = []
+        chunks: list[Chunk] = []
+        if overwrite:
+            store.clear()
+        elif resume and store.exists:
+            store.check_resumable()
+            chunks, notes = store.load(paths)
+
+        # -- the work, chunk by chunk -----------------------------------------------------------------------
+        done = set().union(*(c.covered for c in chunks)) if chunks else set()
+        todo = [i for i in range(len(paths)) if i not in done]
+        chunk_size = max(1, checkpoint_every // batch_size) * batch_size
+        bar = _progress(len(paths), len(paths) - len(todo), progress)
+        computed = 0
+        try:
+            for start in range(0, len(todo), chunk_size):
+                part = todo[start : start + chunk_size]
+                chunk = _embed_chunk(loaded, processor, paths, part, pool, layers, batch_size, workers, bar)
+                store.save(chunk)
+                chunks.append(chunk)
+                computed += len(chunk.indices)
+        finally:
+            bar.close()
+
+        # -- the output ---------------------------------------------------------------------------------------
+        features, grids, failures = {}, {}, []
+        for chunk in chunks:
+            for index, array, grid in zip(chunk.indices, chunk.features, chunk.grids):
+                features[index], grids[index] = array, grid
+            failures += chunk.failures
+        order = sorted(features)
+        meta = {**settings, "dino3_version": __version__, "failed": len(failures) + len(found.skipped)}
+        write_embeddings(
+            output, [paths[i] for i in order], [features[i] for i in order], [grids[i] for i in order], meta
+        )
+        failed = sorted(failures)
+        report = [(paths[i], reason) for i, reason in failed] + list(found.skipped)
+        failures_file = sidecars(output)[0]
+        if report:
+            lines = "".join(f"{escape_field(p)}\t{escape_field(r)}\n" for p, r in report)
+            atomic_write_text(failures_file, lines)
+        elif failures_file.exists():
+            failures_file.unlink()  # from an earlier run: this one has no failures
+        store.clear()
+    return EmbedResult(output, len(order), computed, report, time.perf_counter() - started, found.ignored, notes)
+
+
+def _embed_chunk(model, processor, paths, part, pool, layers, batch_size, workers, bar) -> Chunk:
+    from ..pipeline import iter_batches
+
+    chunk = Chunk([], [], [], [], {i: input_stat(paths[i]) for i in part})
+
+    def failed(position: int, source: Any, error: Exception) -> None:
+        chunk.failures.append((part[position], str(error)))
+        bar.update(1)
+
+    sources = [paths[i] for i in part]
+    for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
+        values, grid = extract(model, batch.pixel_values, pool, layers)
+        values = values.float().cpu().numpy()
+        for row, position in enumerate(batch.indices):
+            chunk.indices.append(part[position])
+            chunk.features.append(values[row])
+            chunk.grids.append(tuple(grid))
+        bar.update(len(batch.indices))
+    return chunk
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What says which weights and architecture a loaded model has: its config and the size and
+    modification time of each weight file (new weights in the same folder count as another model)."""
+    files = []
+    for file in getattr(model, "weight_files", None) or []:
+        size, mtime = input_stat(file)
+        files.append([os.path.realpath(file), size, mtime])
+    return {
+        "config": model.config.to_dict(),
+        "weight_files": files,
+        "quantization": getattr(model, "quantization", None),
+    }
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256(json.dumps(items).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, done: int, show: bool):
+    if not show:
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
+        return _NoProgress()
+    return tqdm(total=total, initial=done, unit="img", desc="embedding", file=sys.stderr, smoothing=0.1)
