@@ -83,10 +83,39 @@ def test_embed_folder_end_to_end(checkpoint, photos, tmp_path, capsys):
     ],
 )
 def test_pooling_and_layers(checkpoint, tmp_path, options, shape):
+    """Values, not only shapes, each computed here from the model's plain outputs: the mean leaves the
+    registers out, patches are row-major (h, w, D), layers are the normed hidden states of those blocks."""
     out = tmp_path / "f.npz"
     inputs = [str(PHOTOS / n) for n in NAMES[:2]]
     assert main(["embed", *inputs, "-m", str(checkpoint), "-o", str(out), "-q", *options]) == 0
-    assert np.load(out)["features"].shape == shape
+    got = np.load(out)["features"]
+    assert got.shape == shape
+    model = dino3.load(checkpoint)
+    size = int(options[options.index("--size") + 1]) if "--size" in options else 224
+    pixels = dino3.DINOv3ViTImageProcessor.from_pretrained(checkpoint, size={"height": size, "width": size})(inputs)
+    with torch.inference_mode():
+        result = model(pixels.pixel_values, output_hidden_states=True)
+    prefix = 1 + model.config.num_register_tokens
+    pool = options[options.index("--pool") + 1] if "--pool" in options else "cls"
+
+    def pooled(tokens):  # (B, T, D) normed tokens -> features
+        cls, patches = tokens[:, 0], tokens[:, prefix:]
+        h = w = size // 16
+        return {
+            "cls": cls,
+            "mean": patches.mean(1),
+            "cls+mean": torch.cat([cls, patches.mean(1)], -1),
+            "patches": patches.reshape(len(tokens), h, w, -1),
+        }[pool]
+
+    if "--layers" in options:
+        text = options[options.index("--layers") + 1]
+        blocks = [int(i) for i in text.split(",")] if "," in text else list(range(12 - int(text), 12))
+        with torch.inference_mode():
+            expected = torch.stack([pooled(model.norm(result.hidden_states[i + 1])) for i in blocks], dim=1)
+    else:
+        expected = pooled(result.last_hidden_state)
+    assert np.abs(got - expected.numpy()).max() <= 1e-5
 
 
 def test_cls_and_mean_are_the_model_outputs(checkpoint, tmp_path):

@@ -97,6 +97,27 @@ VIT_ARCHITECTURES = {
 }
 
 
+# Settings shared by every ViT checkpoint, from Transformers' conversion script (spec 1.3), written out
+# here rather than read from dino3: a preset that got one wrong loads garbage features silently.
+VIT_SHARED = dict(
+    patch_size=16,
+    num_register_tokens=4,
+    layer_norm_eps=1e-5,
+    rope_theta=100.0,
+    image_size=224,
+    key_bias=False,
+    proj_bias=True,
+    mlp_bias=True,
+    layerscale_value=1.0,
+    pos_embed_rescale=2.0,
+    pos_embed_shift=None,
+    pos_embed_jitter=None,
+    num_channels=3,
+    attention_dropout=0.0,
+    drop_path_rate=0.0,
+)
+
+
 @pytest.mark.parametrize("name", list(VIT_ARCHITECTURES))
 def test_vit_presets(name):
     D, L, heads, inter, gated, qv_bias = VIT_ARCHITECTURES[name]
@@ -106,7 +127,8 @@ def test_vit_presets(name):
     assert (config.intermediate_size, config.use_gated_mlp) == (inter, gated)
     assert config.hidden_act == ("silu" if gated else "gelu")
     assert config.query_bias == config.value_bias == qv_bias and config.key_bias is False
-    assert config.num_register_tokens == 4 and config.patch_size == 16 and config.layer_norm_eps == 1e-5
+    for field, value in VIT_SHARED.items():
+        assert getattr(config, field) == value, (name, field)
     assert config.head_dim == (128 if "7b" in name else 64)
     sat = name.endswith("sat493m")
     assert preset.image_mean == (SAT493M_MEAN if sat else IMAGENET_MEAN)
@@ -125,6 +147,7 @@ def test_convnext_presets():
     for name, (depths, sizes) in expected.items():
         config = get_preset(name).make_config()
         assert (config.depths, config.hidden_sizes, config.layer_norm_eps) == (depths, sizes, 1e-6)
+        assert (config.hidden_act, config.layer_scale_init_value, config.num_channels) == ("gelu", 1e-6, 3)
 
 
 def test_list_models_and_aliases():

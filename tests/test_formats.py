@@ -230,7 +230,22 @@ def test_convnext_meta_and_timm_files_load_like_the_hf_layout(tmp_path):
 def vits16_meta(tmp_path_factory):
     """A ViT-S/16-shaped Meta checkpoint with random weights, named as Meta names it (correct hash)."""
     folder = tmp_path_factory.mktemp("meta")
-    config = transformers.DINOv3ViTConfig(**dino3.get_preset("vits16").config)
+    # The architecture as Transformers' conversion script gives it (spec 1.3), not from dino3's preset:
+    # a wrong preset field (rope_theta, say) then shows as a parity failure below.
+    config = transformers.DINOv3ViTConfig(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        num_register_tokens=4,
+        patch_size=16,
+        rope_theta=100.0,
+        layer_norm_eps=1e-5,
+        query_bias=True,
+        key_bias=False,
+        value_bias=True,
+        hidden_act="gelu",
+    )
     reference = randomize_(transformers.DINOv3ViTModel(config)).eval()
     path = folder / "tmp.pth"
     torch.save(meta_vit_state_dict(reference), path)

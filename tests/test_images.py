@@ -89,6 +89,20 @@ def test_exif_orientation_is_applied():
     assert loaded.shape == (3, 40, 20)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_pils_pixels(orientation):
+    """Pixel for pixel what PIL's exif_transpose shows, for the 8 orientations (mirrors included)."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(rgb_array(5, 7, seed=orientation)), "PNG", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    got = load_image(data).permute(1, 2, 0).numpy()
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+    assert got.shape[:2] == ((7, 5) if orientation in (5, 6, 7, 8) else (5, 7))
+
+
 def test_grayscale_and_bitmap_become_three_equal_channels():
     for mode in ("L", "1"):
         image = Image.fromarray(rgb_array()).convert(mode)

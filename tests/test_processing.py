@@ -219,3 +219,36 @@ def test_model_runs_on_processor_output():
     with torch.no_grad():
         out = model(**inputs)
     assert out.grid_size == inputs.grid_sizes[0]
+
+
+@pytest.mark.parametrize("size", [(3000, 2000), (2000, 3000), (4000, 600)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mode", ["square", "shorter", "longer"])
+def test_jpeg_draft_never_decodes_below_the_target(size, mode, monkeypatch):
+    """jpeg_draft decodes a large JPEG at a reduced scale, but never smaller than what it is resized
+    to, whatever the orientation and the mode."""
+    from PIL import Image
+
+    from dino3 import images
+
+    width, height = size
+    data = io.BytesIO()
+    Image.fromarray(synthetic(height, width)).save(data, format="JPEG", quality=90)
+    options = {
+        "square": {},
+        "shorter": dict(keep_aspect="shorter", target_size=448),
+        "longer": dict(keep_aspect="longer", target_size=448),
+    }[mode]
+    processor = DINOv3ViTImageProcessor(jpeg_draft=True, **options)
+    decoded = []
+    real_decode = images.decode
+    monkeypatch.setattr(
+        "dino3.processing.decode", lambda opened, **k: decoded.append(opened.image.size) or real_decode(opened, **k)
+    )
+    processor.pixels(data.getvalue())
+    ((w, h),) = decoded
+    if mode == "square":
+        assert (w, h) != (width, height)  # it did decode at a reduced scale
+        assert min(w, h) >= 224
+    else:
+        target_h, target_w = processor.aspect_size(height, width)
+        assert h >= target_h and w >= target_w

@@ -15,6 +15,7 @@ from helpers import randomize_
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
 VIT = dict(hidden_size=192, num_attention_heads=3, intermediate_size=768, num_hidden_layers=4, num_register_tokens=4)
+GATED = dict(VIT, intermediate_size=512, use_gated_mlp=True, hidden_act="silu")  # SwiGLU: the fused [gate; up]
 
 # The bounds claimed in the README for these modes, on random weights of realistic scale and the
 # example photos (the measured values are in benchmarks/RESULTS.md).
@@ -25,6 +26,13 @@ BOUNDS = {"int8-dynamic": (0.995, 0.99), "int8-weight": (0.999, 0.999)}  # (CLS 
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit")
     randomize_(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**VIT))).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gated_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gated")
+    randomize_(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**GATED))).save_pretrained(folder)
     return folder
 
 
@@ -40,8 +48,10 @@ def cosines(model, reference, pixels):
     return cos(a.cls_token, b.cls_token).min().item(), cos(a.patch_tokens, b.patch_tokens, dim=-1).min().item()
 
 
+@pytest.mark.parametrize("mlp", ["plain", "gated"])
 @pytest.mark.parametrize("mode", list(BOUNDS))
-def test_mode_keeps_features_close_to_fp32(folder, photos, mode):
+def test_mode_keeps_features_close_to_fp32(folder, gated_folder, photos, mode, mlp):
+    folder = folder if mlp == "plain" else gated_folder
     reference = dino3.load(folder)
     model = dino3.load(folder, quantize=mode)
     assert model.quantization == mode
@@ -95,3 +105,11 @@ def test_embed_command_quantized(folder, tmp_path):
 
     out = tmp_path / "q.npz"
     assert main(["embed", str(PHOTOS[0]), "-m", str(folder), "-o", str(out), "-q", "--quantize", "int8-dynamic"]) == 0
+    model = dino3.load(folder, quantize="int8-dynamic")
+    with torch.inference_mode():
+        expected = model(dino3.DINOv3ViTImageProcessor()(PHOTOS[0]).pixel_values).pooler_output
+    got = torch.from_numpy(dino3.embed.read_embeddings(out).features)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+    exact = dino3.load(folder)
+    with torch.inference_mode():
+        assert not torch.allclose(got, exact(dino3.DINOv3ViTImageProcessor()(PHOTOS[0]).pixel_values).pooler_output)

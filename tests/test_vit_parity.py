@@ -229,6 +229,26 @@ def test_large_batch_runs_in_chunks_with_the_same_numbers(models):
         assert max_diff(a, b) <= 1e-5
 
 
+def test_rope_tables_follow_the_models_dtype(models):
+    """The RoPE tables are cached per dtype and device: a model moved to bf16 after an fp32 forward
+    computes what a model that was always bf16 computes."""
+    import copy
+
+    _, _, ours = models
+    x = pixels(1, (96, 160))
+    fresh = copy.deepcopy(ours)
+    fresh.rope._cache.clear()
+    with torch.no_grad():
+        ours(x)  # fills the cache in fp32
+        ours.to(torch.bfloat16)
+        try:
+            got = ours(x).last_hidden_state
+        finally:
+            ours.to(torch.float32)
+        expected = fresh.to(torch.bfloat16)(x).last_hidden_state
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
 def test_flash_attention_implementation_matches_sdpa(models):
     _, _, ours = models
     x = pixels(2, (96, 160))

@@ -29,7 +29,7 @@ _EXPORTS = {
     "load": "dino3.api",
     "load_config": "dino3.api",
     "export_onnx": "dino3.api",
-    "convert": "dino3.convert",
+    "convert": "dino3.conversion",
     "quantize": "dino3.quantization",
     "extract": "dino3.features",
     "list_models": "dino3.presets",
@@ -71,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import embed, pipeline
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
-    from .convert import convert
+    from .conversion import convert
     from .errors import (
         BackendError,
         CheckpointError,

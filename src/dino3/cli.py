@@ -20,20 +20,6 @@ from typing import Any
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _natural(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -42,6 +28,7 @@ def _plural(n: int, word: str) -> str:
 def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
+    from ._io import escape_field
     from .embed import run
 
     if args.threads:
@@ -87,6 +74,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         for path, reason in result.failures[:20]:
+            path, reason = escape_field(path), escape_field(reason)  # a name may hold a newline or non-UTF-8 bytes
             print(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}", file=sys.stderr)
         if count > 20:
             print(f"  ... and {count - 20} more", file=sys.stderr)
@@ -106,16 +94,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {p.name:18} {p.architecture:9} {p.params:>6}  {p.dataset:10} {p.hub_id}")
         return EXIT_OK
     preset = find_preset(args.model)
-    layout, where = None, ""
     try:
         found = inspect_checkpoint(args.model, check_hash=False, hub=HubOptions()) if _is_file(args.model) else None
         # a local folder's weight files are looked at (headers only); a hub repo's are not downloaded
         checkpoint = found.checkpoint if found else resolve(args.model, need_weights=_exists(args.model))
         config = found.config if found else checkpoint.config
         preset = preset or checkpoint.preset or (found.preset if found else None)
-        layout = found.layout if found else "hf"
-        summary = weights_summary(checkpoint)
-        where = f"{LAYOUT_NAMES[layout]} layout, {_plural(summary.files, 'file')}, {summary.dtype}"
+        if found is not None:  # a single file: what inspecting it found
+            where = f"{LAYOUT_NAMES[found.layout]} layout, 1 file, {found.stored_dtype}"
+        else:
+            summary = weights_summary(checkpoint)
+            where = f"{LAYOUT_NAMES['hf']} layout, {_plural(summary.files, 'file')}, {summary.dtype}"
     except Exception as e:  # noqa: BLE001  (a preset is described without its weights)
         if preset is None:
             raise
@@ -166,7 +155,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
     from .weights.formats import LAYOUT_NAMES
 
     kwargs: dict[str, Any] = {"check_hash": not args.no_hash_check}
@@ -197,6 +186,7 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
+    from .arguments import add_model_arguments, add_runtime_arguments, natural, positive_int
     from .embed.writers import OUTPUT_SUFFIXES
     from .features import POOLS
     from .processing import FITS, KEEP_ASPECT, MAX_SIDE
@@ -222,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, list files (.txt), URLs"
     )
-    _model_arguments(embed)
+    add_model_arguments(embed)
     embed.add_argument("-o", "--output", required=True, help=f"output file: {', '.join(OUTPUT_SUFFIXES)}")
     embed.add_argument(
         "--pool",
@@ -235,23 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="intermediate blocks (ConvNeXt: stages) instead of the output: a count of last ones (4) "
         "or 0-based indices (2,5,8,11; one index: 7,); adds a layer axis",
     )
-    embed.add_argument("--size", type=_positive_int, default=224, help="square resize, as Transformers (default: 224)")
+    embed.add_argument("--size", type=positive_int, default=224, help="square resize, as Transformers (default: 224)")
     embed.add_argument("--keep-aspect", choices=KEEP_ASPECT, help="keep the aspect ratio: scale this side to --target")
-    embed.add_argument("--target", type=_positive_int, help="with --keep-aspect: that side's size in pixels")
+    embed.add_argument("--target", type=positive_int, help="with --keep-aspect: that side's size in pixels")
     embed.add_argument("--fit", choices=FITS, help="with --keep-aspect: how sides reach a multiple of the patch (crop)")
     embed.add_argument(
-        "--max-side", type=_positive_int, help=f"refuse images resized beyond this side (default {MAX_SIDE})"
+        "--max-side", type=positive_int, help=f"refuse images resized beyond this side (default {MAX_SIDE})"
     )
-    embed.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default: 16)")
-    _runtime_arguments(embed)
-    embed.add_argument(
-        "--workers", type=_natural, default=2, help="threads decoding images ahead (default: 2; 0: none)"
-    )
-    embed.add_argument("--threads", type=_positive_int, help="torch threads for the model (default: torch's choice)")
+    embed.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
+    add_runtime_arguments(embed)
+    embed.add_argument("--workers", type=natural, default=2, help="threads decoding images ahead (default: 2; 0: none)")
+    embed.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")
     embed.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale: faster")
     embed.add_argument("--resume", action="store_true", help="continue an interrupted run from where it stopped")
     embed.add_argument("--overwrite", action="store_true", help="replace the output (and any interrupted run)")
-    embed.add_argument("--checkpoint-every", type=_positive_int, default=256, help="save progress every N images")
+    embed.add_argument("--checkpoint-every", type=positive_int, default=256, help="save progress every N images")
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 
@@ -301,25 +289,6 @@ def _layouts() -> tuple[str, ...]:
     from .weights.formats import LAYOUTS
 
     return LAYOUTS
-
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True, help="preset name (`dino3 info`), hub id, folder or file")
-    parser.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
-
-
-def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    from .models.pretrained import DTYPE_NAMES
-    from .quantization import MODES
-    from .runtime.model import BACKENDS, PRECISIONS
-
-    precisions = sorted({p for values in PRECISIONS.values() for p in values})
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: float32); float16 breaks DINOv3")
-    parser.add_argument("--quantize", choices=MODES, help="quantize the linear layers (see the README)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="inference engine (default: torch)")
-    parser.add_argument("--precision", choices=precisions, help="with --backend onnxruntime/openvino (default: f32)")
-    parser.add_argument("--calibration", help="with --backend openvino --precision int8: a folder of images")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,11 @@ class DINOv3ViTImageProcessor:
             if not sizes or not all(_is_positive_int(v) and v <= self.max_side for v in sizes):
                 raise ConfigError(f"size must hold positive integers up to max_side ({self.max_side}), got {self.size}")
             _output_size((100, 100), self.size)  # raises on an unusable size dict
+            fixed = [self.size.get(k) for k in ("height", "width") if self.size.get(k)]
+            if any(v < self.patch_size for v in fixed):
+                raise ConfigError(
+                    f"size {self.size} is smaller than one {self.patch_size}px patch: the model would see no patch"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"image_processor_type": "DINOv3ViTImageProcessorFast"}

@@ -15,7 +15,6 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._io import escape_field
 from ..errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -26,7 +25,7 @@ URL_PREFIXES = ("http://", "https://")
 @dataclass
 class Inputs:
     paths: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why), names escaped for printing
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why); print names with escape_field
     ignored: int = 0  # files in the folders without an image suffix
 
 
@@ -62,7 +61,7 @@ def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES) -> Inpu
 def _add_file(path: Path, found: Inputs) -> None:
     name = str(path)
     if not _is_utf8(name):
-        found.skipped.append((escape_field(name), "the file name is not valid UTF-8; rename the file"))
+        found.skipped.append((name, "the file name is not valid UTF-8; rename the file"))
         return
     try:
         mode = path.stat().st_mode
@@ -92,13 +91,13 @@ def _walk(root: Path, suffixes: set[str], found: Inputs) -> None:
             if path.suffix.lower() in suffixes:
                 _add_file(path, found)
             elif path.is_symlink() and not path.exists():
-                found.skipped.append((escape_field(str(path)), "a symbolic link to nothing (dangling)"))
+                found.skipped.append((str(path), "a symbolic link to nothing (dangling)"))
             else:
                 found.ignored += 1
 
 
 def _walk_error(error: OSError, found: Inputs) -> None:
-    found.skipped.append((escape_field(str(error.filename)), f"cannot be searched ({error.strerror or error})"))
+    found.skipped.append((str(error.filename), f"cannot be searched ({error.strerror or error})"))
 
 
 def _read_list(path: Path, found: Inputs) -> None:

@@ -197,6 +197,7 @@ class Inspected:
     preset: Preset | None
     layout: str
     shapes: dict[str, tuple[int, ...]]
+    stored_dtype: torch.dtype | None  # the dtype of the file's floating tensors
     read: Callable[[], dict[str, torch.Tensor]]
 
     @property
@@ -219,19 +220,19 @@ def inspect_checkpoint(
     if checkpoint.config is not None:  # a folder or hub repo in the Hugging Face layout
         layout, config, preset = "hf", checkpoint.config, checkpoint.preset
         files = checkpoint.weight_files
-        shapes = header_shapes(files)
+        shapes, stored = header_shapes(files), header_dtype(files)
         model_type = recognize.detect_layout(shapes)[1]
         if dtype == "auto":  # the dtype config.json names, else the one the file stores; float16 as float32
             named = config.extra.get("dtype") or config.extra.get("torch_dtype")
-            dtype = _not_half(_DTYPE_ALIASES.get(str(named)) or header_dtype(files) or torch.float32)
+            dtype = _not_half(_DTYPE_ALIASES.get(str(named)) or stored or torch.float32)
         read = lambda: read_safetensors(files, dtype=dtype, device=_read_device(device))  # noqa: E731
     else:  # one weights file: its keys say the layout, its shapes (or `config`) the architecture
         file = checkpoint.weight_files[0]
-        shapes, read = _open_weights_file(file, dtype, check_hash)
+        shapes, stored, read = _open_weights_file(file, dtype, check_hash)
         layout, model_type = recognize.detect_layout(shapes)
         config, preset = _config_for_file(shapes, layout, model_type, file, config)
     recognize.check_config(config, shapes, layout, model_type, checkpoint.source)
-    return Inspected(checkpoint, config, preset, layout, shapes, read)
+    return Inspected(checkpoint, config, preset, layout, shapes, stored, read)
 
 
 def load_pretrained(
@@ -323,14 +324,14 @@ def _not_half(dtype: torch.dtype) -> torch.dtype:
 
 
 def _open_weights_file(path: str, dtype, check_hash: bool):
-    """(shapes, read) of a single weights file: its tensor shapes, known without reading the data, and
-    a function that reads the tensors, floating ones cast to `dtype` ("auto": as stored, float16 as
-    float32)."""
+    """(shapes, stored dtype, read) of a single weights file: its tensor shapes and floating dtype,
+    known without reading the data, and a function that reads the tensors, floating ones cast to
+    `dtype` ("auto": as stored, float16 as float32)."""
     if path.lower().endswith(".safetensors"):
-        shapes = header_shapes([path])
+        shapes, stored = header_shapes([path]), header_dtype([path])
         if dtype == "auto":
-            dtype = _not_half(header_dtype([path]) or torch.float32)
-        return shapes, lambda: read_safetensors([path], dtype=dtype)
+            dtype = _not_half(stored or torch.float32)
+        return shapes, stored, lambda: read_safetensors([path], dtype=dtype)
     name = os.path.basename(path)
     official = preset_for_meta_file(name)
     if check_hash and official is not None:  # only Meta's own file names carry a hash
@@ -341,6 +342,7 @@ def _open_weights_file(path: str, dtype, check_hash: bool):
         message = str(e)
         raise CheckpointError(message if message.startswith(path) else f"{path}: {message}") from None
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    stored = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)
 
     def read():
         out = {}
@@ -350,7 +352,7 @@ def _open_weights_file(path: str, dtype, check_hash: bool):
             out[key] = tensor.to(want) if tensor.is_floating_point() else tensor
         return out
 
-    return shapes, read
+    return shapes, stored, read
 
 
 def _config_for_file(shapes, layout: str, model_type: str, file: str, config):

@@ -1,0 +1,53 @@
+"""Pieces of the command line that several commands share: argument types, and the model, runtime
+and preprocessing options. Each room's commands (embed, dense, index, probe, serve) use them, so
+that one option reads and checks the same everywhere; the choices come from the modules that own them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def natural(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """-m/--model and --no-hash-check."""
+    parser.add_argument("-m", "--model", required=required, help="preset name (`dino3 info`), hub id, folder or file")
+    parser.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: --device, --dtype, --quantize, --backend, --precision, --calibration."""
+    from .models.pretrained import DTYPE_NAMES
+    from .quantization import MODES
+    from .runtime.model import BACKENDS, PRECISIONS
+
+    precisions = sorted({p for values in PRECISIONS.values() for p in values})
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: float32); float16 breaks DINOv3")
+    parser.add_argument("--quantize", choices=MODES, help="quantize the linear layers (see the README)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="inference engine (default: torch)")
+    parser.add_argument("--precision", choices=precisions, help="with --backend onnxruntime/openvino (default: f32)")
+    parser.add_argument("--calibration", help="with --backend openvino --precision int8: a folder of images")
