@@ -143,7 +143,7 @@ def test_convnext_presets():
         "convnext-base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
         "convnext-large": ([3, 3, 27, 3], [192, 384, 768, 1536]),
     }
-    assert dino3.list_models("convnext") == list(expected)
+    assert dino3.list_models("convnext", family="DINOv3") == list(expected)
     for name, (depths, sizes) in expected.items():
         config = get_preset(name).make_config()
         assert (config.depths, config.hidden_sizes, config.layer_norm_eps) == (depths, sizes, 1e-6)
@@ -151,7 +151,16 @@ def test_convnext_presets():
 
 
 def test_list_models_and_aliases():
-    assert dino3.list_models("vit") == list(VIT_ARCHITECTURES)
+    assert dino3.list_models("vit", family="DINOv3") == list(VIT_ARCHITECTURES)
+    assert dino3.list_models(family="EUPE") == [
+        "eupe-vitt16",
+        "eupe-vits16",
+        "eupe-vitb16",
+        "eupe-convnext-tiny",
+        "eupe-convnext-small",
+        "eupe-convnext-base",
+    ]
+    assert find_preset("facebook/EUPE-ViT-S").name == "eupe-vits16"
     assert find_preset("facebook/dinov3-vitl16-pretrain-sat493m").name == "vitl16-sat493m"
     assert find_preset("dinov3-vitb16-pretrain-lvd1689m").name == "vitb16"
     assert find_preset("VITB16").name == "vitb16"

@@ -288,11 +288,13 @@ def test_sat_name_picks_the_sat_preset():
         assert preset.name == expected
 
 
-def test_unofficial_architecture_without_config_asks_for_one(tmp_path):
-    reference = hf_vit_like(timm_vit("plain"))
+def test_unofficial_architecture_without_config_loads_from_its_tensors(tmp_path):
+    reference = hf_vit_like(timm_vit("plain"))  # width 128: no preset has it
     torch.save(meta_vit_state_dict(reference), tmp_path / "m.pth")
-    with pytest.raises(CheckpointError, match=r"match no official DINOv3 model.*pass config="):
-        dino3.load(tmp_path / "m.pth")
+    model = dino3.load(tmp_path / "m.pth")
+    assert model.preset is None and model.config.num_attention_heads == reference.config.num_attention_heads
+    x = pixels((32, 48))
+    assert max_diff(outputs(model, x), outputs(reference, x)) <= 1e-4
 
 
 # -- bad files ------------------------------------------------------------------------------------------

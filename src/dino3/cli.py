@@ -94,6 +94,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {p.name:18} {p.architecture:9} {p.params:>6}  {p.dataset:10} {p.hub_id}")
         return EXIT_OK
     preset = find_preset(args.model)
+    found = None
     try:
         found = inspect_checkpoint(args.model, check_hash=False, hub=HubOptions()) if _is_file(args.model) else None
         # a local folder's weight files are looked at (headers only); a hub repo's are not downloaded
@@ -115,6 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [f"{args.model}  ({preset.hub_id if preset else args.model})"]
     lines.append(f"  architecture   DINOv3 {kind}, {count / 1e6:.1f}M parameters")
     lines += [f"  {line}" for line in config.describe()]
+    if found is not None and found.config_from == "tensors":
+        lines.append("  (architecture inferred from the tensors: no preset has these shapes; config= overrides)")
     if preset is not None:
         lines.append(f"  trained on     {preset.dataset}")
         lines.append(f"  normalisation  mean {list(preset.image_mean)}, std {list(preset.image_std)}")

@@ -33,6 +33,9 @@ SAT493M_MEAN = (0.430, 0.411, 0.296)
 SAT493M_STD = (0.213, 0.156, 0.143)
 LVD, SAT = "LVD-1689M", "SAT-493M"
 DINOV3_LICENSE = "DINOv3 License (https://ai.meta.com/resources/models-and-libraries/dinov3-license/)"
+EUPE_LICENSE = (
+    "FAIR Noncommercial Research License (see https://github.com/facebookresearch/eupe): not the DINOv3 License"
+)
 
 # Meta's file names end in the first 8 hex digits of the file's SHA-256, as torch.hub checks them.
 _META_FILE = re.compile(r"^(?P<stem>.+)-(?P<hash>[0-9a-f]{8})\.pth$")
@@ -47,6 +50,7 @@ class Preset:
     architecture: str  # a key of ARCHITECTURES
     config: dict[str, Any]  # the config fields that differ from the architecture's defaults
     dataset: str = LVD  # what it was trained on
+    family: str = "DINOv3"  # "DINOv3", or "EUPE" (distilled through a DINOv3-architecture proxy)
     meta_file: str | None = None  # Meta's original .pth file name, with its hash suffix
     params: str = ""  # parameter count, as the model card gives it
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -203,6 +207,72 @@ _OFFICIAL = [
 ]
 
 
+# Meta's EUPE models (Efficient Universal Perception Encoder, 2026): the DINOv3 architectures, distilled
+# through a large DINOv3-architecture proxy from several teachers. timm registers them as
+# vit_*_patch16_dinov3_qkvb.eupe_lvd1689m and convnext_*.eupe_lvd1689m; their processor takes 256 px
+# images (timm's input_size, Transformers' conversion); layer scale starts at 1e-5 (Transformers'
+# conversion; it only matters for random initialisation). The S and B ViTs and the ConvNeXts have the
+# shapes of their DINOv3 namesakes: a bare file is told apart by its name ("eupe").
+EUPE = dict(family="EUPE", license=EUPE_LICENSE, image_size=256)
+_EUPE_VIT = dict(layerscale_value=1e-5)
+_OFFICIAL += [
+    Preset(
+        name="eupe-vitt16",
+        hub_id="facebook/EUPE-ViT-T",
+        architecture="vit",
+        config=_vit(192, 12, 3, 768, PLAIN_MLP, _EUPE_VIT),
+        params="5.5M",
+        aliases=("eupe-vit-t",),
+        **EUPE,
+    ),
+    Preset(
+        name="eupe-vits16",
+        hub_id="facebook/EUPE-ViT-S",
+        architecture="vit",
+        config=_vit(384, 12, 6, 1536, PLAIN_MLP, _EUPE_VIT),
+        params="22M",
+        aliases=("eupe-vit-s",),
+        **EUPE,
+    ),
+    Preset(
+        name="eupe-vitb16",
+        hub_id="facebook/EUPE-ViT-B",
+        architecture="vit",
+        config=_vit(768, 12, 12, 3072, PLAIN_MLP, _EUPE_VIT),
+        params="86M",
+        aliases=("eupe-vit-b",),
+        **EUPE,
+    ),
+    Preset(
+        name="eupe-convnext-tiny",
+        hub_id="facebook/EUPE-ConvNeXt-T",
+        architecture="convnext",
+        config=_convnext([3, 3, 9, 3], [96, 192, 384, 768]),
+        params="29M",
+        aliases=("eupe-convnext-t",),
+        **EUPE,
+    ),
+    Preset(
+        name="eupe-convnext-small",
+        hub_id="facebook/EUPE-ConvNeXt-S",
+        architecture="convnext",
+        config=_convnext([3, 3, 27, 3], [96, 192, 384, 768]),
+        params="50M",
+        aliases=("eupe-convnext-s",),
+        **EUPE,
+    ),
+    Preset(
+        name="eupe-convnext-base",
+        hub_id="facebook/EUPE-ConvNeXt-B",
+        architecture="convnext",
+        config=_convnext([3, 3, 27, 3], [128, 256, 512, 1024]),
+        params="89M",
+        aliases=("eupe-convnext-b",),
+        **EUPE,
+    ),
+]
+
+
 # -- the registry -------------------------------------------------------------------------------------
 class _Registry:
     """Presets by name, and every other spelling that names one (hub ids with or without the owner,
@@ -255,9 +325,10 @@ def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
     return preset
 
 
-def list_models(architecture: str | None = None) -> list[str]:
-    """Short names of the known checkpoints, optionally only those of one architecture."""
-    return [p.name for p in _REGISTRY.all() if architecture in (None, p.architecture)]
+def list_models(architecture: str | None = None, family: str | None = None) -> list[str]:
+    """Short names of the known checkpoints, optionally only those of one architecture ("vit",
+    "convnext") or family ("DINOv3", "EUPE")."""
+    return [p.name for p in _REGISTRY.all() if architecture in (None, p.architecture) and family in (None, p.family)]
 
 
 def all_presets() -> list[Preset]:

@@ -199,6 +199,7 @@ class Inspected:
     shapes: dict[str, tuple[int, ...]]
     stored_dtype: torch.dtype | None  # the dtype of the file's floating tensors
     read: Callable[[], dict[str, torch.Tensor]]
+    config_from: str = "config.json"  # or "given", "preset" (shapes and name), "tensors" (no preset fits)
 
     @property
     def source(self) -> str:
@@ -230,7 +231,9 @@ def inspect_checkpoint(
         file = checkpoint.weight_files[0]
         shapes, stored, read = _open_weights_file(file, dtype, check_hash)
         layout, model_type = recognize.detect_layout(shapes)
-        config, preset = _config_for_file(shapes, layout, model_type, file, config)
+        config, preset, config_from = _config_for_file(shapes, layout, model_type, file, config)
+        recognize.check_config(config, shapes, layout, model_type, checkpoint.source)
+        return Inspected(checkpoint, config, preset, layout, shapes, stored, read, config_from)
     recognize.check_config(config, shapes, layout, model_type, checkpoint.source)
     return Inspected(checkpoint, config, preset, layout, shapes, stored, read)
 
@@ -356,23 +359,24 @@ def _open_weights_file(path: str, dtype, check_hash: bool):
 
 
 def _config_for_file(shapes, layout: str, model_type: str, file: str, config):
-    """(config, preset) for a bare weights file: the one given, the config.json beside a Hugging Face
-    file, or the preset its shapes and name match."""
+    """(config, preset, where the config came from) for a bare weights file: the one given, the
+    config.json beside a Hugging Face file, or what its shapes and name say (see infer_config)."""
     if isinstance(config, _Config):
-        return config, None
+        return config, None, "given"
     if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
         if not Path(config).is_file():
             raise CheckpointError(f"config: no such file {config}")
-        return read_config(config), None
+        return read_config(config), None, "given"
     if isinstance(config, str):
         preset = get_preset(config)
-        return preset.make_config(), preset
+        return preset.make_config(), preset, "given"
     if config is not None:
         raise TypeError(f"config must be a config, a preset name or a config.json path, got {type(config).__name__}")
     beside = Path(file).parent / CONFIG_NAME
     if layout == "hf" and beside.is_file():
-        return read_config(beside), None
-    return recognize.infer_config(shapes, layout, model_type, Path(file).name)
+        return read_config(beside), None, "config.json"
+    config, preset = recognize.infer_config(shapes, layout, model_type, Path(file).name)
+    return config, preset, "preset" if preset is not None else "tensors"
 
 
 def _auto_device(config: _Config, dtype: torch.dtype, **model_kwargs: Any) -> torch.device:

@@ -81,10 +81,21 @@ class Extra:
     """A tensor a layout holds that dino3 does not: `make` builds it when writing (None: never
     written); `check` validates it when reading (it is then dropped, or kept as an extra)."""
 
-    name: str
+    name: str  # or, with prefix=True, the start of the names of a group of tensors
     make: Callable[[StateDict, _Config], torch.Tensor] | None = None
     check: Callable[[torch.Tensor, str], None] | None = None
     shape: Callable[[dict[str, Shape]], Shape] | None = None  # set for the ones a file must hold
+    prefix: bool = False
+
+
+class OptionalKeys:
+    """Names a file may hold or not: exact names, and groups named by a prefix."""
+
+    def __init__(self, names: set[str], prefixes: tuple[str, ...]) -> None:
+        self.names, self.prefixes = names, prefixes
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (key in self.names or key.startswith(self.prefixes))
 
 
 # -- the ViT table -----------------------------------------------------------------------------------------
@@ -217,6 +228,7 @@ def _vit_extras(config: DINOv3ViTConfig, layout: str) -> list[Extra]:
         # The SAT ViT-L and the 7B models carry a second final norm that Meta never uses at inference.
         Extra("local_cls_norm.weight"),
         Extra("local_cls_norm.bias"),
+        Extra("projectors.", prefix=True),  # EUPE's distillation heads, not part of the backbone
     ]
     if config.query_bias:
         for i in range(config.num_hidden_layers):
@@ -294,8 +306,9 @@ def _convnext_rows(config: DINOv3ConvNextConfig) -> list[Row]:
 def _convnext_extras(config: DINOv3ConvNextConfig, layout: str) -> list[Extra]:
     if layout != "meta":
         return []
-    # Meta's state dicts name the final norm twice: `norm` and `norms.3`.
-    return [Extra(f"norms.3.{leaf}", make=lambda sd, c, leaf=leaf: sd[f"norm.{leaf}"]) for leaf in ("weight", "bias")]
+    # Meta's state dicts name the final norm twice: `norm` and `norms.3`; EUPE's carry distillation heads.
+    extras = [Extra(f"norms.3.{leaf}", make=lambda sd, c, leaf=leaf: sd[f"norm.{leaf}"]) for leaf in ("weight", "bias")]
+    return extras + [Extra("projectors.", prefix=True)]
 
 
 # -- the tables, by architecture ----------------------------------------------------------------------------
@@ -325,7 +338,7 @@ def _not_storable(row: Row, layout: str) -> CheckpointError:
 
 
 # -- shapes a file must hold ----------------------------------------------------------------------------------
-def expected_shapes(ours: Mapping[str, Shape], config: _Config, layout: str) -> tuple[dict[str, Shape], set[str]]:
+def expected_shapes(ours: Mapping[str, Shape], config: _Config, layout: str) -> tuple[dict[str, Shape], OptionalKeys]:
     """(required keys -> shapes, optional keys) of a file in `layout` for a model whose own tensors
     have the shapes `ours`."""
     rows, extras = _table(config, layout, ours)
@@ -346,13 +359,15 @@ def expected_shapes(ours: Mapping[str, Shape], config: _Config, layout: str) -> 
             required[cell.name] = tuple(cell.shape(shape))
         elif isinstance(cell, NonEmpty) and _numel(shape):
             required[cell.name] = shape
-    optional = set()
+    names, prefixes = set(), []
     for extra in extras:
         if extra.shape is not None:
             required[extra.name] = tuple(extra.shape(required))
+        elif extra.prefix:
+            prefixes.append(extra.name)
         else:
-            optional.add(extra.name)
-    return required, optional
+            names.add(extra.name)
+    return required, OptionalKeys(names, tuple(prefixes))
 
 
 def _numel(shape: Shape) -> int:
@@ -411,7 +426,10 @@ def to_dino3(
             source.pop(cell.name, None)
     kept: StateDict = {}
     for extra in extras:
-        if extra.name in source:
+        if extra.prefix:  # a group the backbone does not use: dropped
+            for key in [k for k in source if k.startswith(extra.name)]:
+                source.pop(key)
+        elif extra.name in source:
             tensor = source.pop(extra.name)
             if extra.check is not None:
                 extra.check(tensor, extra.name)
@@ -446,7 +464,7 @@ def from_dino3(state_dict: Mapping[str, torch.Tensor], config: _Config, layout: 
         like = next(iter(pieces.values()))
         out[name] = torch.cat([pieces.get(j, torch.zeros_like(like)) for j in range(counts[name])])
     for extra in extras:
-        if extra.make is not None:
+        if extra.make is not None and not extra.prefix:
             out[extra.name] = extra.make(dict(state_dict), config)
     return out
 

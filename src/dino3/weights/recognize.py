@@ -10,12 +10,12 @@ file's keys and shapes with what the model needs and reports every difference at
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..presets import LVD, Preset, all_presets, preset_for_meta_file
 from .formats import LAYOUT_NAMES, normalize_hf_keys
 
@@ -157,39 +157,82 @@ def check_config(config: _Config, shapes: Mapping[str, Shape], layout: str, mode
         )
 
 
+# Sizes a bare file does not show, from the DINOv3 family's own conventions.
+_HEAD_DIM = 64  # every DINOv3 and EUPE ViT, but the 7B's
+_WIDE_HEAD_DIM, _WIDE = 128, 4096  # the 7B: width 4096, 32 heads of 128
+
+
 def infer_config(
     shapes: Mapping[str, Shape], layout: str, model_type: str, file_name: str = ""
-) -> tuple[_Config, Preset]:
-    """(config, preset) of the known checkpoint whose architecture the tensor shapes show.
+) -> tuple[_Config, Preset | None]:
+    """(config, preset) for a state dict without a config.json, from its tensor shapes.
 
-    Shapes give the width, depth, MLP kind and biases but not the number of heads, so a state dict
-    without a config must match a preset; the file name picks between the LVD and SAT variants of
-    one architecture (an exact Meta file name picks its own preset).
+    A known checkpoint whose architecture the shapes show gives its preset: an exact Meta file name
+    picks its own; otherwise the file name picks between presets of one architecture (SAT-493M, EUPE),
+    LVD-1689M DINOv3 first. timm's default DINOv3 files drop the q/v biases (they are zero): such a
+    file matches its preset with the biases off. Shapes that match no preset but describe a valid
+    DINOv3-architecture model (another distilled size, a fine-tune of another width) give a config
+    built from the tensors alone, and no preset; see `config_from_tensors`.
     """
     found = signature(shapes, layout, model_type)
-    matches = [p for p in all_presets() if p.config_class.model_type == model_type]
-    matches = [p for p in matches if config_signature(p.make_config()) == found]
+    candidates = [p for p in all_presets() if p.config_class.model_type == model_type]
+    loose = _without_biases(found)
+    matches = [p for p in candidates if _without_biases(config_signature(p.make_config())) == loose]
     if not matches:
+        return config_from_tensors(shapes, layout, model_type, found), None
+    name = Path(file_name).name.lower()
+    exact = preset_for_meta_file(Path(file_name).name)
+
+    def rank(p: Preset) -> tuple:  # the exact Meta name; a name that says EUPE or SAT; plain DINOv3 LVD
+        family = p.family != "DINOv3" and p.family.lower() in name
+        dataset = p.dataset != LVD and p.dataset.lower().replace("-", "") in name
+        return (p is exact, family, dataset, p.family == "DINOv3" and p.dataset == LVD)
+
+    preset = max(matches, key=rank)
+    config = preset.make_config()
+    if model_type == DINOv3ViTConfig.model_type and found["query_bias"] != config.query_bias:
+        config = config.replace(query_bias=found["query_bias"], value_bias=found["query_bias"])
+    return config, preset
+
+
+def _without_biases(sizes: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sizes.items() if k != "query_bias"}
+
+
+def config_from_tensors(
+    shapes: Mapping[str, Shape], layout: str, model_type: str, found: dict[str, Any] | None = None
+) -> _Config:
+    """A config built from the tensors alone. Everything but the number of heads shows in the shapes;
+    the heads come from Meta's RoPE `periods` (head_dim / 4 values) when the file has them, else from
+    the family's head size (64; 128 for width 4096, the 7B's). Pass config= to say otherwise."""
+    found = found or signature(shapes, layout, model_type)
+    try:
+        if model_type == DINOv3ConvNextConfig.model_type:
+            return DINOv3ConvNextConfig(depths=found["depths"], hidden_sizes=found["hidden_sizes"])
+        width = found["hidden_size"]
+        periods = shapes.get("rope_embed.periods")
+        head_dim = 4 * periods[0] if periods else (_WIDE_HEAD_DIM if width >= _WIDE else _HEAD_DIM)
+        gated = found["use_gated_mlp"]
+        return DINOv3ViTConfig(
+            **{k: v for k, v in found.items() if k != "query_bias"},
+            num_attention_heads=width // head_dim if width % head_dim == 0 else 0,
+            hidden_act="silu" if gated else "gelu",
+            query_bias=found["query_bias"],
+            value_bias=found["query_bias"],
+            key_bias=False,
+        )
+    except (ConfigError, KeyError, TypeError, IndexError) as e:
         described = ", ".join(f"{k}={v}" for k, v in found.items())
         raise CheckpointError(
-            f"the tensors ({described}) match no official DINOv3 model, and there is no config.json: "
+            f"the tensors ({described}) match no known DINOv3 model and describe no valid one ({e}); "
             "pass config=DINOv3ViTConfig(...) or DINOv3ConvNextConfig(...) (or a preset name) describing it"
-        )
-    name = Path(file_name).name
-    exact = preset_for_meta_file(name)
-    lowered = name.lower()
-    preset = exact if exact in matches else None
-    preset = preset or next(
-        (p for p in matches if p.dataset != LVD and p.dataset.lower().replace("-", "") in lowered), None
-    )
-    preset = preset or next((p for p in matches if p.dataset == LVD), matches[0])
-    return preset.make_config(), preset
+        ) from None
 
 
 def check_shapes(
     found: Mapping[str, Shape],
     expected: Mapping[str, Shape],
-    optional: set[str],
+    optional: Container[str],
     source: str,
     hint: str = "",
 ) -> None:
@@ -205,7 +248,7 @@ def check_shapes(
     if not (missing or unexpected or mismatched):
         return
     matched = sum(1 for k in expected if k in found and tuple(found[k]) == tuple(expected[k]))
-    extra = sum(1 for k in optional if k in found)  # known tensors the layout may hold, and this file does
+    extra = sum(1 for k in found if k not in expected and k in optional)  # known tensors the layout may hold
     lines = [f"{source} does not match the model: {matched + extra} of {len(expected) + extra} tensors fit."]
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
         if keys:
