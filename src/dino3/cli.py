@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("folder", help="where to write config.json, model.safetensors, preprocessor_config.json")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_init_random)
+
+    from .serve.commands import add_commands as serve_commands
+
+    serve_commands(commands)
     return parser
 
 

@@ -25,6 +25,10 @@ class ImageError(Dino3Error, ValueError):
     """An input that is not a usable image; the message names the input and the reason."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image over a size limit (pixels, bytes or sides): refused before it is decoded."""
+
+
 class QuantizationError(Dino3Error, ValueError):
     """A quantization mode that cannot run here; the message says why and what to use instead."""
 

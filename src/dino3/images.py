@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 
 # Larger images are refused before they are decoded: 12k x 12k by default. Raise it for trusted
 # sources (a gigapixel scan); it guards against decompression bombs. PIL refuses images over twice
@@ -108,7 +108,7 @@ def open_image(
         raise ImageError(f"{name}: cannot be read as an image ({type(e).__name__}: {_first_line(e)})") from None
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if width * height > limit:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name}: {width}x{height} = {width * height / 1e6:.0f} megapixels is over the limit of "
             f"{limit / 1e6:.0f} (a guard against decompression bombs); if you trust this image, "
             "raise dino3.images.MAX_PIXELS"
@@ -171,7 +171,7 @@ def _open_pil(source: Any, name: str, cancel: threading.Event | None):
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image PIL can read (unknown or unsupported format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{name}: PIL refuses to decode it ({_first_line(e)}); if you trust this image, raise "
             "PIL.Image.MAX_IMAGE_PIXELS and dino3.images.MAX_PIXELS"
         ) from None
@@ -231,7 +231,7 @@ def download(
         with urllib.request.urlopen(request, timeout=min(10.0, budget)) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise ImageError(_too_large(url, max_bytes))
+                raise ImageTooLargeError(_too_large(url, max_bytes))
             while True:
                 if cancel is not None and cancel.is_set():
                     raise ImageError(f"{url}: download cancelled")
@@ -243,7 +243,7 @@ def download(
                 chunks.append(chunk)
                 total += len(chunk)
                 if total > max_bytes:
-                    raise ImageError(_too_large(url, max_bytes))
+                    raise ImageTooLargeError(_too_large(url, max_bytes))
     except ImageError:
         raise
     except urllib.error.HTTPError as e:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ._io import atomic_write_text
 from .config import read_json_object
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, ImageTooLargeError
 from .images import MemoryBudget, decode, open_image
 from .presets import IMAGENET_MEAN, IMAGENET_STD, Preset, find_preset
 from .weights.hub import HubOptions, download
@@ -291,20 +291,25 @@ class DINOv3ViTImageProcessor:
     preprocess = __call__
 
     def pixels(
-        self, image: Any, memory: MemoryBudget | None = None, cancel: threading.Event | None = None
+        self,
+        image: Any,
+        memory: MemoryBudget | None = None,
+        cancel: threading.Event | None = None,
+        max_pixels: int | None = None,
     ) -> torch.Tensor:
         """One image-like input -> its (3, H, W) float32 pixel values.
 
         memory: a budget of pixels being decoded at once, shared with other threads (see
-        dino3.images.MemoryBudget); cancel: an event that stops a download. Anything that goes wrong
-        is an ImageError that names the input.
+        dino3.images.MemoryBudget); cancel: an event that stops a download; max_pixels: refuse larger
+        images (default dino3.images.MAX_PIXELS). Anything that goes wrong is an ImageError that
+        names the input (ImageTooLargeError for a size limit).
         """
-        opened = open_image(image, draft_size=self._draft_size(), cancel=cancel)
+        opened = open_image(image, draft_size=self._draft_size(), cancel=cancel, max_pixels=max_pixels)
         width, height = opened.size
         if self.keep_aspect is not None:
             h, w = self.aspect_size(height, width)
             if max(h, w) > self.max_side:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{opened.name}: {width}x{height} px would be resized to {w}x{h} "
                     f"(keep_aspect={self.keep_aspect!r}), over max_side={self.max_side}; "
                     "use keep_aspect='longer' or raise max_side"

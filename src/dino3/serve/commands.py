@@ -1,0 +1,93 @@
+"""`dino3 serve`: the command that loads a model and serves it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+
+
+def add_commands(commands) -> None:
+    from ..arguments import add_model_arguments, add_runtime_arguments, natural, positive_int
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP: embeddings in OpenAI's shape, dynamic batching, metrics",
+        description="Serve a model over HTTP (FastAPI on uvicorn): POST /v1/embeddings, /v1/embeddings/upload, "
+        "/v1/patches; GET /healthz, /readyz, /metrics, /docs. Binds 127.0.0.1 unless told otherwise.",
+        epilog="example:\n  dino3 serve -m vits16 --port 8000 --max-batch 32\n"
+        '  curl -s localhost:8000/v1/embeddings -d \'{"input": "data:image/png;base64,..."}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=natural, default=8000, help="port (default: 8000; 0: any free port)")
+    add_runtime_arguments(serve)
+    serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward at most (default: 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images this long (default: 10)")
+    serve.add_argument("--max-queue", type=positive_int, default=256, help="images waiting at most; then 429")
+    serve.add_argument("--max-images", type=positive_int, default=64, help="images per request at most; then 413")
+    serve.add_argument("--max-body-mb", type=positive_int, default=32, help="request body at most, MiB; then 413")
+    serve.add_argument("--max-megapixels", type=float, default=40.0, help="pixels per image at most; then 413")
+    serve.add_argument("--decode-threads", type=positive_int, default=2, help="threads decoding images (default: 2)")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but the health checks")
+    serve.add_argument("--allow-urls", action="store_true", help="fetch http(s) URLs given as inputs")
+    serve.add_argument("--allow-private-urls", action="store_true", help="also from private networks (not advised)")
+    serve.add_argument(
+        "--cors-origin", action="append", default=[], help="allow this origin (repeatable); default: none"
+    )
+    serve.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        from ..errors import UsageError
+
+        raise UsageError("dino3 serve needs FastAPI and uvicorn: pip install 'dino3[serve]'") from None
+    from ..api import load
+    from .service import ServeSettings, create_app
+
+    options = {"check_hash": not args.no_hash_check}
+    if args.backend == "torch":
+        options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
+    else:
+        from ..embed import expand_inputs
+
+        calibration = expand_inputs([args.calibration]).paths if args.calibration else None
+        options.update(backend=args.backend, precision=args.precision, calibration=calibration)
+    model = load(args.model, **options)
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_images=args.max_images,
+        max_body_bytes=args.max_body_mb * 2**20,
+        max_pixels=int(args.max_megapixels * 1e6),
+        api_key=args.api_key,
+        allow_urls=args.allow_urls,
+        allow_private_urls=args.allow_private_urls,
+        cors_origins=args.cors_origin,
+        decode_threads=args.decode_threads,
+        model_name=args.model,
+    )
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
+    app = create_app(model, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    # uvicorn stops accepting on SIGTERM, lets the requests in flight finish, then raises the signal
+    # again for the handler that was there before: a quiet one, so that the service exits with 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,290 @@
+"""`dino3 serve`: a real uvicorn server on 127.0.0.1, real HTTP clients, bounded traffic.
+
+The features a client gets equal what `dino3 embed` computes; every bad request gets its 4xx in
+OpenAI's error shape and the server keeps serving; a full queue answers 429; SIGTERM lets the
+requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import dino3
+from dino3.cli import main
+from helpers import randomize_
+
+pytest.importorskip("fastapi")
+import uvicorn  # noqa: E402
+
+from dino3.serve import ServeSettings, create_app  # noqa: E402
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
+SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
+    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
+    return folder
+
+
+class Server:
+    """A uvicorn server for one app, on a free port of 127.0.0.1, in a thread."""
+
+    def __init__(self, app) -> None:
+        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    model = dino3.load(checkpoint)
+    running = Server(create_app(model, ServeSettings(max_batch=8, max_wait_ms=20, max_images=8, max_body_bytes=2**23)))
+    yield running
+    running.stop()
+
+
+def data_url(path: Path) -> str:
+    kind = "png" if path.suffix == ".png" else "jpeg"
+    return f"data:image/{kind};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+def test_sixteen_concurrent_clients_get_what_embed_computes(server, checkpoint, tmp_path):
+    out = tmp_path / "f.npz"
+    assert main(["embed", *map(str, PHOTOS), "-m", str(checkpoint), "-o", str(out), "-q", "--pool", "cls+mean"]) == 0
+    expected = dino3.embed.read_embeddings(out).features
+
+    def ask(i):
+        photo = PHOTOS[i % len(PHOTOS)]
+        body = {"input": [data_url(photo)], "pool": "cls+mean", "encoding_format": "base64" if i % 2 else "float"}
+        response = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        item = response.json()["data"][0]
+        vector = item["embedding"]
+        if isinstance(vector, str):
+            vector = np.frombuffer(base64.b64decode(vector), dtype="<f4")
+        return i % len(PHOTOS), np.asarray(vector, dtype=np.float32)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(48)))
+    for index, vector in results:
+        assert np.abs(vector - expected[index]).max() <= 1e-4
+    metrics = httpx.get(f"{server.url}/metrics").text
+    batches = [line for line in metrics.splitlines() if line.startswith("dino3_batch_size_count")]
+    sums = [line for line in metrics.splitlines() if line.startswith("dino3_batch_size_sum")]
+    assert batches and float(sums[0].split()[-1]) / float(batches[0].split()[-1]) > 1.0  # requests were batched
+
+
+def test_openai_shape_and_other_routes(server):
+    body = {"input": data_url(PHOTOS[0]), "model": None}
+    response = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60).json()
+    assert response["object"] == "list" and response["data"][0]["object"] == "embedding"
+    assert len(response["data"][0]["embedding"]) == 64 and response["usage"]["images"] == 1
+    patches = httpx.post(f"{server.url}/v1/patches", json={"input": data_url(PHOTOS[0])}, timeout=60).json()
+    item = patches["data"][0]
+    assert item["grid"] == [14, 14] and item["dim"] == 64 and len(item["embedding"]) == 14 * 14 * 64
+    files = [("files", (p.name, p.read_bytes())) for p in PHOTOS[:2]]
+    uploaded = httpx.post(f"{server.url}/v1/embeddings/upload", files=files, data={"pool": "mean"}, timeout=60)
+    assert uploaded.status_code == 200 and len(uploaded.json()["data"]) == 2
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
+    assert "/v1/embeddings" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_every_bad_request_gets_its_4xx_and_the_server_goes_on(server):
+    url = f"{server.url}/v1/embeddings"
+    good = data_url(PHOTOS[0])
+    small = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(small, "PNG")
+    tiny = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    truncated = "data:image/jpeg;base64," + base64.b64encode(PHOTOS[1].read_bytes()[:2000]).decode()
+    bomb = "data:image/png;base64," + base64.b64encode(png_header(100_000, 100_000)).decode()
+    cases = [
+        ({"input": [good, "data:image/png;base64," + base64.b64encode(b"not an image").decode()]}, 400, "input[1]"),
+        ({"input": [good, truncated]}, 400, "input[1]"),
+        ({"input": [bomb]}, 413, "input[0]"),
+        ({"input": ["%%% not base64 %%%"]}, 400, "input[0]"),
+        ({"input": [tiny] * 9}, 413, "input"),  # max_images is 8
+        ({"input": []}, 400, "input"),
+        ({"input": 42}, 400, "input"),
+        ({"input": [good], "pool": "patches"}, 400, "pool"),
+        ({"input": [good], "encoding_format": "hex"}, 400, "encoding_format"),
+        ({"input": [good], "model": "someone/else"}, 404, "model"),
+        ({"input": ["https://example.com/cat.png"]}, 400, "input[0]"),  # URLs need --allow-urls
+    ]
+    for body, status, param in cases:
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == status, (body if len(str(body)) < 200 else param, response.text)
+        assert error_of(response)["param"] == param
+    for raw in (b"{not json", b"[" * 100_000, b'{"input": '):
+        response = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        assert response.status_code == 400 and error_of(response)["type"] == "invalid_request_error"
+    big = httpx.post(url, content=b"x" * (2**23 + 10), timeout=60)
+    assert big.status_code == 413 and "8388608" in error_of(big)["message"]
+
+    def chunked():
+        for _ in range(140):
+            yield b"y" * 65536
+
+    assert httpx.post(url, content=chunked(), timeout=60).status_code == 413  # no Content-Length either
+    assert httpx.post(url, json={"input": [good]}, timeout=60).status_code == 200  # still serving
+
+
+def test_a_full_queue_answers_429_with_retry_after(checkpoint):
+    model = dino3.load(checkpoint)
+    slow = Server(create_app(model, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2, max_images=8)))
+    try:
+        body = {"input": [data_url(PHOTOS[0])] * 2}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(
+                pool.map(lambda _: httpx.post(f"{slow.url}/v1/embeddings", json=body, timeout=120), range(8))
+            )
+        statuses = sorted(r.status_code for r in responses)
+        assert 200 in statuses and 429 in statuses, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert int(refused.headers["retry-after"]) >= 1 and error_of(refused)["type"] == "rate_limit_error"
+    finally:
+        slow.stop()
+
+
+def test_api_key_and_urls(checkpoint):
+    model = dino3.load(checkpoint)
+    guarded = Server(create_app(model, ServeSettings(api_key="s3cret", allow_urls=True)))
+    try:
+        body = {"input": [data_url(PHOTOS[0])]}
+        assert httpx.post(f"{guarded.url}/v1/embeddings", json=body).status_code == 401
+        assert httpx.get(f"{guarded.url}/metrics").status_code == 401
+        assert httpx.get(f"{guarded.url}/healthz").status_code == 200
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(f"{guarded.url}/v1/embeddings", json=body, headers=auth, timeout=60).status_code == 200
+        private = {"input": [f"{guarded.url}/openapi.json"]}  # the server's own network
+        response = httpx.post(f"{guarded.url}/v1/embeddings", json=private, headers=auth, timeout=60)
+        assert response.status_code == 400 and "private network" in error_of(response)["message"]
+    finally:
+        guarded.stop()
+
+
+def test_a_client_that_leaves_breaks_nothing(server):
+    body = {"input": [data_url(p) for p in PHOTOS[:8]]}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=0.05)
+    response = httpx.post(f"{server.url}/v1/embeddings", json={"input": [data_url(PHOTOS[0])]}, timeout=60)
+    assert response.status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_lets_requests_in_flight_finish(checkpoint):
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "dino3.cli",
+        "serve",
+        "-m",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"input": [data_url(p) for p in PHOTOS[:8]]}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(httpx.post, f"{url}/v1/embeddings", json=body, timeout=120) for _ in range(4)]
+            time.sleep(0.3)  # the requests are in flight
+            process.send_signal(signal.SIGTERM)
+            statuses = [f.result().status_code for f in futures]
+        assert statuses == [200] * 4
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_bad_command_lines(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "-m", "x", "--max-batch", "0"])
+    assert e.value.code == 2
+    assert main(["serve", "-m", "vits61"]) == 1
+    assert "Did you mean vits16" in capsys.readouterr().err
+
+
+def test_decoding_is_done_off_the_event_loop(server):
+    """While one request waits on a long decode, another is answered (the loop is not blocked)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)).save(buffer, "PNG")
+    big = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(httpx.post, f"{server.url}/v1/embeddings", json={"input": [big]}, timeout=120)
+        time.sleep(0.1)
+        started = time.perf_counter()
+        assert httpx.get(f"{server.url}/healthz", timeout=60).status_code == 200
+        quick = time.perf_counter() - started
+        assert slow.result().status_code in (200, 413)
+    assert quick < 1.0
+    assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
