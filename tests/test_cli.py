@@ -269,3 +269,32 @@ def test_info_on_a_folder(checkpoint, capsys):
     assert main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "21.6M parameters" in out and "Hugging Face layout, 1 file, torch.float32" in out
+
+
+def test_shards_read_back_as_one(checkpoint, tmp_path, capsys):
+    """--shard K/N (a SLURM array, say): each task embeds its contiguous part; the parts read back
+    as the output of one run, in input order; a missing or foreign part is refused."""
+    inputs = [str(PHOTOS / n) for n in NAMES + ["horse.png", "coins.png", "rocket.jpg"]]
+    whole = tmp_path / "whole.npz"
+    assert main(["embed", *inputs, "-m", str(checkpoint), "-o", str(whole), "-q", "--size", "64"]) == 0
+    parts = [tmp_path / f"part-{k}.npz" for k in range(3)]
+    for k, part in enumerate(parts):
+        assert (
+            main(["embed", *inputs, "-m", str(checkpoint), "-o", str(part), "-q", "--size", "64", "--shard", f"{k}/3"])
+            == 0
+        )
+    merged = dino3.embed.read_shards(reversed(parts))
+    expected = dino3.embed.read_embeddings(whole)
+    assert merged.paths == expected.paths and np.array_equal(merged.features, expected.features)
+    with pytest.raises(dino3.UsageError, match=r"the job had 3 shards; these files hold shards \[0, 2\]"):
+        dino3.embed.read_shards([parts[0], parts[2]])
+    other = tmp_path / "other.npz"
+    assert (
+        main(["embed", *inputs, "-m", str(checkpoint), "-o", str(other), "-q", "--size", "96", "--shard", "1/3"]) == 0
+    )
+    with pytest.raises(dino3.UsageError, match="made with other settings"):
+        dino3.embed.read_shards([parts[0], other, parts[2]])
+    for bad in ("3/3", "a/b", "-1/3"):
+        with pytest.raises(SystemExit):
+            main(["embed", *inputs, "-m", str(checkpoint), "-o", str(tmp_path / "x.npz"), "--shard", bad])
+    capsys.readouterr()

@@ -58,6 +58,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         check_hash=not args.no_hash_check,
         progress=not args.quiet,
+        shard=args.shard,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--resume", action="store_true", help="continue an interrupted run from where it stopped")
     embed.add_argument("--overwrite", action="store_true", help="replace the output (and any interrupted run)")
     embed.add_argument("--checkpoint-every", type=positive_int, default=256, help="save progress every N images")
+    embed.add_argument("--shard", metavar="K/N", help="embed only part K of N of the inputs (0-based; SLURM arrays)")
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .inputs import IMAGE_SUFFIXES, Inputs, expand_inputs
 from .job import EmbedResult, model_identity, run
-from .writers import OUTPUT_SUFFIXES, Embeddings, read_embeddings, write_embeddings
+from .writers import OUTPUT_SUFFIXES, Embeddings, read_embeddings, read_shards, write_embeddings
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -19,6 +19,7 @@ __all__ = [
     "expand_inputs",
     "model_identity",
     "read_embeddings",
+    "read_shards",
     "run",
     "write_embeddings",
 ]

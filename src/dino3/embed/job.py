@@ -73,6 +73,7 @@ def run(
     overwrite: bool = False,
     check_hash: bool = True,
     progress: bool = True,
+    shard: tuple[int, int] | str | None = None,
     load: Callable[..., Any] | None = None,
 ) -> EmbedResult:
     """Embed images into one file; see the module docstring and `dino3 embed --help`."""
@@ -109,6 +110,7 @@ def run(
         else:
             processing["size"] = {"height": size, "width": size}
         DINOv3ViTImageProcessor(**processing)  # validates sizes (ConfigError) before any work
+        shard = parse_shard(shard)
     except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
         raise UsageError(str(e)) from None
     output = check_output(output, may_be_ragged=pool == "patches" and keep_aspect is not None)
@@ -124,11 +126,20 @@ def run(
     if calibration is not None:
         calibration = expand_inputs(list(calibration)).paths
     found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs))
-    paths = found.paths
-    if not paths:
-        raise UsageError(
-            "no images found in the inputs" + (f" ({len(found.skipped)} skipped)" if found.skipped else "")
-        )
+    if not found.paths:
+        skipped = f" ({len(found.skipped)} skipped)" if found.skipped else ""
+        raise UsageError(f"no images found in the inputs{skipped}")
+    paths, shard_meta = found.paths, None
+    if shard is not None:  # this job's contiguous part of the whole list: the parts read back in order
+        index, count = shard
+        total = len(found.paths)
+        begin, end = index * total // count, (index + 1) * total // count
+        shard_meta = {"index": index, "count": count, "begin": begin, "end": end, "total": total}
+        shard_meta["inputs_sha256"] = _digest(found.paths)
+        paths = found.paths[begin:end]
+        found = Inputs(paths, found.skipped if index == 0 else [], found.ignored if index == 0 else 0)
+        if not paths:
+            raise UsageError(f"shard {index}/{count} holds no image: there are only {total}")
 
     started = time.perf_counter()
     with RunLock(output):
@@ -154,6 +165,8 @@ def run(
             "calibration": _digest([str(c) for c in calibration]) if calibration else None,
             "processor": processor.to_dict(),
         }
+        if shard_meta is not None:
+            settings["shard"] = shard_meta
         store = Store(output, {**settings, "inputs_sha256": _digest(paths), "count": len(paths)})
         notes: list[str] = []
         chunks: list[Chunk] = []
@@ -221,6 +234,22 @@ def _embed_chunk(model, processor, paths, part, pool, layers, batch_size, worker
             chunk.grids.append(tuple(grid))
         bar.update(len(batch.indices))
     return chunk
+
+
+def parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
+    """A shard as (index, count): from "K/N" (0 <= K < N), as SLURM array jobs number their tasks."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            index, count = (int(part) for part in shard.split("/"))
+        except ValueError:
+            raise UsageError(f"shard {shard!r}: write it K/N, e.g. 0/8 for the first of 8 parts") from None
+    else:
+        index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise UsageError(f"shard {index}/{count}: K must lie in 0..N-1 and N be 1 or more")
+    return index, count
 
 
 def model_identity(model: Any) -> dict[str, Any]:

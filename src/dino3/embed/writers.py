@@ -209,3 +209,36 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: not a readable dino3 embeddings file ({type(e).__name__}: {e})") from None
     raise UsageError(f"{path}: the suffix must be one of {', '.join(OUTPUT_SUFFIXES)}")
+
+
+def read_shards(paths: list[str | os.PathLike]) -> Embeddings:
+    """The outputs of one job run as N shards (`dino3 embed --shard K/N`), read back as one, in input
+    order. They must all come from the same job (the same inputs, model and settings) and be all there."""
+    parts = sorted((read_embeddings(p) for p in paths), key=lambda e: (e.meta.get("shard") or {}).get("index", -1))
+    if not parts:
+        raise UsageError("no shard files given")
+    shards = [part.meta.get("shard") for part in parts]
+    if any(s is None for s in shards):
+        raise UsageError("some of these files were not written with --shard; give the shards of one job")
+    count = shards[0]["count"]
+    if [s["index"] for s in shards] != list(range(count)):
+        found = sorted(s["index"] for s in shards)
+        raise UsageError(f"the job had {count} shards; these files hold shards {found}")
+    same = {k: v for k, v in parts[0].meta.items() if k not in ("shard", "failed", "dino3_version")}
+    for part, shard in zip(parts, shards):
+        if shard["inputs_sha256"] != shards[0]["inputs_sha256"] or shard["count"] != count:
+            raise UsageError(f"shard {shard['index']} comes from another list of inputs")
+        other = {k: v for k, v in part.meta.items() if k not in ("shard", "failed", "dino3_version")}
+        if other != same:
+            changed = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
+            raise UsageError(f"shard {shard['index']} was made with other settings ({', '.join(changed)})")
+    paths_all = [p for part in parts for p in part.paths]
+    grids = np.concatenate([part.grid_sizes for part in parts])
+    meta = {**parts[0].meta, "shard": None, "failed": sum(part.meta.get("failed", 0) for part in parts)}
+    if any(part.offsets is not None for part in parts) or len({part.features.shape[1:] for part in parts}) > 1:
+        items = [part.item(i) for part in parts for i in range(len(part))]
+        counts = [int(f.shape[0] * f.shape[1]) for f in items]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        features = np.concatenate([f.reshape(c, -1) for f, c in zip(items, counts)])
+        return Embeddings(paths_all, features, grids, meta, offsets)
+    return Embeddings(paths_all, np.concatenate([part.features for part in parts]), grids, meta)
