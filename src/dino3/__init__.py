@@ -47,14 +47,15 @@ _EXPORTS = {
     "ExportError": "dino3.errors",
     "QuantizationError": "dino3.errors",
 }
-_SUBMODULES = ("pipeline", "embed")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
+# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.ray.embed(...) (Ray Data)
+_SUBMODULES = {"pipeline": "dino3.pipeline", "embed": "dino3.embed", "ray": "dino3.integrations.ray"}
 
 __all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"dino3.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'dino3' has no attribute {name!r}")

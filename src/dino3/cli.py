@@ -33,6 +33,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the command owns its process; the library never does this
+    if args.engine == "ray":
+        return _embed_on_ray(args)
     result = run(
         args.inputs,
         model=args.model,
@@ -79,6 +81,49 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}", file=sys.stderr)
         if count > 20:
             print(f"  ... and {count - 20} more", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _embed_on_ray(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .features import parse_layers
+    from .integrations.ray import run
+
+    if args.shard or args.device or args.quantize or args.calibration:
+        raise UsageError("--shard, --device, --quantize and --calibration are for the local engine")
+    result = run(
+        args.inputs,
+        args.model,
+        args.output,
+        ray_address=args.ray_address,
+        concurrency=args.concurrency,
+        shard_size=args.ray_shard_size,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        pool=args.pool,
+        layers=parse_layers(args.layers),
+        size=args.size,
+        keep_aspect=args.keep_aspect,
+        target=args.target,
+        fit=args.fit,
+        dtype=args.dtype,
+        backend=args.backend,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        check_hash=not args.no_hash_check,
+    )
+    print(
+        f"wrote {result.output}: {_plural(result.count, 'image')} in {result.seconds:.1f} s "
+        f"(Ray start-up {result.startup_seconds:.1f} s)",
+        file=sys.stderr,
+    )
+    if result.failures:
+        print(
+            f"{_plural(len(result.failures), 'image')} failed (listed in {result.output}/failures.parquet)",
+            file=sys.stderr,
+        )
         return EXIT_SOME_FAILED
     return EXIT_OK
 
@@ -217,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, list files (.txt), URLs"
     )
     add_model_arguments(embed)
-    embed.add_argument("-o", "--output", required=True, help=f"output file: {', '.join(OUTPUT_SUFFIXES)}")
+    embed.add_argument(
+        "-o", "--output", required=True, help=f"output file: {', '.join(OUTPUT_SUFFIXES)} (--engine ray: a folder)"
+    )
     embed.add_argument(
         "--pool",
         choices=POOLS,
@@ -245,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overwrite", action="store_true", help="replace the output (and any interrupted run)")
     embed.add_argument("--checkpoint-every", type=positive_int, default=256, help="save progress every N images")
     embed.add_argument("--shard", metavar="K/N", help="embed only part K of N of the inputs (0-based; SLURM arrays)")
+    embed.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default), or Ray Data")
+    embed.add_argument("--ray-address", help="with --engine ray: the cluster (default: a local Ray)")
+    embed.add_argument("--concurrency", type=positive_int, help="with --engine ray: model actors (default: 1)")
+    embed.add_argument("--ray-shard-size", type=positive_int, default=1024, help="with --engine ray: images per shard")
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 

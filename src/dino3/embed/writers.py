@@ -156,6 +156,8 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
     """An embeddings file written by `dino3 embed`, in any of its formats."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir() and list(path.glob("shard-*/*.parquet")):
+        return _read_parquet_folder(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such embeddings file")
     try:
@@ -209,6 +211,29 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: not a readable dino3 embeddings file ({type(e).__name__}: {e})") from None
     raise UsageError(f"{path}: the suffix must be one of {', '.join(OUTPUT_SUFFIXES)}")
+
+
+def _read_parquet_folder(folder: Path) -> Embeddings:
+    """The rows of a `dino3 embed --engine ray` folder (its shards, in order; failed rows left out)."""
+    import pyarrow.dataset as pads
+
+    files = sorted(str(f) for f in folder.glob("shard-*/*.parquet"))
+    table = pads.dataset(files, format="parquet").to_table()
+    errors = table.column("error").to_pylist()
+    keep = [i for i, e in enumerate(errors) if not e]
+    shapes = table.column("shape").to_pylist()
+    flat = table.column("features").to_pylist()
+    features = [np.asarray(flat[i], np.float32).reshape(shapes[i]) for i in keep]
+    grids = np.asarray([[table.column("grid_h")[i].as_py(), table.column("grid_w")[i].as_py()] for i in keep], np.int64)
+    meta = json.loads((pads.dataset(files[0], format="parquet").schema.metadata or {}).get(b"dino3", b"{}"))
+    paths = [table.column("path")[i].as_py() for i in keep]
+    if len({f.shape for f in features}) > 1:
+        counts = [int(f.shape[0] * f.shape[1]) for f in features]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        array = np.concatenate([f.reshape(c, *f.shape[2:]) for f, c in zip(features, counts)])
+        return Embeddings(paths, array, grids.reshape(-1, 2), meta, offsets)
+    array = np.stack(features) if features else np.zeros((0,), np.float32)
+    return Embeddings(paths, array, grids.reshape(-1, 2), meta)
 
 
 def read_shards(paths: list[str | os.PathLike]) -> Embeddings:

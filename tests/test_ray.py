@@ -1,0 +1,151 @@
+"""`dino3 embed --engine ray` and dino3.ray.embed on a local Ray (started here, 2 CPUs, and stopped):
+the rows equal the local job's; broken files are named; a killed driver resumes; a killed worker is
+replaced and the output is whole; and every mistake is a clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dino3
+from dino3.cli import main
+from helpers import randomize_
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "images"
+SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
+    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def inputs(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = sorted(PHOTOS.glob("*.[jp][pn]g"))
+    for i in range(count):
+        shutil.copy(photos[i % len(photos)], folder / f"{i:03d}{photos[i % len(photos)].suffix}")
+    return folder
+
+
+def test_rows_equal_the_local_job_and_failures_are_named(local_ray, checkpoint, tmp_path):
+    folder = inputs(tmp_path / "in", 10)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    local, distributed = tmp_path / "local.npz", tmp_path / "ray"
+    common = ["-m", str(checkpoint), "-q", "--pool", "cls+mean"]
+    assert main(["embed", str(folder), "-o", str(local), *common]) == 3
+    assert (
+        main(["embed", str(folder), "-o", str(distributed), *common, "--engine", "ray", "--ray-shard-size", "4"]) == 3
+    )
+    a, b = dino3.embed.read_embeddings(distributed), dino3.embed.read_embeddings(local)
+    assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
+    import pyarrow.parquet as pq
+
+    failures = pq.read_table(distributed / "failures.parquet").to_pylist()
+    assert [Path(f["path"]).name for f in failures] == ["broken.jpg"] and "broken.jpg" in failures[0]["reason"]
+    table = pq.read_table(next((distributed / "shard-00000").glob("*.parquet")))
+    assert str(table.schema.field("features").type).startswith("fixed_size_list")
+    assert b"dino3" in table.schema.metadata
+    ds = dino3.ray.embed([str(p) for p in sorted(folder.glob("0*"))][:3], str(checkpoint), pool="cls+mean")
+    rows = ds.take_all()
+    assert len(rows) == 3 and np.abs(np.asarray(rows[0]["features"]) - b.features[0]).max() <= 1e-5
+
+
+def test_a_killed_worker_is_replaced_and_the_output_is_whole(local_ray, checkpoint, tmp_path):
+    folder = inputs(tmp_path / "in", 24)
+    out = tmp_path / "ray"
+    killed = []
+
+    def kill_an_actor():
+        import psutil
+
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "_Embedder" in " ".join(process.info["cmdline"] or []):  # Ray's title for the model actor
+                    time.sleep(1.5)  # let it load the model and start on a batch
+                    os.kill(process.info["pid"], signal.SIGKILL)
+                    killed.append(process.info["pid"])
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill_an_actor)
+    thread.start()
+    common = ["-m", str(checkpoint), "-q", "--size", "448", "--batch-size", "2"]
+    assert main(["embed", str(folder), "-o", str(out), *common, "--engine", "ray"]) == 0
+    thread.join()
+    assert killed, "no model worker was found to kill"
+    local = tmp_path / "local.npz"
+    assert main(["embed", str(folder), "-o", str(local), *common]) == 0
+    a, b = dino3.embed.read_embeddings(out), dino3.embed.read_embeddings(local)
+    assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
+
+
+def test_resume_after_the_driver_is_killed(checkpoint, tmp_path):
+    folder = inputs(tmp_path / "in", 16)
+    out = tmp_path / "ray"
+    command = [sys.executable, "-m", "dino3.cli", "embed", str(folder), "-m", str(checkpoint), "-o", str(out), "-q"]
+    command += ["--engine", "ray", "--ray-shard-size", "4", "--size", "448"]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "shard-00000" / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in out.glob("shard-*"))
+    assert done and len(done) < 4, done
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    local = tmp_path / "local.npz"
+    assert main(["embed", str(folder), "-o", str(local), "-m", str(checkpoint), "-q", "--size", "448"]) == 0
+    a, b = dino3.embed.read_embeddings(out), dino3.embed.read_embeddings(local)
+    assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
+
+
+def test_mistakes_get_clear_errors(local_ray, checkpoint, tmp_path, capsys):
+    folder = inputs(tmp_path / "in", 2)
+    table = tmp_path / "list.csv"
+    table.write_text("file\n" + "\n".join(str(p) for p in folder.iterdir()) + "\n")
+    out = tmp_path / "ray"
+    args = ["-m", str(checkpoint), "-q", "--engine", "ray"]
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(table), "-o", str(out), *args])
+    assert e.value.code == 2 and "no path column" in capsys.readouterr().err
+    table.write_text("path\n" + "\n".join(str(p) for p in folder.iterdir()) + "\n")
+    assert main(["embed", str(table), "-o", str(out), *args]) == 0
+    with pytest.raises(SystemExit):  # the folder holds this job already
+        main(["embed", str(table), "-o", str(out), *args])
+    with pytest.raises(SystemExit) as e:  # resuming another job's folder
+        main(["embed", str(table), "-o", str(out), *args, "--resume", "--pool", "mean"])
+    assert "holds another job's shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", str(table), "-o", str(tmp_path / "f.npz"), *args, "--shard", "0/2"])
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        status = main(["embed", str(table), "-o", str(tmp_path / "other"), *args, "--ray-address", "127.0.0.1:1"])
+        assert status == 1 and "cannot reach the Ray cluster" in capsys.readouterr().err
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
