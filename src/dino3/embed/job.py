@@ -183,9 +183,7 @@ def run(
         bar = _progress(len(paths), len(paths) - len(todo), progress)
         computed = 0
         try:
-            for start in range(0, len(todo), chunk_size):
-                part = todo[start : start + chunk_size]
-                chunk = _embed_chunk(loaded, processor, paths, part, pool, layers, batch_size, workers, bar)
+            for chunk in _embed(loaded, processor, paths, todo, pool, layers, batch_size, workers, chunk_size, bar):
                 store.save(chunk)
                 chunks.append(chunk)
                 computed += len(chunk.indices)
@@ -215,25 +213,38 @@ def run(
     return EmbedResult(output, len(order), computed, report, time.perf_counter() - started, found.ignored, notes)
 
 
-def _embed_chunk(model, processor, paths, part, pool, layers, batch_size, workers, bar) -> Chunk:
+def _embed(model, processor, paths, todo, pool, layers, batch_size, workers, chunk_size, bar):
+    """The inputs `todo` through one stream of batches (the decoding never pauses between chunks),
+    given back as chunks of about chunk_size images each, to be saved as they come."""
     from ..pipeline import iter_batches
 
-    chunk = Chunk([], [], [], [], {i: input_stat(paths[i]) for i in part})
+    def fresh() -> Chunk:
+        return Chunk([], [], [], [], {})
+
+    chunk = fresh()
 
     def failed(position: int, source: Any, error: Exception) -> None:
-        chunk.failures.append((part[position], str(error)))
+        index = todo[position]
+        chunk.failures.append((index, str(error)))
+        chunk.stats[index] = input_stat(paths[index])
         bar.update(1)
 
-    sources = [paths[i] for i in part]
+    sources = [paths[i] for i in todo]
     for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
         values, grid = extract(model, batch.pixel_values, pool, layers)
         values = values.float().cpu().numpy()
         for row, position in enumerate(batch.indices):
-            chunk.indices.append(part[position])
+            index = todo[position]
+            chunk.indices.append(index)
             chunk.features.append(values[row])
             chunk.grids.append(tuple(grid))
+            chunk.stats[index] = input_stat(paths[index])
         bar.update(len(batch.indices))
-    return chunk
+        if len(chunk.indices) + len(chunk.failures) >= chunk_size:
+            yield chunk
+            chunk = fresh()
+    if chunk.indices or chunk.failures:
+        yield chunk
 
 
 def parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
