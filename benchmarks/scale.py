@@ -49,6 +49,35 @@ def median_seconds(run, reps: int) -> float:
     return statistics.median(times)
 
 
+def measure(model, checkpoint: Path, paths: list[str], options: dict, out: Path, args) -> tuple[float, float, float]:
+    """(model alone, preprocessing alone, the embed job), each in images/s."""
+    import dino3
+    from dino3.features import extract
+    from dino3.pipeline import iter_batches
+
+    processor = dino3.DINOv3ViTImageProcessor.for_model(model)
+    pixels = torch.stack([processor.pixels(p) for p in paths[:16]])
+
+    def model_alone():
+        for _ in range(len(paths) // 16):
+            extract(model, pixels, "cls")
+
+    def preprocessing_alone():
+        for _ in iter_batches(paths, processor, 16, args.workers):
+            pass
+
+    def job():
+        dino3.embed.run(
+            paths, model=checkpoint, output=out, overwrite=True, progress=False, batch_size=16,
+            workers=args.workers, load=lambda *a, **k: model, **options,
+        )  # fmt: skip
+
+    m = len(paths) // 16 * 16 / median_seconds(model_alone, args.reps)
+    p = len(paths) / median_seconds(preprocessing_alone, args.reps)
+    e = len(paths) / median_seconds(job, args.reps)
+    return m, p, e
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
@@ -61,8 +90,6 @@ def main() -> None:
 
     import dino3
     from dino3.cli import main as cli
-    from dino3.features import extract
-    from dino3.pipeline import iter_batches
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,28 +104,7 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             model = dino3.load(checkpoint, **options)
-            processor = dino3.DINOv3ViTImageProcessor.for_model(model)
-            pixels = torch.stack([processor.pixels(p) for p in paths[:16]])
-
-            def model_alone():
-                for _ in range(len(paths) // 16):
-                    extract(model, pixels, "cls")
-
-            def preprocessing_alone():
-                for _ in iter_batches(paths, processor, 16, args.workers):
-                    pass
-
-            out = tmp / "f.npz"
-
-            def job():
-                dino3.embed.run(
-                    paths, model=checkpoint, output=out, overwrite=True, progress=False, batch_size=16,
-                    workers=args.workers, load=lambda *a, **k: model, **options,
-                )  # fmt: skip
-
-            m = len(paths) // 16 * 16 / median_seconds(model_alone, args.reps)
-            p = len(paths) / median_seconds(preprocessing_alone, args.reps)
-            e = len(paths) / median_seconds(job, args.reps)
+            m, p, e = measure(model, checkpoint, paths, options, tmp / "f.npz", args)
             bound = 1 / (1 / m + 1 / p)
             rows.append((name, m, p, bound, e))
             print(f"{name}: model {m:.1f}, preprocessing {p:.1f}, bound {bound:.1f}, embed {e:.1f} ({e / bound:.0%})")
