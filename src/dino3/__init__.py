@@ -47,7 +47,7 @@ _EXPORTS = {
     "ExportError": "dino3.errors",
     "QuantizationError": "dino3.errors",
 }
-_SUBMODULES = ("pipeline", "embed")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
+_SUBMODULES = ("pipeline", "embed", "probe")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
 
 __all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
@@ -68,7 +68,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import embed, pipeline
+    from . import embed, pipeline, probe
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert

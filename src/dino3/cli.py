@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("folder", help="where to write config.json, model.safetensors, preprocessor_config.json")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_init_random)
+
+    from .probe.commands import add_commands as add_probe_commands  # probe train, probe eval, classify
+
+    add_probe_commands(commands)
     return parser
 
 
