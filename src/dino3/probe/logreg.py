@@ -94,9 +94,13 @@ def fit(
         logits = torch.addmm(b, X, W.T)  # (N, rows)
         if binary:
             logits = torch.cat((torch.zeros_like(logits), logits), dim=1)  # (N, 2)
-        log_p = torch.log_softmax(logits, dim=1)
-        loss = -(log_p * onehot).sum() / n + 0.5 * penalty * (W * W).sum()
-        residual = (log_p.exp() - onehot) / n  # (N, K): d loss / d logits
+        # softmax cross-entropy written out: elementwise ops and row reductions, which stay on one
+        # thread for small problems (log_softmax does not, and costs far more there on a busy CPU)
+        top = logits.amax(dim=1, keepdim=True)  # (N, 1)
+        e = (logits - top).exp_()
+        total = e.sum(dim=1, keepdim=True)
+        loss = ((top + total.log()).sum() - (logits * onehot).sum()) / n + 0.5 * penalty * (W * W).sum()
+        residual = (e.div_(total) - onehot).div_(n)  # (N, K): d loss / d logits
         if binary:
             residual = residual[:, 1:]
         W.grad = residual.T @ X + penalty * W  # (rows, D)

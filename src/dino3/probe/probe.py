@@ -69,6 +69,7 @@ class Probe:
         self.classes = list(classes)
         self.tensors = tensors  # logreg: weight (K, D) float64, bias (K,); knn: features (N, D) unit rows, labels (N,)
         self.settings = settings
+        self._loaded: tuple[str, Any] | None = None  # (name, model) that `embed` loaded
         self._check_tensors(source or f"this {method} probe")
 
     # -- what it expects ----------------------------------------------------------------------------------
@@ -137,7 +138,12 @@ class Probe:
         from ..processing import DINOv3ViTImageProcessor
 
         if model is None or isinstance(model, (str, os.PathLike)):
-            model = load(model if model is not None else self.model_name)
+            name = str(model) if model is not None else self.model_name
+            loaded = self._loaded
+            if loaded is None or loaded[0] != name:  # loaded on first use, kept for the next calls
+                dtype = (self.settings.get("embedding") or {}).get("dtype")
+                loaded = self._loaded = (name, load(name, dtype=dtype))
+            model = loaded[1]
         self.check_model(model_identity(model), getattr(model, "name_or_path", None) or str(model))
         processor = DINOv3ViTImageProcessor.from_dict(self.processor)
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
