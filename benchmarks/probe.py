@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 import time
@@ -148,8 +149,9 @@ def main() -> None:
 
     started = time.perf_counter()
     header = (
-        f"Date: {date.today()}; {cpu_name()}, {torch.get_num_threads()} threads; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, scikit-learn {sklearn.__version__}"
+        f"Date: {date.today()}; {cpu_name()}, {torch.get_num_threads()} threads, load average "
+        f"{os.getloadavg()[0]:.1f} at the start; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"scikit-learn {sklearn.__version__}"
     )
     print(header, flush=True)
     sweep = [
