@@ -145,32 +145,10 @@ def train(
         x_dev, y_dev = x.to(solver_device), targets.to(solver_device)  # (N, D), (N,)
         fit_rows = torch.as_tensor(train_rows, device=solver_device)
         held = torch.as_tensor(held_rows, device=solver_device)
-        xt, yt, xv, yv = x_dev[fit_rows], y_dev[fit_rows], x_dev[held], y_dev[held]
         if method == "logreg":
-            grid = logreg.C_GRID if C is None else (float(C),)
-            if len(held_rows):
-                chosen = logreg.sweep(xt, yt, xv, yv, len(classes), grid)
-                validation["scores"] = [[c, s] for c, s in chosen.scores.items()]
-                validation["best"] = chosen.scores[chosen.C]
-                C_value, init = chosen.C, chosen.model
-            else:
-                C_value, init = float(C), None
-            final = logreg.fit(x_dev, y_dev, len(classes), C_value, init=init)
-            tensors = {"weight": final.weight, "bias": final.bias}
-            solver = {"name": "lbfgs", "tol": logreg.TOL, "sweep_tol": logreg.SWEEP_TOL, "max_iter": logreg.MAX_ITER}
-            chosen_settings = {"C": C_value, "solver": solver}
+            tensors, chosen_settings = _fit_logreg(x_dev, y_dev, fit_rows, held, len(classes), C, validation)
         else:
-            unit = knn.normalize(x_dev)
-            ks = knn.KS if k is None else (k,)
-            if len(held_rows):
-                choice = knn.choose_k(unit[fit_rows], yt, unit[held], yv, len(classes), ks)
-                validation["scores"] = [[kk, s] for kk, s in choice.scores.items()]
-                validation["best"] = choice.scores[choice.k]
-                k_value = choice.k
-            else:
-                k_value = int(k)
-            tensors = {"features": unit, "labels": y_dev}
-            chosen_settings = {"k": min(k_value, len(targets)), "temperature": knn.TEMPERATURE}
+            tensors, chosen_settings = _fit_knn(x_dev, y_dev, fit_rows, held, len(classes), k, validation)
 
         per_class = np.bincount(targets.numpy(), minlength=len(classes))
         settings = {
@@ -196,6 +174,30 @@ def train(
         if lock is not None:
             lock.release()
     return TrainResult(probe, folder, int(len(targets)), failures, notes, time.perf_counter() - started)
+
+
+def _fit_logreg(x, y, fit_rows, held, num_classes, C, validation) -> tuple[dict, dict]:
+    """Meta's sweep on the training part (unless C is given and nothing is held out), then the fit on all."""
+    init = None
+    if len(held):
+        grid = logreg.C_GRID if C is None else (float(C),)
+        chosen = logreg.sweep(x[fit_rows], y[fit_rows], x[held], y[held], num_classes, grid)
+        validation.update(scores=[[c, s] for c, s in chosen.scores.items()], best=chosen.scores[chosen.C])
+        C, init = chosen.C, chosen.model
+    final = logreg.fit(x, y, num_classes, float(C), init=init)
+    solver = {"name": "lbfgs", "tol": logreg.TOL, "sweep_tol": logreg.SWEEP_TOL, "max_iter": logreg.MAX_ITER}
+    return {"weight": final.weight, "bias": final.bias}, {"C": float(C), "solver": solver}
+
+
+def _fit_knn(x, y, fit_rows, held, num_classes, k, validation) -> tuple[dict, dict]:
+    """k chosen on the held-out part (unless given and nothing is held out); the probe keeps all the features."""
+    unit = knn.normalize(x)  # (N, D)
+    if len(held):
+        ks = knn.KS if k is None else (k,)
+        choice = knn.choose_k(unit[fit_rows], y[fit_rows], unit[held], y[held], num_classes, ks)
+        validation.update(scores=[[kk, s] for kk, s in choice.scores.items()], best=choice.scores[choice.k])
+        k = choice.k
+    return {"features": unit, "labels": y}, {"k": min(int(k), len(y)), "temperature": knn.TEMPERATURE}
 
 
 def _nothing_held_out(method: str) -> UsageError:
