@@ -47,8 +47,13 @@ _EXPORTS = {
     "ExportError": "dino3.errors",
     "QuantizationError": "dino3.errors",
 }
-# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.ray.embed(...) (Ray Data)
-_SUBMODULES = {"pipeline": "dino3.pipeline", "embed": "dino3.embed", "ray": "dino3.integrations.ray"}
+# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data)
+_SUBMODULES = {
+    "pipeline": "dino3.pipeline",
+    "embed": "dino3.embed",
+    "probe": "dino3.probe",
+    "ray": "dino3.integrations.ray",
+}
 
 __all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
@@ -69,7 +74,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import embed, pipeline
+    from . import embed, pipeline, probe
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert

@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.commands import add_commands as serve_commands
 
     serve_commands(commands)
+
+    from .probe.commands import add_commands as add_probe_commands  # probe train, probe eval, classify
+
+    add_probe_commands(commands)
     return parser
 
 

@@ -1,0 +1,343 @@
+"""A trained probe: a folder holding the weights (`probe.safetensors`) and what they mean (`probe.json`).
+
+probe.json holds the classes, the method and its setting (C, or k and the temperature), the
+validation scores, and everything that decides the features the probe expects: the model's identity
+(`dino3.embed.model_identity`), the pooling, the image processor's settings. Nothing is pickled.
+The JSON is written last and names the weights file's id, so that a folder whose training did not
+finish, or whose two files come from different runs, is refused with the reason, never half-used.
+
+    probe = Probe.load("my-probe")
+    probe.predict(features)                   # (N, D) features -> labels and scores, best first
+    probe.predict(["a.jpg", "b.jpg"])         # images: embedded with the probe's model and settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import atomic_path, atomic_write_text
+from .._version import __version__
+from ..errors import UsageError
+from ..features import POOLS
+from . import knn
+from .logreg import LinearModel
+
+FORMAT = "dino3-probe"
+FORMAT_VERSION = 1
+SETTINGS_FILE = "probe.json"
+WEIGHTS_FILE = "probe.safetensors"
+METHODS = ("logreg", "knn")
+FEATURES = tuple(pool for pool in POOLS if pool != "patches")  # one vector per image
+REQUIRED = ("method", "classes", "feature_dim", "features", "model", "model_identity", "processor", "id")
+
+
+@dataclass
+class Predictions:
+    """The top classes of each input, best first."""
+
+    labels: list[list[str]]  # (N, top_k) class names
+    scores: np.ndarray  # (N, top_k) probabilities (logreg) or vote shares (knn)
+    indices: np.ndarray  # (N, top_k) class indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class Probe:
+    """A linear (logistic regression) or k-NN classifier over one model's pooled features."""
+
+    def __init__(
+        self,
+        method: str,
+        classes: Sequence[str],
+        tensors: dict[str, torch.Tensor],
+        settings: dict[str, Any],
+        source: str | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.classes = list(classes)
+        self.tensors = tensors  # logreg: weight (K, D) float64, bias (K,); knn: features (N, D) unit rows, labels (N,)
+        self.settings = settings
+        self._loaded: tuple[str, Any] | None = None  # (name, model) that `embed` loaded
+        self._check_tensors(source or f"this {method} probe")
+
+    # -- what it expects ----------------------------------------------------------------------------------
+    @property
+    def feature_dim(self) -> int:
+        return int(self.settings["feature_dim"])
+
+    @property
+    def pool(self) -> str:
+        return self.settings["features"]
+
+    @property
+    def model_name(self) -> str:
+        return self.settings["model"]
+
+    @property
+    def processor(self) -> dict[str, Any]:
+        return self.settings["processor"]
+
+    def __repr__(self) -> str:
+        chosen = f"C={self.settings.get('C')}" if self.method == "logreg" else f"k={self.settings.get('k')}"
+        return (
+            f"Probe({self.method}, {len(self.classes)} classes, {chosen}, {self.pool} features of "
+            f"{self.feature_dim} from {self.model_name})"
+        )
+
+    # -- predictions --------------------------------------------------------------------------------------
+    def probabilities(self, features: Any) -> torch.Tensor:
+        """(N, D) features (numpy or torch) -> (N, K) class scores that sum to 1 (float64 for logreg)."""
+        x = self._features(features)
+        if self.method == "logreg":
+            model = LinearModel(self.tensors["weight"], self.tensors["bias"], 0)
+            return model.probabilities(x)
+        train = self.tensors["features"]
+        sims, indices = knn.neighbours(knn.normalize(x).to(train.device), train, int(self.settings["k"]))
+        labels = self.tensors["labels"][indices]
+        return knn.vote(sims, labels, len(self.classes), float(self.settings["temperature"]))
+
+    def predict(
+        self, inputs: Any, top_k: int = 5, *, model: Any = None, batch_size: int = 16, workers: int = 2
+    ) -> Predictions:
+        """Inputs: (N, D) features (numpy or torch), or images (a path, URL, PIL image, array, or a
+        list of them), which are embedded with the probe's model (or `model`, which must be the same
+        one: a name, a folder or a loaded model) and its preprocessing."""
+        if _is_features(inputs):
+            probabilities = self.probabilities(inputs)
+        else:
+            probabilities = self.probabilities(self.embed(inputs, model=model, batch_size=batch_size, workers=workers))
+        return self.top(probabilities, top_k)
+
+    def top(self, probabilities: torch.Tensor, top_k: int = 5) -> Predictions:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise UsageError(f"top_k must be a positive integer, got {top_k!r}")
+        top = probabilities.topk(min(top_k, len(self.classes)), dim=1)
+        indices = top.indices.cpu().numpy()
+        labels = [[self.classes[i] for i in row] for row in indices]
+        return Predictions(labels, top.values.float().cpu().numpy(), indices)
+
+    def embed(self, images: Any, *, model: Any = None, batch_size: int = 16, workers: int = 2) -> torch.Tensor:
+        """Images -> (N, D) features, as the probe's training embedded its images: the same model
+        (checked), pooling and preprocessing, through the batched engine of `dino3 embed`."""
+        from ..api import load
+        from ..embed import model_identity
+        from ..features import extract
+        from ..pipeline import iter_batches
+        from ..processing import DINOv3ViTImageProcessor
+
+        if model is None or isinstance(model, (str, os.PathLike)):
+            name = str(model) if model is not None else self.model_name
+            loaded = self._loaded
+            if loaded is None or loaded[0] != name:  # loaded on first use, kept for the next calls
+                dtype = (self.settings.get("embedding") or {}).get("dtype")
+                loaded = self._loaded = (name, load(name, dtype=dtype))
+            model = loaded[1]
+        self.check_model(model_identity(model), getattr(model, "name_or_path", None) or str(model))
+        processor = DINOv3ViTImageProcessor.from_dict(self.processor)
+        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        rows: list[torch.Tensor | None] = [None] * len(sources)
+        for batch in iter_batches(sources, processor, batch_size, workers):
+            values, _ = extract(model, batch.pixel_values, self.pool)
+            for row, index in enumerate(batch.indices):
+                rows[index] = values[row].float().cpu()
+        return torch.stack(rows) if rows else torch.zeros(0, self.feature_dim)
+
+    # -- refusals -----------------------------------------------------------------------------------------
+    def check_model(self, identity: dict[str, Any], name: str) -> None:
+        """Refuse a model other than the one the probe was made with, saying what differs."""
+        differences = identity_differences(self.settings["model_identity"], identity)
+        if differences:
+            raise UsageError(
+                f"this probe was made with {self.model_name}; {name} is another model ("
+                + "; ".join(differences)
+                + "). Use the probe's model, or train a probe for this one"
+            )
+
+    def check_embeddings(self, meta: dict[str, Any], source: str) -> None:
+        """Refuse features (an embeddings file's settings) that are not the ones the probe expects."""
+        identity = meta.get("model_identity")
+        if identity is None:
+            raise UsageError(f"{source} records no model identity; it was not written by `dino3 embed`")
+        self.check_model(identity, f"{source}'s model ({meta.get('model')})")
+        if meta.get("pool") != self.pool or meta.get("layers") is not None:
+            raise UsageError(
+                f"this probe takes {self.pool} features; {source} holds {meta.get('pool')!r} features"
+                + (f" of layers {meta.get('layers')}" if meta.get("layers") is not None else "")
+                + f": embed with --pool {self.pool}"
+            )
+        processor = meta.get("processor")
+        if processor is not None and _canonical(processor) != _canonical(self.processor):
+            changed = _changed_keys(self.processor, processor)
+            raise UsageError(
+                f"{source} was preprocessed differently from the probe's images ({', '.join(changed)}); "
+                "embed with the probe's preprocessing (probe.json, 'processor')"
+            )
+
+    def _features(self, features: Any) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2:
+            raise UsageError(f"features must be (N, D), one vector per image; got shape {tuple(x.shape)}")
+        if x.shape[1] != self.feature_dim:
+            raise UsageError(
+                f"features of width {x.shape[1]}, but this probe was made for width {self.feature_dim} "
+                f"({self.pool} features of {self.model_name}): embed with the probe's model and --pool {self.pool}"
+            )
+        return x
+
+    def _check_tensors(self, where: str) -> None:
+        K, D = len(self.classes), self.feature_dim
+        if self.method == "logreg":
+            expected = {"weight": (K, D), "bias": (K,)}
+        else:
+            expected = {"features": (-1, D), "labels": (-1,)}
+        for name, shape in expected.items():
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                raise UsageError(f"{where} is incomplete: the weights hold no {name!r}")
+            if tensor.ndim != len(shape) or any(s not in (-1, t) for s, t in zip(shape, tensor.shape)):
+                raise UsageError(
+                    f"{where} is damaged: {name!r} has shape {tuple(tensor.shape)}, but probe.json says "
+                    f"{len(self.classes)} classes and features of width {D}"
+                )
+        if self.method == "knn":
+            labels = self.tensors["labels"]
+            if len(labels) != len(self.tensors["features"]):
+                count = len(self.tensors["features"])
+                raise UsageError(f"{where} is damaged: {len(labels)} labels for {count} features")
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < K:
+                raise UsageError(f"{where} is damaged: a label index outside the {K} classes")
+
+    # -- files --------------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the folder: the weights first, then probe.json (which names the weights' id)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe_id = uuid.uuid4().hex
+        self.settings = {**self.settings, "id": probe_id}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.tensors.items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "id": probe_id})
+        document = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dino3_version": __version__,
+            "method": self.method,
+            "classes": self.classes,
+            **{k: v for k, v in self.settings.items() if k not in ("method", "classes")},
+        }
+        atomic_write_text(folder / SETTINGS_FILE, json.dumps(document, indent=1, default=_json_default) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> Probe:
+        """A probe folder, checked whole: an incomplete or damaged one is refused with the reason."""
+        from safetensors import SafetensorError, safe_open
+
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: no such probe folder")
+        settings_file, weights_file = folder / SETTINGS_FILE, folder / WEIGHTS_FILE
+        if not settings_file.is_file():
+            if weights_file.exists() or any(folder.glob("embeddings*")):
+                raise UsageError(
+                    f"{folder} is an incomplete probe: it has no {SETTINGS_FILE} (a training that did not finish?); "
+                    "run `dino3 probe train` again"
+                )
+            raise UsageError(f"{folder} is not a probe folder (no {SETTINGS_FILE}); make one with `dino3 probe train`")
+        try:
+            settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{settings_file} is damaged: not readable JSON ({e})") from None
+        if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+            raise UsageError(f'{settings_file} is not a dino3 probe\'s settings (no "format": "{FORMAT}")')
+        if int(settings.get("format_version", 0)) > FORMAT_VERSION:
+            raise UsageError(f"{folder} was written by a newer dino3 ({settings.get('dino3_version')}); upgrade dino3")
+        missing = [key for key in REQUIRED if key not in settings]
+        if settings.get("method") == "logreg" and "C" not in settings:
+            missing.append("C")
+        if settings.get("method") == "knn":
+            missing += [key for key in ("k", "temperature") if key not in settings]
+        if missing:
+            raise UsageError(f"{settings_file} is incomplete: it lacks {', '.join(missing)}")
+        if not weights_file.is_file():
+            raise UsageError(f"{folder} is an incomplete probe: {WEIGHTS_FILE} is missing")
+        try:
+            with safe_open(str(weights_file), "pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except (OSError, SafetensorError, ValueError) as e:
+            raise UsageError(f"{weights_file} is damaged: not a readable safetensors file ({e})") from None
+        if metadata.get("id") != settings["id"]:
+            raise UsageError(
+                f"{folder}: {WEIGHTS_FILE} does not belong to {SETTINGS_FILE} (they come from different training "
+                "runs: one was interrupted or replaced); run `dino3 probe train` again"
+            )
+        if device is not None:
+            tensors = {name: t.to(device) for name, t in tensors.items()}
+        settings = {k: v for k, v in settings.items() if k not in ("format", "format_version")}
+        return cls(settings.pop("method"), settings.pop("classes"), tensors, settings, source=str(folder))
+
+
+def identity_differences(made_with: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """What differs between two model identities (`dino3.embed.model_identity`). The weight files
+    count by size and modification time, not by where they are: a moved folder is the same model."""
+    made_with, given = _canonical(made_with), _canonical(given)
+    out = []
+    config_a, config_b = made_with.get("config") or {}, given.get("config") or {}
+    changed = [k for k in sorted(config_a.keys() | config_b.keys()) if config_a.get(k) != config_b.get(k)]
+    if changed:
+        shown = ", ".join(f"{k} {config_a.get(k)!r} vs {config_b.get(k)!r}" for k in changed[:3])
+        out.append(f"its config differs: {shown}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+    if made_with.get("quantization") != given.get("quantization"):
+        out.append(f"quantization {made_with.get('quantization')!r} vs {given.get('quantization')!r}")
+    files_a = [tuple(f[1:]) for f in made_with.get("weight_files") or []]
+    files_b = [tuple(f[1:]) for f in given.get("weight_files") or []]
+    if not out and files_a != files_b:
+        out.append(
+            "its weight files differ in size or modification time (new weights, or a copy that did not keep the "
+            "times, count as another model)"
+        )
+    return out
+
+
+def _is_features(inputs: Any) -> bool:
+    """A floating-point (N, D) or (D,) array or tensor is features; anything else (a list, a path, an
+    image, an integer array) is images. A single grayscale image as a float array goes in a list."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.ndim in (1, 2) and inputs.is_floating_point()
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim in (1, 2) and np.issubdtype(inputs.dtype, np.floating)
+    return False
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    a, b = _canonical(a), _canonical(b)
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)][:3]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
