@@ -74,28 +74,34 @@ def test_rows_equal_the_local_job_and_failures_are_named(local_ray, checkpoint, 
 
 
 def test_a_killed_worker_is_replaced_and_the_output_is_whole(local_ray, checkpoint, tmp_path):
-    folder = inputs(tmp_path / "in", 24)
+    folder = inputs(tmp_path / "in", 80)  # ~15 s of work on 2 cores: time to find the actor and kill it mid-job
     out = tmp_path / "ray"
-    killed = []
+    killed, finished = [], threading.Event()
 
     def kill_an_actor():
         import psutil
 
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
+        while not finished.is_set() and not killed:
             for process in psutil.process_iter(["pid", "cmdline"]):
-                if "_Embedder" in " ".join(process.info["cmdline"] or []):  # Ray's title for the model actor
-                    time.sleep(1.5)  # let it load the model and start on a batch
+                if "_Embedder" not in " ".join(process.info["cmdline"] or []):  # Ray's title for the model actor
+                    continue
+                time.sleep(0.5)  # let it load the model and start on a batch
+                try:
                     os.kill(process.info["pid"], signal.SIGKILL)
-                    killed.append(process.info["pid"])
-                    return
-            time.sleep(0.2)
+                except ProcessLookupError:  # gone already (Ray replaced it or the job ended): look again
+                    continue
+                killed.append(process.info["pid"])
+                return
+            time.sleep(0.1)
 
     thread = threading.Thread(target=kill_an_actor)
     thread.start()
     common = ["-m", str(checkpoint), "-q", "--size", "448", "--batch-size", "2"]
-    assert main(["embed", str(folder), "-o", str(out), *common, "--engine", "ray"]) == 0
-    thread.join()
+    try:
+        assert main(["embed", str(folder), "-o", str(out), *common, "--engine", "ray"]) == 0
+    finally:
+        finished.set()
+        thread.join()
     assert killed, "no model worker was found to kill"
     local = tmp_path / "local.npz"
     assert main(["embed", str(folder), "-o", str(local), *common]) == 0
