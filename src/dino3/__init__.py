@@ -46,8 +46,9 @@ _EXPORTS = {
     "BackendError": "dino3.errors",
     "ExportError": "dino3.errors",
     "QuantizationError": "dino3.errors",
+    "VideoError": "dino3.errors",
 }
-_SUBMODULES = ("pipeline", "embed")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
+_SUBMODULES = ("pipeline", "embed", "dense", "video")  # dino3.pipeline(...) is callable; dino3.embed.run(...)
 
 __all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
@@ -68,7 +69,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import embed, pipeline
+    from . import dense, embed, pipeline, video
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
         QuantizationError,
         UnknownModelError,
         UsageError,
+        VideoError,
     )
     from .features import extract
     from .images import load_image, load_images

@@ -29,6 +29,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from ._io import escape_field
+    from .arguments import video_sampling
     from .embed import run
 
     if args.threads:
@@ -58,6 +59,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         check_hash=not args.no_hash_check,
         progress=not args.quiet,
+        video=video_sampling(args),
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -186,7 +188,8 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .arguments import add_model_arguments, add_runtime_arguments, natural, positive_int
+    from .arguments import add_model_arguments, add_runtime_arguments, add_video_arguments, natural, positive_int
+    from .dense.commands import add_commands
     from .embed.writers import OUTPUT_SUFFIXES
     from .features import POOLS
     from .processing import FITS, KEEP_ASPECT, MAX_SIDE
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     embed.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, list files (.txt), URLs"
+        "inputs", nargs="+", metavar="INPUT", help="image and video files, folders, globs, list files (.txt), URLs"
     )
     add_model_arguments(embed)
     embed.add_argument("-o", "--output", required=True, help=f"output file: {', '.join(OUTPUT_SUFFIXES)}")
@@ -240,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--resume", action="store_true", help="continue an interrupted run from where it stopped")
     embed.add_argument("--overwrite", action="store_true", help="replace the output (and any interrupted run)")
     embed.add_argument("--checkpoint-every", type=positive_int, default=256, help="save progress every N images")
+    add_video_arguments(embed)
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("folder", help="where to write config.json, model.safetensors, preprocessor_config.json")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_init_random)
+
+    add_commands(commands)  # pca, foreground, match: dino3.dense.commands
     return parser
 
 

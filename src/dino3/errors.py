@@ -25,6 +25,10 @@ class ImageError(Dino3Error, ValueError):
     """An input that is not a usable image; the message names the input and the reason."""
 
 
+class VideoError(ImageError):
+    """A video, or one frame of it, that cannot be read; the message names it (`clip.mp4#t=12.480`)."""
+
+
 class QuantizationError(Dino3Error, ValueError):
     """A quantization mode that cannot run here; the message says why and what to use instead."""
 

@@ -24,6 +24,7 @@ from .._io import atomic_write_text, escape_field
 from .._version import __version__
 from ..errors import UsageError
 from ..features import Layers, check_layers, check_pool, extract, parse_layers
+from ..video import Sampling, frame_sources
 from .inputs import Inputs, expand_inputs
 from .store import Chunk, RunLock, Store, input_stat
 from .writers import check_output, sidecars, write_embeddings
@@ -74,8 +75,10 @@ def run(
     check_hash: bool = True,
     progress: bool = True,
     load: Callable[..., Any] | None = None,
+    video: Sampling | None = None,
 ) -> EmbedResult:
-    """Embed images into one file; see the module docstring and `dino3 embed --help`."""
+    """Embed images into one file; see the module docstring and `dino3 embed --help`. Videos among
+    the inputs give their frames, as `video` samples them (default: every frame)."""
     from ..api import load as default_load
     from ..errors import BackendError
     from ..models.pretrained import resolve_device, resolve_dtype
@@ -109,6 +112,8 @@ def run(
         else:
             processing["size"] = {"height": size, "width": size}
         DINOv3ViTImageProcessor(**processing)  # validates sizes (ConfigError) before any work
+        if video is not None and not isinstance(video, Sampling):
+            raise UsageError(f"video must be a dino3.video.Sampling, got {type(video).__name__}")
     except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
         raise UsageError(str(e)) from None
     output = check_output(output, may_be_ragged=pool == "patches" and keep_aspect is not None)
@@ -123,7 +128,7 @@ def run(
         )
     if calibration is not None:
         calibration = expand_inputs(list(calibration)).paths
-    found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs))
+    found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs), video=video or Sampling())
     paths = found.paths
     if not paths:
         raise UsageError(
@@ -211,15 +216,15 @@ def _embed_chunk(model, processor, paths, part, pool, layers, batch_size, worker
         chunk.failures.append((part[position], str(error)))
         bar.update(1)
 
-    sources = [paths[i] for i in part]
-    for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
-        values, grid = extract(model, batch.pixel_values, pool, layers)
-        values = values.float().cpu().numpy()
-        for row, position in enumerate(batch.indices):
-            chunk.indices.append(part[position])
-            chunk.features.append(values[row])
-            chunk.grids.append(tuple(grid))
-        bar.update(len(batch.indices))
+    with frame_sources([paths[i] for i in part]) as sources:  # video frames are decoded as they are read
+        for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
+            values, grid = extract(model, batch.pixel_values, pool, layers)
+            values = values.float().cpu().numpy()
+            for row, position in enumerate(batch.indices):
+                chunk.indices.append(part[position])
+                chunk.features.append(values[row])
+                chunk.grids.append(tuple(grid))
+            bar.update(len(batch.indices))
     return chunk
 
 
