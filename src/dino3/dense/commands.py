@@ -140,13 +140,13 @@ def cmd_pca(args: argparse.Namespace) -> int:
             kept.append((name, dense, mask))
             continue
         rgb = _fit([dense.features], [mask], name).rgb(dense.features, mask)
-        save_png(pca_picture(dense.image, rgb, dense.pixels.shape[-2]), output / _png_name(name, names))
+        save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
         written += 1
     if kept:
         pca = _fit([d.features for _, d, _ in kept], [m for _, _, m in kept], "the inputs")
         for name, dense, mask in kept:
             rgb = pca.rgb(dense.features, mask)
-            save_png(pca_picture(dense.image, rgb, dense.pixels.shape[-2]), output / _png_name(name, names))
+            save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
             written += 1
     print(f"wrote {written} PCA picture{'s' if written != 1 else ''} to {output}", file=sys.stderr)
     return _report(failures)
@@ -191,7 +191,7 @@ def _pca_video(args, model, foreground, path: str, output: Path, sampling, failu
                 dense, mask = _dense(model, image, frame.name, args, foreground, failures)
                 if dense is None:
                     continue
-            writer.write(pca_picture(dense.image, pca.rgb(dense.features, mask), dense.pixels.shape[-2]))
+            writer.write(pca_picture(dense.image, pca.rgb(dense.features, mask), tuple(dense.pixels.shape[-2:])))
             written += 1
     print(f"wrote {output}: {written} frames at {float(rate):.3g} frames/s", file=sys.stderr)
     return _report(failures)

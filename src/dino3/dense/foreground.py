@@ -10,7 +10,7 @@ of each patch, a 3x3 median filter (zeros beyond the border, as scipy's medfilt2
 
 The logistic regression is scikit-learn's `LogisticRegression(C=C)`: loss sum(log(1 + exp(-y z))) +
 |w|^2 / 2C, the intercept not penalised. It is solved here by L-BFGS in float64 in torch, to a
-gradient 1e-5 times below scikit-learn's default tolerance: the same probabilities within 1e-4 (the
+gradient 1e-4 times below scikit-learn's default tolerance: the same probabilities within 1e-4 (the
 tests check it), in about the same time, and no scikit-learn to install.
 
 Without labels, `unsupervised_foreground` is DINOv2's recipe (paper, Fig. 9): the first principal
@@ -82,7 +82,7 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
 
 # -- the logistic regression ----------------------------------------------------------------------------------
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, C: float, init: torch.Tensor | None = None, tolerance: float = 1e-9
+    x: torch.Tensor, y: torch.Tensor, C: float, init: torch.Tensor | None = None, tolerance: float = 1e-8
 ) -> torch.Tensor:
     """scikit-learn's L2 logistic regression: (n, D) features, (n,) labels in {0, 1} -> (D + 1,)
     float64 parameters (weights, then the intercept), by L-BFGS in float64 to a gradient (of the mean

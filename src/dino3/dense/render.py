@@ -58,13 +58,12 @@ def colour_map(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return resize(to_uint8(rgb.clamp(0, 1).numpy()), size, nearest=True)
 
 
-def pca_picture(image: torch.Tensor | np.ndarray, rgb: torch.Tensor, height: int | None = None) -> np.ndarray:
-    """The image beside its PCA colours (Meta's picture), both at the image's size, or scaled to
-    `height` px (aspect kept)."""
+def pca_picture(image: torch.Tensor | np.ndarray, rgb: torch.Tensor, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The image beside its PCA colours (Meta's picture), both at `size` (height, width: the size
+    the model saw, so that each patch is a block of whole pixels), or at the image's own size."""
     picture = to_uint8(image)
-    if height is not None and picture.shape[0] != height:
-        width = max(1, round(picture.shape[1] * height / picture.shape[0]))
-        picture = resize(picture, (height, width))
+    if size is not None:
+        picture = resize(picture, tuple(size))
     return side_by_side(picture, colour_map(rgb, picture.shape[:2]))
 
 
