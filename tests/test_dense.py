@@ -252,6 +252,22 @@ def test_match_coordinates_undo_the_resize_of_a_non_square_image(vits16_model):
     assert float(matches.a[:, 0].max()) < crop.shape[2] and float(matches.b[:, 1].max()) < photo.shape[1]
 
 
+def test_nearest_patches_are_cosine_mutual_and_masked():
+    a = torch.tensor([[[1.0, 0.0], [2.7, 0.9]]])  # (1, 2, 2): two patches of A, the second long
+    b = torch.tensor([[[2.0, 0.1], [0.0, 9.0], [5.0, 4.0]]])  # B's third patch: nearest by dot product only
+    best_b, score, best_a = dense.nearest_patches(a, b)
+    assert best_b.tolist() == [0, 0] and best_a.tolist() == [0, 1, 1]
+    assert score[0] == pytest.approx(2.0 / math.hypot(2.0, 0.1))  # a cosine, not a dot product
+    image = SimpleNamespace(patch_centres=lambda: torch.tensor([[[8.0, 8.0], [24.0, 8.0], [40.0, 8.0]]]))
+    first = SimpleNamespace(features=a, patch_centres=lambda: torch.tensor([[[8.0, 8.0], [24.0, 8.0]]]))
+    other = SimpleNamespace(features=b, patch_centres=image.patch_centres)
+    assert dense.match_patches(first, other).index_a.tolist() == [0, 1]
+    assert dense.match_patches(first, other, mutual=True).index_a.tolist() == [0]  # B's patch 0 prefers A's 0
+    masked = dense.match_patches(first, other, mask_b=torch.tensor([[False, True, True]]))
+    assert masked.index_b.tolist() == [2, 2]
+    assert dense.match_patches(first, other, min_score=0.99).index_a.tolist() == [0]
+
+
 def test_patch_centres_in_original_pixels(small_model):
     # a 300 x 451 image at height 768: sides 768 x 1152 (451 * 768 / 300 = 1154.6, rounded to 1152)
     processor = dense.processor_for(small_model, 768, (300, 451))
@@ -433,6 +449,26 @@ def test_embed_takes_videos_and_names_every_bad_input(small, tmp_path, capsys):
 
 
 # -- high resolution ---------------------------------------------------------------------------------------------------
+class LocalModel:
+    """A stand-in backbone whose patch features are each patch's mean colour: what a window sees of a
+    patch is what the whole image sees, so tiled features must equal full ones exactly."""
+
+    config = SimpleNamespace(stride=(16, 16), num_register_tokens=0, num_prefix_tokens=1)
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __call__(self, pixels):
+        patches = torch.nn.functional.avg_pool2d(pixels, 16)  # (B, 3, h, w)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, h*w, 3)
+        hidden = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        return dino3.DINOv3Output(hidden, hidden[:, 0], grid_size=tuple(patches.shape[-2:]))
+
+
+def test_tiles_average_overlapping_windows_exactly():
+    pixels = torch.rand(3, 800, 1200)
+    tiled = dense.tiled_features(LocalModel(), pixels, dense.Tiling())  # 3 x 4 windows, overlapping
+    assert torch.allclose(tiled, dense.dense_features(LocalModel(), pixels), atol=1e-6)
+
+
 def test_tiles_cover_the_grid_and_equal_full_attention_within_one_window(small_model):
     tiles = dense.Tiling()
     assert tiles.windows(1024, 16) == [0, 336, 512] and tiles.windows(400, 16) == [0]
