@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed images (files, folders, globs, list files) into one output file",
         description="Embed images with a DINOv3 model and write the features, with the image paths in order, to "
         f"one file ({', '.join(OUTPUT_SUFFIXES)}). Images that cannot be read are listed and skipped. An "
-        "interrupted run can be resumed with --resume.",
+        "interrupted run can be resumed with --resume. Videos give their frames (--every N, --fps F), named "
+        "clip.mp4#t=12.480.",
         epilog="examples:\n  dino3 embed photos/ -m vits16 -o features.npz\n"
         "  dino3 embed list.txt -m vitl16 --pool cls+mean --batch-size 32 -o features.safetensors\n"
         "  dino3 embed scans/ -m vits16 --pool patches --keep-aspect shorter --target 448 -o dense.npz",
