@@ -309,6 +309,7 @@ class _Reader:
         self.frames: Iterator | None = None
         self.position: float | None = None  # time of the last frame decoded
         self.sought = False  # whether the decoder was positioned by a seek
+        self.closed = False
 
     def frame(self, name: str, time: float) -> np.ndarray:
         with self.lock:
@@ -320,6 +321,9 @@ class _Reader:
         raise VideoError(found or f"{name}: the video has no frame at this time")
 
     def _decode_until(self, name: str, time: float) -> None:
+        if self.closed:
+            self.ready[name] = f"{name}: the video was closed before this frame was read"
+            return
         if not (self.frames is not None and self.position is not None and self.position < time <= self.position + 10):
             self._seek(time)
         while not self._decode_forward(name, time):
@@ -349,7 +353,7 @@ class _Reader:
     def _seek(self, time: float) -> None:
         """Position the decoder before `time`: at the key frame before it, or at the start."""
         av = _import_av()
-        self.close()
+        self._close_container()
         self.container, self.stream = _open(self.path)
         self.sought = False
         if time > 0:
@@ -357,12 +361,19 @@ class _Reader:
                 self.container.seek(int(time / self.stream.time_base), stream=self.stream, backward=True)
                 self.sought = True
             except av.error.FFmpegError:
-                self.close()
+                self._close_container()
                 self.container, self.stream = _open(self.path)
         self.position = None
         self.frames = _decoded(self.container, self.stream)
 
     def close(self) -> None:
+        """Close the file, once a thread still decoding from it is done."""
+        with self.lock:
+            self._close_container()
+            self.frames = None
+            self.closed = True
+
+    def _close_container(self) -> None:
         if self.container is not None:
             with contextlib.suppress(Exception):
                 self.container.close()
@@ -370,16 +381,20 @@ class _Reader:
 
 
 class FrameFile:
-    """A video frame that dino3's image loader opens like a file: reading it decodes the frame (in
-    the reading thread) and returns it as a PPM image. `name` is the frame's name."""
+    """A video frame that dino3's image loader opens like a file: the first read decodes the frame
+    (in the reading thread) and returns all of it as a PPM image. `name` is the frame's name."""
 
     def __init__(self, name: str, time: float, reader: _Reader) -> None:
         self.name = name
         self.time = time
         self.reader = reader
+        self.done = False
 
     def read(self, size: int = -1) -> bytes:
+        if self.done:
+            return b""
         pixels = self.reader.frame(self.name, self.time)
+        self.done = True
         height, width = pixels.shape[:2]
         return b"P6\n%d %d\n255\n" % (width, height) + pixels.tobytes()
 

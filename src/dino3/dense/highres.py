@@ -20,6 +20,7 @@ cosine to full attention).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +188,7 @@ def load_dense(
 ) -> DenseImage:
     """An image (anything dino3's image loader reads) -> its DenseImage at `height` px (Meta's recipe).
     processor_options (keep_aspect, target_size, fit, ...) replace the recipe's resize."""
-    from ..images import _describe, load_image
+    from ..images import load_image
 
     image = load_image(source)  # (3, H0, W0), EXIF orientation applied
     if processor_options:
@@ -196,4 +197,6 @@ def load_dense(
         processor = processor_for(model, height, tuple(image.shape[-2:]))
     pixels = processor.pixels(image)
     features = dense_features(model, pixels, tiles, max_attention_bytes)
-    return DenseImage(name or _describe(source), image, pixels, features, processor)
+    if name is None:
+        name = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+    return DenseImage(name, image, pixels, features, processor)
