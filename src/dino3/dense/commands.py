@@ -35,10 +35,12 @@ def add_commands(subparsers: Any) -> None:
     pca = subparsers.add_parser(
         "pca",
         help="PCA pictures of the patch features (Meta's recipe): one PNG per image, or a video",
-        description="Meta's PCA picture: each image resized to --height (aspect kept), the last layer's patch "
-        "features, 3 whitened principal components (fitted on the foreground patches) coloured by sigmoid(2x), "
-        "the background black; the picture shows the input and its colours side by side. A video input "
-        "gives one PNG per sampled frame, or with -o clip.mp4 the side-by-side video (one PCA for all frames).",
+        description=_wrap(
+            "Meta's PCA picture: each image resized to --height (aspect kept), the last layer's patch "
+            "features, 3 whitened principal components (fitted on the foreground patches) coloured by sigmoid(2x), "
+            "the background black; the picture shows the input and its colours side by side. A video input "
+            "gives one PNG per sampled frame, or with -o clip.mp4 the side-by-side video (one PCA for all frames)."
+        ),
         epilog="examples:\n  dino3 pca photos/ -m vits16 -o pca/\n  dino3 pca cats/*.jpg -m vitb16 -o pca/ --joint "
         "--foreground auto\n  dino3 pca clip.mp4 -m vits16 -o clip-pca.mp4 --fps 5",
         formatter_class=raw,
@@ -61,11 +63,13 @@ def add_commands(subparsers: Any) -> None:
     fg = subparsers.add_parser(
         "foreground",
         help="foreground masks: train a patch classifier from masks, or apply one",
-        description="`dino3 foreground train IMAGES --masks DIR -o fg.safetensors` fits Meta's patch-level logistic "
-        "regression (C chosen by leave-one-image-out average precision) on images and their masks (DIR/NAME.png, "
-        "same name and size as the image; white or opaque = foreground). `dino3 foreground IMAGES --classifier "
-        "fg.safetensors -o DIR` writes one mask PNG per image (median-filtered 3x3, threshold 0.5); "
-        "--classifier auto uses DINOv2's unsupervised recipe instead.",
+        description=_wrap(
+            "`dino3 foreground train IMAGES --masks DIR -o fg.safetensors` fits Meta's patch-level logistic "
+            "regression (C chosen by leave-one-image-out average precision) on images and their masks (DIR/NAME.png, "
+            "same name and size as the image; white or opaque = foreground). `dino3 foreground IMAGES --classifier "
+            "fg.safetensors -o DIR` writes one mask PNG per image (median-filtered 3x3, threshold 0.5); "
+            "--classifier auto uses DINOv2's unsupervised recipe instead."
+        ),
         epilog="examples:\n  dino3 foreground train photos/ --masks masks/ -m vits16 -o fg.safetensors\n"
         "  dino3 foreground new/ -m vits16 --classifier fg.safetensors -o new-masks/",
         formatter_class=raw,
@@ -83,10 +87,12 @@ def add_commands(subparsers: Any) -> None:
     match = subparsers.add_parser(
         "match",
         help="match the patches of two images; a picture with lines, and JSON",
-        description="Each patch of A is matched to the most similar patch of B (cosine of the L2-normalised "
-        "last-layer features). The picture shows both images with a line per match; --json writes "
-        '{"matches": [{"a": [x, y], "b": [x, y], "score": s}, ...]} with patch centres in each original image\'s '
-        "pixels.",
+        description=_wrap(
+            "Each patch of A is matched to the most similar patch of B (cosine of the L2-normalised "
+            "last-layer features). The picture shows both images with a line per match; --json writes "
+            '{"matches": [{"a": [x, y], "b": [x, y], "score": s}, ...]} with patch centres in each original image\'s '
+            "pixels."
+        ),
         epilog="example:\n  dino3 match a.jpg b.jpg -m vits16 -o match.png --json matches.json --mutual --sparse 32",
         formatter_class=raw,
     )
@@ -101,6 +107,12 @@ def add_commands(subparsers: Any) -> None:
     match.add_argument("--foreground", default="none", metavar="FILE|auto|none", help="match foreground patches only")
     _add_dense_arguments(match)
     match.set_defaults(run=cmd_match)
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100)
 
 
 def _add_dense_arguments(parser: argparse.ArgumentParser, height_default: int | None = 768) -> None:
@@ -154,7 +166,8 @@ def cmd_pca(args: argparse.Namespace) -> int:
 
 def _pca_video(args, model, foreground, path: str, output: Path, sampling, failures) -> int:
     """A video's side-by-side PCA video: one PCA fitted on up to VIDEO_FIT_FRAMES frames spread over
-    it (their features kept for the second pass), then every sampled frame coloured with it."""
+    it (their features kept for the second pass, not their pixels), then every sampled frame
+    coloured with it."""
     import torch
 
     from ..video import VideoWriter, frame_rate, iter_frames, list_frames
@@ -167,31 +180,32 @@ def _pca_video(args, model, foreground, path: str, output: Path, sampling, failu
         failures.append((path, str(e)))
         return _report(failures)
     step = max(1, math.ceil(len(listed) / VIDEO_FIT_FRAMES))
-    fitted: dict[str, tuple[Any, Any]] = {}
+    fitted: dict[str, tuple[Any, Any, tuple[int, int]]] = {}  # name -> (features, mask, pixel size)
     for position, frame in enumerate(iter_frames(path, sampling)):
         if frame.error is None and position % step == 0:
             image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
             dense, mask = _dense(model, image, frame.name, args, foreground, [])
             if dense is not None:
-                fitted[frame.name] = (dense, mask)
+                fitted[frame.name] = (dense.features, mask, tuple(dense.pixels.shape[-2:]))
     if not fitted:
         failures.append((path, f"{path}: no frame could be read"))
         return _report(failures)
-    pca = _fit([d.features for d, _ in fitted.values()], [m for _, m in fitted.values()], path)
+    pca = _fit([f for f, _, _ in fitted.values()], [m for _, m, _ in fitted.values()], path)
     written = 0
     with VideoWriter(output, rate) as writer:
         for frame in iter_frames(path, sampling):
             if frame.error is not None:
                 failures.append((frame.name, frame.error))
                 continue
+            image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
             if frame.name in fitted:
-                dense, mask = fitted.pop(frame.name)
+                features, mask, size = fitted.pop(frame.name)
             else:
-                image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
                 dense, mask = _dense(model, image, frame.name, args, foreground, failures)
                 if dense is None:
                     continue
-            writer.write(pca_picture(dense.image, pca.rgb(dense.features, mask), tuple(dense.pixels.shape[-2:])))
+                features, size = dense.features, tuple(dense.pixels.shape[-2:])
+            writer.write(pca_picture(image, pca.rgb(features, mask), size))
             written += 1
     print(f"wrote {output}: {written} frames at {float(rate):.3g} frames/s", file=sys.stderr)
     return _report(failures)

@@ -150,7 +150,10 @@ def sweep_c(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, cs: Sequence
     a tie, as numpy's argmax)."""
     images = [int(g) for g in torch.unique(groups)]
     if len(images) < 2:
-        raise UsageError("choosing C by leave-one-image-out needs at least 2 images with labelled patches; give C")
+        raise UsageError(
+            "choosing C by leave-one-image-out needs at least 2 images with labelled patches; give C "
+            "(--C on the command line; Meta's notebook settles on 0.1)"
+        )
     rows, folds = [], []
     for image in images:
         held = groups == image
