@@ -188,19 +188,9 @@ def test_classifier_file_refuses_another_model(small, small_model, tmp_path):
     loaded.check_model(small_model)  # its own model passes
 
     other = _save(randomize_(dino3.DINOv3ViTModel(small_model.config), seed=1), tmp_path / "other")
+    apply = ["foreground", str(pairs[0][0]), "-m", str(other), "--classifier", str(classifier_file)]
     with pytest.raises(SystemExit) as stop:
-        main(
-            [
-                "foreground",
-                str(pairs[0][0]),
-                "-m",
-                str(other),
-                "--classifier",
-                str(classifier_file),
-                "-o",
-                str(tmp_path / "x"),
-            ]
-        )
+        main([*apply, "-o", str(tmp_path / "masks-out")])
     assert stop.value.code == 2  # a usage error, said before any work
     with pytest.raises(UsageError, match="another model"):
         loaded.check_model(dino3.load(other))
