@@ -191,7 +191,7 @@ def test_classifier_file_refuses_another_model(small, small_model, tmp_path):
     apply = ["foreground", str(pairs[0][0]), "-m", str(other), "--classifier", str(classifier_file)]
     with pytest.raises(SystemExit) as stop:
         main([*apply, "-o", str(tmp_path / "masks-out")])
-    assert stop.value.code == 2  # a usage error, said before any work
+    assert stop.value.code == 2 and not (tmp_path / "masks-out").exists()  # said before any work
     with pytest.raises(UsageError, match="another model"):
         loaded.check_model(dino3.load(other))
     wider = dino3.DINOv3ViTConfig(hidden_size=96, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2)
