@@ -8,10 +8,11 @@ the last layer's patch tokens after the final norm.
 
 Memory. The torch backend's attention is PyTorch's SDPA, whose CPU and GPU kernels are
 flash-attention kernels that never hold the T x T scores: a 2048 x 2048 image on ViT-B/16 (16,389
-tokens) peaks within 3 GB (benchmarks/dense.py). OpenVINO fuses the attention into its own kernel
-and stays bounded too (measured up to 2048 px). ONNX Runtime computes it as MatMul and Softmax and
-holds the scores of all heads (about 2.7 x heads x T^2 x 4 bytes, measured): beyond
-`max_attention_bytes` it is refused, with what to use instead. `tiles=Tiling()` is Meta's sliding
+tokens) peaks at 1.5 GB (benchmarks/dense.py). The compiled runtimes hold scores: ONNX Runtime
+computes attention as MatMul and Softmax and holds those of all heads (about 2.7 x heads x T^2 x 4
+bytes, measured), OpenVINO a part of them that grows with T^2 (about a tenth of that, measured at
+16,389 tokens: 3.4 GB in all for ViT-B/16 at 2048 px); beyond `max_attention_bytes` of it they are
+refused, with what to use instead. `tiles=Tiling()` is Meta's sliding
 window of the segmentation evaluation (512 px crops, stride 341 px, here 336 so that windows stay on
 the patch grid): each window runs alone and overlapping patches are averaged; it bounds memory on
 any backend, at the price of attention that sees only its window (benchmarks/dense.py measures the
@@ -32,7 +33,9 @@ from ..processing import DINOv3ViTImageProcessor
 
 HEIGHT = 768  # Meta's notebooks
 MAX_ATTENTION_BYTES = 4 * 2**30  # what a runtime that holds the attention scores may use for them
-ONNXRUNTIME_SCORE_COPIES = 2.7  # ONNX Runtime's peak over one copy of the scores (measured at 4,101 tokens)
+# What a runtime holds for attention, in copies of one layer's scores of all heads (measured on this
+# project's CPU): ONNX Runtime's peak growth at 4,101 tokens, OpenVINO's at 16,389.
+SCORE_COPIES = {"onnxruntime": 2.7, "openvino": 0.1}
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,23 @@ def attention_bytes(model: Any, height: int, width: int, batch: int = 1) -> int:
 
 
 def check_attention_memory(model: Any, height: int, width: int, limit: int = MAX_ATTENTION_BYTES) -> None:
-    """Refuse (BackendError) a runtime that would hold more than `limit` bytes of attention scores."""
-    if getattr(model, "backend", "torch") != "onnxruntime":
+    """Refuse (BackendError) a runtime whose attention would hold more than `limit` bytes here."""
+    backend = getattr(model, "backend", "torch")
+    if backend not in SCORE_COPIES:
         return
-    need = int(attention_bytes(model, height, width) * ONNXRUNTIME_SCORE_COPIES)
+    need = int(attention_bytes(model, height, width) * SCORE_COPIES[backend])
     if need > limit:
         h, w = model.config.grid_size(height, width)
         tokens = h * w + model.config.num_prefix_tokens
+        how = {
+            "onnxruntime": "computes attention as MatMul and Softmax and holds the T x T scores of every head at once",
+            "openvino": "holds a part of the T x T attention scores that grows with the square of the tokens",
+        }[backend]
+        other = " or OpenVINO" if backend == "onnxruntime" else ""
         raise BackendError(
-            f"a {width}x{height} image is {tokens:,} tokens: ONNX Runtime computes attention as MatMul and Softmax "
-            f"and holds the T x T scores of every head at once, about {need / 2**30:.1f} GiB here (over the "
-            f"{limit / 2**30:.1f} GiB allowed). Use the torch backend (flash attention, no T x T scores) or "
-            "OpenVINO, tiles (--tiles: 512 px windows), or a smaller --height"
+            f"a {width}x{height} image is {tokens:,} tokens: {backend} {how}, about {need / 2**30:.1f} GiB "
+            f"here (over the {limit / 2**30:.1f} GiB allowed). Use the torch backend (flash attention, no T x T "
+            f"scores){other}, tiles (--tiles: 512 px windows), or a smaller --height"
         )
 
 
