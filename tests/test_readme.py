@@ -50,3 +50,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert (work / "vits16-timm.safetensors").is_file() and (work / "vits16.onnx").is_file()
     assert namespace["runtime_features"].shape == (1, 64)
     assert isinstance(namespace["pooled"][0], torch.Tensor)
+    assert namespace["image"].grid == (48, 72) and namespace["rgb"].shape == (48, 72, 3)

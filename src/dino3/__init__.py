@@ -46,12 +46,15 @@ _EXPORTS = {
     "BackendError": "dino3.errors",
     "ExportError": "dino3.errors",
     "QuantizationError": "dino3.errors",
+    "VideoError": "dino3.errors",
 }
 # dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data)
 _SUBMODULES = {
     "pipeline": "dino3.pipeline",
     "embed": "dino3.embed",
     "probe": "dino3.probe",
+    "dense": "dino3.dense",
+    "video": "dino3.video",
     "ray": "dino3.integrations.ray",
 }
 
@@ -74,7 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import embed, pipeline, probe
+    from . import dense, embed, pipeline, probe, video
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert
@@ -89,6 +92,7 @@ if TYPE_CHECKING:  # pragma: no cover
         QuantizationError,
         UnknownModelError,
         UsageError,
+        VideoError,
     )
     from .features import extract
     from .images import load_image, load_images

@@ -77,3 +77,27 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """--every N / --fps F: which frames of the video inputs to take (default: every frame)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--every", type=positive_int, metavar="N", help="videos: take every Nth frame (default: 1)")
+    group.add_argument("--fps", type=positive_float, metavar="F", help="videos: take F frames per second")
+
+
+def video_sampling(args: argparse.Namespace):
+    """The dino3.video.Sampling that --every / --fps ask for."""
+    from .video import Sampling
+
+    return Sampling(every=args.every, fps=args.fps)

@@ -29,6 +29,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from ._io import escape_field
+    from .arguments import video_sampling
     from .embed import run
 
     if args.threads:
@@ -61,6 +62,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         check_hash=not args.no_hash_check,
         progress=not args.quiet,
         shard=args.shard,
+        video=video_sampling(args),
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -90,8 +92,8 @@ def _embed_on_ray(args: argparse.Namespace) -> int:
     from .features import parse_layers
     from .integrations.ray import run
 
-    if args.shard or args.device or args.quantize or args.calibration:
-        raise UsageError("--shard, --device, --quantize and --calibration are for the local engine")
+    if args.shard or args.device or args.quantize or args.calibration or args.every or args.fps:
+        raise UsageError("--shard, --device, --quantize, --calibration, --every and --fps are for the local engine")
     result = run(
         args.inputs,
         args.model,
@@ -235,7 +237,8 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 # -- the parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .arguments import add_model_arguments, add_runtime_arguments, natural, positive_int
+    from .arguments import add_model_arguments, add_runtime_arguments, add_video_arguments, natural, positive_int
+    from .dense.commands import add_commands
     from .embed.writers import OUTPUT_SUFFIXES
     from .features import POOLS
     from .processing import FITS, KEEP_ASPECT, MAX_SIDE
@@ -252,14 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed images (files, folders, globs, list files) into one output file",
         description="Embed images with a DINOv3 model and write the features, with the image paths in order, to "
         f"one file ({', '.join(OUTPUT_SUFFIXES)}). Images that cannot be read are listed and skipped. An "
-        "interrupted run can be resumed with --resume.",
+        "interrupted run can be resumed with --resume. Videos give their frames (--every N, --fps F), named "
+        "clip.mp4#t=12.480.",
         epilog="examples:\n  dino3 embed photos/ -m vits16 -o features.npz\n"
         "  dino3 embed list.txt -m vitl16 --pool cls+mean --batch-size 32 -o features.safetensors\n"
         "  dino3 embed scans/ -m vits16 --pool patches --keep-aspect shorter --target 448 -o dense.npz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     embed.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders, globs, list files (.txt), URLs"
+        "inputs", nargs="+", metavar="INPUT", help="image and video files, folders, globs, list files (.txt), URLs"
     )
     add_model_arguments(embed)
     embed.add_argument(
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--ray-address", help="with --engine ray: the cluster (default: a local Ray)")
     embed.add_argument("--concurrency", type=positive_int, help="with --engine ray: model actors (default: 1)")
     embed.add_argument("--ray-shard-size", type=positive_int, default=1024, help="with --engine ray: images per shard")
+    add_video_arguments(embed)
     embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 
@@ -346,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .probe.commands import add_commands as add_probe_commands  # probe train, probe eval, classify
 
     add_probe_commands(commands)
+
+    add_commands(commands)  # pca, foreground, match: dino3.dense.commands
     return parser
 
 

@@ -29,6 +29,10 @@ class ImageTooLargeError(ImageError):
     """An image over a size limit (pixels, bytes or sides): refused before it is decoded."""
 
 
+class VideoError(ImageError):
+    """A video, or one frame of it, that cannot be read; the message names it (`clip.mp4#t=12.480`)."""
+
+
 class QuantizationError(Dino3Error, ValueError):
     """A quantization mode that cannot run here; the message says why and what to use instead."""
 

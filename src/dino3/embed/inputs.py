@@ -5,6 +5,11 @@ files with an image suffix; list files (.txt, .lst, .list) hold one path or URL 
 to the list file. Order: as given, folders and globs sorted. What is found but cannot be an input (a
 dangling link, a pipe, a name that is not UTF-8) is listed in `skipped` with the reason, never
 dropped without a word; a path or pattern that names nothing is a UsageError before any work starts.
+
+Videos (.mp4 .mov .avi .webm .mkv) are inputs when `video` says which frames to take: each becomes
+its frames' names (`clip.mp4#t=12.480`, see dino3.video), listed from the file's packets; a video
+that cannot be read, or is cut short, is listed in `skipped` (its readable frames stay inputs).
+Without `video`, they are what they were: files without an image suffix.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, VideoError
+from ..video import VIDEO_SUFFIXES, Sampling, is_video, list_frames
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -29,9 +35,11 @@ class Inputs:
     ignored: int = 0  # files in the folders without an image suffix
 
 
-def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES) -> Inputs:
+def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES, video: Sampling | None = None) -> Inputs:
     """Files, folders, globs, list files and URLs -> Inputs (see the module docstring)."""
     found = Inputs()
+    if video is not None:
+        suffixes = suffixes | set(VIDEO_SUFFIXES)
     for item in items:
         item = os.fspath(item)
         if item.startswith(URL_PREFIXES):
@@ -39,26 +47,26 @@ def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES) -> Inpu
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            _walk(path, suffixes, found)
+            _walk(path, suffixes, found, video)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            _read_list(path, found)
+            _read_list(path, found, video)
         elif path.exists() or path.is_symlink():
-            _add_file(path, found)
+            _add_file(path, found, video)
         elif glob.has_magic(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
                 raise UsageError(f"{item}: the pattern matches no file")
             for match in matches:
                 if Path(match).is_dir():
-                    _walk(Path(match), suffixes, found)
+                    _walk(Path(match), suffixes, found, video)
                 else:
-                    _add_file(Path(match), found)
+                    _add_file(Path(match), found, video)
         else:
             raise UsageError(f"{item}: no such file or folder")
     return found
 
 
-def _add_file(path: Path, found: Inputs) -> None:
+def _add_file(path: Path, found: Inputs, video: Sampling | None = None) -> None:
     name = str(path)
     if not _is_utf8(name):
         found.skipped.append((name, "the file name is not valid UTF-8; rename the file"))
@@ -74,10 +82,23 @@ def _add_file(path: Path, found: Inputs) -> None:
     if not stat.S_ISREG(mode):
         found.skipped.append((name, "not a regular file (a pipe, socket or device)"))
         return
+    if video is not None and is_video(name):
+        _add_video(name, found, video)
+        return
     found.paths.append(name)
 
 
-def _walk(root: Path, suffixes: set[str], found: Inputs) -> None:
+def _add_video(name: str, found: Inputs, video: Sampling) -> None:
+    try:
+        frames, problems = list_frames(name, video)
+    except VideoError as e:
+        found.skipped.append((name, str(e)))
+        return
+    found.paths.extend(frames)
+    found.skipped.extend(problems)
+
+
+def _walk(root: Path, suffixes: set[str], found: Inputs, video: Sampling | None = None) -> None:
     seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=lambda e: _walk_error(e, found)):
         real = os.path.realpath(folder)
@@ -89,7 +110,7 @@ def _walk(root: Path, suffixes: set[str], found: Inputs) -> None:
         for name in sorted(files):  # a dangling link is listed with the files
             path = Path(folder) / name
             if path.suffix.lower() in suffixes:
-                _add_file(path, found)
+                _add_file(path, found, video)
             elif path.is_symlink() and not path.exists():
                 found.skipped.append((str(path), "a symbolic link to nothing (dangling)"))
             else:
@@ -100,7 +121,7 @@ def _walk_error(error: OSError, found: Inputs) -> None:
     found.skipped.append((str(error.filename), f"cannot be searched ({error.strerror or error})"))
 
 
-def _read_list(path: Path, found: Inputs) -> None:
+def _read_list(path: Path, found: Inputs, video: Sampling | None = None) -> None:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -109,10 +130,11 @@ def _read_list(path: Path, found: Inputs) -> None:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith(URL_PREFIXES) or os.path.isabs(line):
-            found.paths.append(line)
+        name = line if line.startswith(URL_PREFIXES) or os.path.isabs(line) else str(path.parent / line)
+        if video is not None and is_video(name) and os.path.isfile(name):
+            _add_video(name, found, video)
         else:
-            found.paths.append(str(path.parent / line))
+            found.paths.append(name)
 
 
 def _is_utf8(text: str) -> bool:

@@ -24,6 +24,7 @@ from .._io import atomic_write_text, escape_field
 from .._version import __version__
 from ..errors import UsageError
 from ..features import Layers, check_layers, check_pool, extract, parse_layers
+from ..video import Sampling, frame_sources
 from .inputs import Inputs, expand_inputs
 from .store import Chunk, RunLock, Store, input_stat
 from .writers import check_output, sidecars, write_embeddings
@@ -75,8 +76,10 @@ def run(
     progress: bool = True,
     shard: tuple[int, int] | str | None = None,
     load: Callable[..., Any] | None = None,
+    video: Sampling | None = None,
 ) -> EmbedResult:
-    """Embed images into one file; see the module docstring and `dino3 embed --help`."""
+    """Embed images into one file; see the module docstring and `dino3 embed --help`. Videos among
+    the inputs give their frames, as `video` samples them (default: every frame)."""
     from ..api import load as default_load
     from ..errors import BackendError
     from ..models.pretrained import resolve_device, resolve_dtype
@@ -111,6 +114,8 @@ def run(
             processing["size"] = {"height": size, "width": size}
         DINOv3ViTImageProcessor(**processing)  # validates sizes (ConfigError) before any work
         shard = parse_shard(shard)
+        if video is not None and not isinstance(video, Sampling):
+            raise UsageError(f"video must be a dino3.video.Sampling, got {type(video).__name__}")
     except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
         raise UsageError(str(e)) from None
     output = check_output(output, may_be_ragged=pool == "patches" and keep_aspect is not None)
@@ -125,7 +130,7 @@ def run(
         )
     if calibration is not None:
         calibration = expand_inputs(list(calibration)).paths
-    found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs))
+    found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs), video=video or Sampling())
     if not found.paths:
         skipped = f" ({len(found.skipped)} skipped)" if found.skipped else ""
         raise UsageError(f"no images found in the inputs{skipped}")
@@ -229,20 +234,20 @@ def _embed(model, processor, paths, todo, pool, layers, batch_size, workers, chu
         chunk.stats[index] = input_stat(paths[index])
         bar.update(1)
 
-    sources = [paths[i] for i in todo]
-    for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
-        values, grid = extract(model, batch.pixel_values, pool, layers)
-        values = values.float().cpu().numpy()
-        for row, position in enumerate(batch.indices):
-            index = todo[position]
-            chunk.indices.append(index)
-            chunk.features.append(values[row])
-            chunk.grids.append(tuple(grid))
-            chunk.stats[index] = input_stat(paths[index])
-        bar.update(len(batch.indices))
-        if len(chunk.indices) + len(chunk.failures) >= chunk_size:
-            yield chunk
-            chunk = fresh()
+    with frame_sources([paths[i] for i in todo]) as sources:  # video frames are decoded as they are read
+        for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
+            values, grid = extract(model, batch.pixel_values, pool, layers)
+            values = values.float().cpu().numpy()
+            for row, position in enumerate(batch.indices):
+                index = todo[position]
+                chunk.indices.append(index)
+                chunk.features.append(values[row])
+                chunk.grids.append(tuple(grid))
+                chunk.stats[index] = input_stat(paths[index])
+            bar.update(len(batch.indices))
+            if len(chunk.indices) + len(chunk.failures) >= chunk_size:
+                yield chunk
+                chunk = fresh()
     if chunk.indices or chunk.failures:
         yield chunk
 

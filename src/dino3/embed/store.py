@@ -27,15 +27,17 @@ import numpy as np
 
 from .._io import atomic_path, atomic_write_text, fsync_dir
 from ..errors import RunLockedError, UsageError
+from ..video import source_file
 
 MANIFEST = "manifest.json"
 STORE_VERSION = 2
 
 
 def input_stat(path: str) -> tuple[int, int]:
-    """(size, mtime in ns) of a local input, (-1, -1) for a URL or a file that is not there."""
+    """(size, mtime in ns) of a local input (a video frame's: its video's), (-1, -1) for a URL or a
+    file that is not there."""
     try:
-        st = os.stat(path)
+        st = os.stat(source_file(path))
     except (OSError, ValueError):
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)

@@ -1,0 +1,511 @@
+"""The dense commands, thin over dino3.dense: `dino3 pca`, `dino3 foreground` (train, apply) and
+`dino3 match`. `add_commands` adds them to the `dino3` parser.
+
+    dino3 pca photos/ -m vits16 -o pca/                       # one PNG per image: input | PCA colours
+    dino3 pca clip.mp4 -m vits16 -o clip-pca.mp4 --fps 5      # the side-by-side video
+    dino3 foreground train photos/ --masks masks/ -m vits16 -o fg.safetensors
+    dino3 foreground photos/ -m vits16 --classifier fg.safetensors -o masks-out/
+    dino3 match a.jpg b.jpg -m vits16 -o match.png --json matches.json --mutual --sparse 32
+
+An input that cannot be read (an image, a mask, a video frame) is named and skipped; the others go on
+and the exit status is then 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..arguments import add_model_arguments, add_runtime_arguments, add_video_arguments, positive_int, video_sampling
+from ..errors import BackendError, ImageError, UsageError, VideoError
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 3
+VIDEO_FIT_FRAMES = 32  # frames a video's PCA is fitted on, spread over the video
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add `pca`, `foreground` and `match` to the `dino3` command's subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+    pca = subparsers.add_parser(
+        "pca",
+        help="PCA pictures of the patch features (Meta's recipe): one PNG per image, or a video",
+        description=_wrap(
+            "Meta's PCA picture: each image resized to --height (aspect kept), the last layer's patch "
+            "features, 3 whitened principal components (fitted on the foreground patches) coloured by sigmoid(2x), "
+            "the background black; the picture shows the input and its colours side by side. A video input "
+            "gives one PNG per sampled frame, or with -o clip.mp4 the side-by-side video (one PCA for all frames)."
+        ),
+        epilog="examples:\n  dino3 pca photos/ -m vits16 -o pca/\n  dino3 pca cats/*.jpg -m vitb16 -o pca/ --joint "
+        "--foreground auto\n  dino3 pca clip.mp4 -m vits16 -o clip-pca.mp4 --fps 5",
+        formatter_class=raw,
+    )
+    pca.add_argument("inputs", nargs="+", metavar="INPUT", help="images, videos, folders, globs, list files")
+    add_model_arguments(pca)
+    pca.add_argument("-o", "--output", required=True, help="a folder (one PNG per input), or a video file")
+    pca.add_argument("--joint", action="store_true", help="one PCA over all inputs: a colour means the same in each")
+    pca.add_argument(
+        "--foreground",
+        default="none",
+        metavar="FILE|auto|none",
+        help="fit on the foreground and black out the rest: a classifier (dino3 foreground train), auto (DINOv2's "
+        "unsupervised first-component recipe) or none (default: every patch)",
+    )
+    _add_dense_arguments(pca)
+    add_video_arguments(pca)
+    pca.set_defaults(run=cmd_pca)
+
+    fg = subparsers.add_parser(
+        "foreground",
+        help="foreground masks: train a patch classifier from masks, or apply one",
+        description=_wrap(
+            "`dino3 foreground train IMAGES --masks DIR -o fg.safetensors` fits Meta's patch-level logistic "
+            "regression (C chosen by leave-one-image-out average precision) on images and their masks (DIR/NAME.png, "
+            "same name and size as the image; white or opaque = foreground). `dino3 foreground IMAGES --classifier "
+            "fg.safetensors -o DIR` writes one mask PNG per image (median-filtered 3x3, threshold 0.5); "
+            "--classifier auto uses DINOv2's unsupervised recipe instead."
+        ),
+        epilog="examples:\n  dino3 foreground train photos/ --masks masks/ -m vits16 -o fg.safetensors\n"
+        "  dino3 foreground new/ -m vits16 --classifier fg.safetensors -o new-masks/",
+        formatter_class=raw,
+    )
+    fg.add_argument("inputs", nargs="+", metavar="INPUT", help="`train` then images; or images (and videos) to mask")
+    add_model_arguments(fg)
+    fg.add_argument("-o", "--output", required=True, help="train: the classifier file (.safetensors); else a folder")
+    fg.add_argument("--masks", help="train: the folder of masks, one per image with the image's name")
+    fg.add_argument("--classifier", help="apply: a classifier file, or auto (unsupervised)")
+    fg.add_argument("--C", type=float, dest="C", help="train: this C instead of the leave-one-image-out choice")
+    _add_dense_arguments(fg, height_default=None)
+    add_video_arguments(fg)
+    fg.set_defaults(run=cmd_foreground)
+
+    match = subparsers.add_parser(
+        "match",
+        help="match the patches of two images; a picture with lines, and JSON",
+        description=_wrap(
+            "Each patch of A is matched to the most similar patch of B (cosine of the L2-normalised "
+            "last-layer features). The picture shows both images with a line per match; --json writes "
+            '{"matches": [{"a": [x, y], "b": [x, y], "score": s}, ...]} with patch centres in each original image\'s '
+            "pixels."
+        ),
+        epilog="example:\n  dino3 match a.jpg b.jpg -m vits16 -o match.png --json matches.json --mutual --sparse 32",
+        formatter_class=raw,
+    )
+    match.add_argument("a", help="image A")
+    match.add_argument("b", help="image B")
+    add_model_arguments(match)
+    match.add_argument("-o", "--output", required=True, help="the picture (.png)")
+    match.add_argument("--json", help="also write the matches to this JSON file")
+    match.add_argument("--mutual", action="store_true", help="keep mutual nearest neighbours only")
+    match.add_argument("--min-score", type=float, help="keep matches with at least this cosine")
+    match.add_argument("--sparse", type=float, metavar="PX", help="keep matches at least PX pixels apart (best first)")
+    match.add_argument("--foreground", default="none", metavar="FILE|auto|none", help="match foreground patches only")
+    _add_dense_arguments(match)
+    match.set_defaults(run=cmd_match)
+
+
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100)
+
+
+def _add_dense_arguments(parser: argparse.ArgumentParser, height_default: int | None = 768) -> None:
+    default = f"default: {height_default}" if height_default else "default: the classifier's, else 768"
+    parser.add_argument(
+        "--height", type=positive_int, default=height_default, help=f"resize to this height ({default})"
+    )
+    parser.add_argument("--tiles", action="store_true", help="run 512 px windows (stride 336) and average them")
+    add_runtime_arguments(parser)
+    parser.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")
+
+
+# -- pca -------------------------------------------------------------------------------------------------------
+def cmd_pca(args: argparse.Namespace) -> int:
+    from ..video import VIDEO_SUFFIXES, is_video
+    from .render import pca_picture, save_png
+
+    sampling = video_sampling(args)
+    output = Path(args.output)
+    entries, failures = _inputs(args.inputs)
+    to_video = output.suffix.lower() in VIDEO_SUFFIXES
+    if to_video and (len(entries) != 1 or not is_video(entries[0])):
+        raise UsageError(f"-o {output}: a video is written from one video input; for images give a folder")
+    model = _load_model(args)
+    foreground = _foreground(args.foreground, model)
+    if to_video:
+        return _pca_video(args, model, foreground, entries[0], output, sampling, failures)
+    output.mkdir(parents=True, exist_ok=True)
+    names: set[str] = set()
+    written = 0
+    kept: list[tuple[str, Any, Any]] = []  # --joint: (name, dense image, mask) until the PCA is fitted
+    for name, image in _images(entries, sampling, failures):
+        dense, mask = _dense(model, image, name, args, foreground, failures)
+        if dense is None:
+            continue
+        if args.joint:
+            kept.append((name, dense, mask))
+            continue
+        rgb = _fit([dense.features], [mask], name).rgb(dense.features, mask)
+        save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
+        written += 1
+    if kept:
+        pca = _fit([d.features for _, d, _ in kept], [m for _, _, m in kept], "the inputs")
+        for name, dense, mask in kept:
+            rgb = pca.rgb(dense.features, mask)
+            save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
+            written += 1
+    print(f"wrote {written} PCA picture{'s' if written != 1 else ''} to {output}", file=sys.stderr)
+    return _report(failures)
+
+
+def _pca_video(args, model, foreground, path: str, output: Path, sampling, failures) -> int:
+    """A video's side-by-side PCA video: one PCA fitted on up to VIDEO_FIT_FRAMES frames spread over
+    it (their features kept for the second pass, not their pixels), then every sampled frame
+    coloured with it."""
+    import torch
+
+    from ..video import VideoWriter, frame_rate, iter_frames, list_frames
+    from .render import pca_picture
+
+    try:
+        listed, _ = list_frames(path, sampling)
+        rate = sampling.rate(frame_rate(path))
+    except VideoError as e:
+        failures.append((path, str(e)))
+        return _report(failures)
+    step = max(1, math.ceil(len(listed) / VIDEO_FIT_FRAMES))
+    fitted: dict[str, tuple[Any, Any, tuple[int, int]]] = {}  # name -> (features, mask, pixel size)
+    for position, frame in enumerate(iter_frames(path, sampling)):
+        if frame.error is None and position % step == 0:
+            image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
+            dense, mask = _dense(model, image, frame.name, args, foreground, [])
+            if dense is not None:
+                fitted[frame.name] = (dense.features, mask, tuple(dense.pixels.shape[-2:]))
+    if not fitted:
+        failures.append((path, f"{path}: no frame could be read"))
+        return _report(failures)
+    pca = _fit([f for f, _, _ in fitted.values()], [m for _, m, _ in fitted.values()], path)
+    written = 0
+    with VideoWriter(output, rate) as writer:
+        for frame in iter_frames(path, sampling):
+            if frame.error is not None:
+                failures.append((frame.name, frame.error))
+                continue
+            image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
+            if frame.name in fitted:
+                features, mask, size = fitted.pop(frame.name)
+            else:
+                dense, mask = _dense(model, image, frame.name, args, foreground, failures)
+                if dense is None:
+                    continue
+                features, size = dense.features, tuple(dense.pixels.shape[-2:])
+            writer.write(pca_picture(image, pca.rgb(features, mask), size))
+            written += 1
+    print(f"wrote {output}: {written} frames at {float(rate):.3g} frames/s", file=sys.stderr)
+    return _report(failures)
+
+
+# -- foreground ---------------------------------------------------------------------------------------------------
+def cmd_foreground(args: argparse.Namespace) -> int:
+    if args.inputs[0] == "train":
+        if len(args.inputs) < 2:
+            raise UsageError("foreground train: give the training images, then --masks DIR")
+        return _foreground_train(args, args.inputs[1:])
+    if args.masks is not None or args.C is not None:
+        raise UsageError("--masks and --C are for `dino3 foreground train IMAGES --masks DIR ...`")
+    if not args.classifier:
+        raise UsageError("give --classifier FILE (made by `dino3 foreground train`) or --classifier auto")
+    from .foreground import ForegroundClassifier, unsupervised_foreground
+    from .render import mask_picture, save_png
+
+    classifier = None if args.classifier == "auto" else ForegroundClassifier.load(args.classifier)
+    if args.height is None:
+        args.height = (classifier.processing.get("height") if classifier else None) or 768
+    entries, failures = _inputs(args.inputs)
+    model = _load_model(args)
+    if classifier is None:
+        print(
+            "note: --classifier auto is DINOv2's unsupervised recipe (first principal component); "
+            "train a classifier on a few masks for real masks",
+            file=sys.stderr,
+        )
+    else:
+        classifier.check_model(model, args.classifier)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    names: set[str] = set()
+    written = 0
+    for name, image in _images(entries, video_sampling(args), failures):
+        dense, _ = _dense(model, image, name, args, None, failures)
+        if dense is None:
+            continue
+        mask = unsupervised_foreground(dense.features) if classifier is None else classifier.mask(dense.features)
+        save_png(mask_picture(mask, tuple(image.shape[-2:])), output / _png_name(name, names))
+        written += 1
+    print(f"wrote {written} mask{'s' if written != 1 else ''} to {output}", file=sys.stderr)
+    return _report(failures)
+
+
+def _foreground_train(args: argparse.Namespace, items: list[str]) -> int:
+    from ..images import load_image
+    from ..video import is_video
+    from .foreground import model_probe, patch_labels, read_mask, train_foreground
+
+    if not args.masks:
+        raise UsageError("foreground train needs --masks DIR: one mask per image, with the image's name")
+    if args.classifier:
+        raise UsageError("--classifier is for applying a classifier, not for training one")
+    masks_dir = Path(args.masks)
+    if not masks_dir.is_dir():
+        raise UsageError(f"--masks {masks_dir}: not a folder")
+    output = Path(args.output)
+    if output.suffix.lower() != ".safetensors":
+        raise UsageError(f"-o {output}: a classifier is written to a .safetensors file")
+    args.height = args.height or 768
+    entries, failures = _inputs(items)
+    model = _load_model(args)
+    grids, labels = [], []
+    for path in entries:
+        if is_video(path):
+            failures.append((path, f"{path}: a video has no masks; train on images"))
+            continue
+        try:
+            mask_path = _mask_for(path, masks_dir)
+            image = load_image(path)
+            mask = read_mask(mask_path)
+            if tuple(mask.shape) != tuple(image.shape[-2:]):
+                raise ImageError(
+                    f"{mask_path}: the mask is {mask.shape[1]}x{mask.shape[0]} px but {path} is "
+                    f"{image.shape[-1]}x{image.shape[-2]}: a mask must have its image's size"
+                )
+        except ImageError as e:
+            failures.append((path, str(e)))
+            continue
+        dense, _ = _dense(model, image, path, args, None, failures)
+        if dense is None:
+            continue
+        grids.append(dense.features)
+        labels.append(patch_labels(mask, dense.processor))
+    if not grids:
+        raise UsageError("no image could be used for training" + _first_failure(failures))
+    classifier = train_foreground(grids, labels, C=args.C)
+    classifier.model = {"name": str(args.model), "feature_dim": model.config.feature_dim}
+    classifier.probe = model_probe(model)
+    classifier.processing = {"height": args.height, "tiles": bool(args.tiles)}
+    classifier.save(output)
+    if classifier.sweep is not None:
+        means = classifier.sweep.scores.mean(dim=0).tolist()
+        table = ", ".join(f"{c:.0e}: {ap:.3f}" for c, ap in zip(classifier.sweep.cs, means))
+        print(
+            f"C by leave-one-image-out average precision over {len(classifier.sweep.folds)} images: {table}",
+            file=sys.stderr,
+        )
+    print(f"wrote {output}: trained on {len(grids)} images, C = {classifier.C:.0e}", file=sys.stderr)
+    return _report(failures)
+
+
+def _mask_for(image: str, folder: Path) -> Path:
+    from ..embed.inputs import IMAGE_SUFFIXES
+
+    stem = Path(image).stem
+    found = sorted(p for p in folder.glob(f"{glob_escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ImageError(f"{image}: no mask for it in {folder} (looked for {stem}.png and other image suffixes)")
+    found.sort(key=lambda p: p.suffix.lower() != ".png")  # a PNG first
+    return found[0]
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+# -- match -------------------------------------------------------------------------------------------------------
+def cmd_match(args: argparse.Namespace) -> int:
+    from .._io import atomic_write_text
+    from ..images import load_image
+    from .match import match_patches
+    from .render import match_picture, save_png
+
+    if args.sparse is not None and args.sparse < 0:
+        raise UsageError(f"--sparse {args.sparse}: a distance in pixels, 0 or more")
+    model = _load_model(args)
+    foreground = _foreground(args.foreground, model)
+    dense = []
+    for source in (args.a, args.b):
+        image = load_image(source)  # an unreadable image stops the command: there is nothing to match
+        found, mask = _dense(model, image, source, args, foreground, None)
+        dense.append((found, mask))
+    (a, mask_a), (b, mask_b) = dense
+    matches = match_patches(
+        a, b, mutual=args.mutual, min_score=args.min_score, mask_a=mask_a, mask_b=mask_b, spacing=args.sparse
+    )
+    save_png(match_picture(a.image, b.image, matches.a, matches.b), args.output)
+    if args.json:
+        atomic_write_text(args.json, _matches_json(str(args.a), str(args.b), matches.to_json()["matches"]))
+    median = f", median score {float(matches.score.median()):.3f}" if len(matches) else ""
+    print(f"wrote {args.output}: {len(matches)} matches{median}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _matches_json(a: str, b: str, matches: list[dict]) -> str:
+    """The matches as JSON, one match per line."""
+    rows = ",\n".join(f"  {json.dumps(m)}" for m in matches)
+    return f'{{"image_a": {json.dumps(a)}, "image_b": {json.dumps(b)}, "matches": [\n{rows}\n]}}\n'
+
+
+# -- shared ---------------------------------------------------------------------------------------------------------
+def _load_model(args: argparse.Namespace):
+    """The model as --model, --backend, --dtype, ... say; options are checked before it is loaded."""
+    import torch
+
+    from ..api import load
+    from ..runtime import check_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the command owns its process; the library never does this
+    calibration = [args.calibration] if args.calibration else None
+    try:
+        precision = check_backend(args.backend, args.precision, calibration)
+    except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
+        raise UsageError(str(e)) from None
+    options: dict[str, Any] = {"check_hash": not args.no_hash_check}
+    if args.backend == "torch":
+        options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
+    else:
+        if args.dtype not in (None, "float32") or args.quantize or args.device not in (None, "cpu"):
+            raise UsageError("with --backend onnxruntime/openvino, choose the precision with --precision")
+        if calibration:
+            from ..embed.inputs import expand_inputs
+
+            calibration = expand_inputs(calibration).paths
+        options.update(backend=args.backend, precision=precision, calibration=calibration)
+    return load(args.model, **options)
+
+
+def _foreground(choice: str, model: Any):
+    """None (every patch), "auto", or a ForegroundClassifier checked against the model."""
+    from .foreground import ForegroundClassifier
+
+    if choice in (None, "none"):
+        return None
+    if choice == "auto":
+        print(
+            "note: --foreground auto is DINOv2's unsupervised recipe (first principal component); a classifier "
+            "trained on a few masks (dino3 foreground train) is better",
+            file=sys.stderr,
+        )
+        return "auto"
+    classifier = ForegroundClassifier.load(choice)
+    classifier.check_model(model, choice)
+    return classifier
+
+
+def _dense(model, image, name: str, args, foreground, failures: list | None):
+    """(DenseImage, foreground mask or None) of one decoded image, or (None, None) when it fails."""
+    from .foreground import unsupervised_foreground
+    from .highres import Tiling, load_dense
+
+    try:
+        dense = load_dense(model, image, height=args.height, tiles=Tiling() if args.tiles else None, name=name)
+    except ImageError as e:
+        if failures is None:
+            raise
+        failures.append((name, str(e)))
+        return None, None
+    if foreground is None:
+        return dense, None
+    mask = unsupervised_foreground(dense.features) if foreground == "auto" else foreground.mask(dense.features)
+    return dense, mask
+
+
+def _fit(grids: list, masks: list, what: str):
+    """The PCA of the grids' foreground patches; of all their patches when there is no foreground
+    (or too little of it, which is said)."""
+    from .pca import COMPONENTS, fit_pca
+
+    if any(m is None for m in masks):
+        return fit_pca(grids)
+    count = sum(int(m.sum()) for m in masks)
+    if count <= COMPONENTS:
+        print(
+            f"note: {what}: {count} foreground patches, too few for the PCA: fitted on every patch "
+            "(the picture stays black where there is no foreground)",
+            file=sys.stderr,
+        )
+        return fit_pca(grids)
+    return fit_pca(grids, masks)
+
+
+def _inputs(items: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Images and videos named by files, folders, globs and list files; what was skipped, and why."""
+    from ..embed.inputs import IMAGE_SUFFIXES, expand_inputs
+    from ..video import VIDEO_SUFFIXES
+
+    found = expand_inputs(items, suffixes=IMAGE_SUFFIXES | set(VIDEO_SUFFIXES))
+    if not found.paths:
+        raise UsageError("no images or videos found in the inputs" + _first_failure(found.skipped))
+    return found.paths, list(found.skipped)
+
+
+def _images(entries: list[str], sampling, failures: list) -> Iterator[tuple[str, Any]]:
+    """(name, (3, H, W) image) for each image and each sampled video frame; failures recorded."""
+    import torch
+
+    from ..images import load_image
+    from ..video import is_video, iter_frames
+
+    for path in entries:
+        if not is_video(path):
+            try:
+                image = load_image(path)
+            except ImageError as e:
+                failures.append((path, str(e)))
+                continue
+            yield path, image
+            continue
+        try:
+            for frame in iter_frames(path, sampling):
+                if frame.error is not None:
+                    failures.append((frame.name, frame.error))
+                else:
+                    yield frame.name, torch.from_numpy(frame.pixels).permute(2, 0, 1)
+        except VideoError as e:
+            failures.append((path, str(e)))
+
+
+def _png_name(name: str, used: set[str]) -> str:
+    """`photo.jpg` -> photo.png, `clip.mp4#t=12.480` -> clip_t12.480.png; made unique."""
+    from ..video import parse_frame_name
+
+    parsed = parse_frame_name(name)
+    stem = f"{Path(parsed[0]).stem}_t{parsed[1]:.3f}" if parsed else Path(name).stem or "image"
+    candidate, n = f"{stem}.png", 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}-{n}.png"
+    used.add(candidate)
+    return candidate
+
+
+def _first_failure(failures: list[tuple[str, str]]) -> str:
+    return f" (first problem: {failures[0][1]})" if failures else ""
+
+
+def _report(failures: list[tuple[str, str]]) -> int:
+    from .._io import escape_field
+
+    if not failures:
+        return EXIT_OK
+    print(f"{len(failures)} input{'s' if len(failures) != 1 else ''} could not be used:", file=sys.stderr)
+    for name, reason in failures[:20]:
+        name, reason = escape_field(name), escape_field(reason)
+        print(f"  {reason}" if reason.startswith(name) else f"  {name}: {reason}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+    return EXIT_SOME_FAILED
