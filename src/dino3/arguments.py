@@ -51,3 +51,28 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="inference engine (default: torch)")
     parser.add_argument("--precision", choices=precisions, help="with --backend onnxruntime/openvino (default: f32)")
     parser.add_argument("--calibration", help="with --backend openvino --precision int8: a folder of images")
+
+
+def add_processing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How images become pixels: --size, --keep-aspect, --target, --fit, --max-side, --jpeg-draft."""
+    from .processing import FITS, KEEP_ASPECT, MAX_SIDE
+
+    parser.add_argument("--size", type=positive_int, default=224, help="square resize, as Transformers (default: 224)")
+    parser.add_argument("--keep-aspect", choices=KEEP_ASPECT, help="keep the aspect ratio: scale this side to --target")
+    parser.add_argument("--target", type=positive_int, help="with --keep-aspect: that side's size in pixels")
+    parser.add_argument(
+        "--fit", choices=FITS, help="with --keep-aspect: how sides reach a multiple of the patch (crop)"
+    )
+    parser.add_argument(
+        "--max-side", type=positive_int, help=f"refuse images resized beyond this side (default {MAX_SIDE})"
+    )
+    parser.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale: faster")
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a job runs through many images: --batch-size, --workers, --threads."""
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument(
+        "--workers", type=natural, default=2, help="threads decoding images ahead (default: 2; 0: none)"
+    )
+    parser.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")

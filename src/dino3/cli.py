@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("folder", help="where to write config.json, model.safetensors, preprocessor_config.json")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(run=cmd_init_random)
+
+    from .index.commands import add_commands as add_index_commands
+
+    add_index_commands(commands)
     return parser
 
 
