@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 TILE = 2**25  # floats in one tile of scores (128 MB)
+ROWS = 32768  # vectors in one tile
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray, "np.ndarray | None"]]]
 
@@ -24,17 +25,18 @@ def top_k(queries: np.ndarray, blocks: Blocks | list, k: int) -> tuple[np.ndarra
     source = blocks if callable(blocks) else (lambda: blocks)
     out_scores = np.full((len(queries), k), -np.inf, np.float32)
     out_ids = np.full((len(queries), k), -1, np.int64)
-    step = max(1, min(len(queries), TILE // 32768))
+    step = max(1, min(len(queries), TILE // ROWS))
     for start in range(0, len(queries), step):
         q = queries[start : start + step]  # (q, D)
         best_s = np.full((len(q), 0), -np.inf, np.float32)
         best_i = np.full((len(q), 0), -1, np.int64)
         for vectors, ids, alive in source():
-            scores = q @ np.asarray(vectors).T  # (q, m)
-            if alive is not None:
-                scores[:, ~alive] = -np.inf
-            tile_s, tile_i = _keep_best(scores, np.broadcast_to(ids, scores.shape), k)  # (q, <=k)
-            best_s, best_i = _keep_best(np.hstack([best_s, tile_s]), np.hstack([best_i, tile_i]), k)
+            for at in range(0, len(ids), ROWS):  # tiles of (q, ROWS) scores at most
+                scores = q @ np.asarray(vectors[at : at + ROWS]).T  # (q, m)
+                if alive is not None:
+                    scores[:, ~alive[at : at + ROWS]] = -np.inf
+                tile_s, tile_i = _keep_best(scores, np.broadcast_to(ids[at : at + ROWS], scores.shape), k)
+                best_s, best_i = _keep_best(np.hstack([best_s, tile_s]), np.hstack([best_i, tile_i]), k)
         order = np.lexsort((best_i, -best_s), axis=-1)
         best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
         best_i = np.where(np.isfinite(best_s), best_i, -1)

@@ -80,6 +80,7 @@ class Index:
         self._lock = threading.Lock()
         self._models: dict[str, Any] = {}  # loaded once per device, for the queries
         self._ann = None
+        self._db = None  # a connection for the paths of results, opened on first use
 
     def __len__(self) -> int:
         return self._state.count
@@ -120,12 +121,7 @@ class Index:
 
     def entries(self) -> list[Entry]:
         """Every image's entry, in the order of `vectors()`."""
-        ids = self._state.live_ids()
-        con = store.connect(self.folder)
-        try:
-            return store.entries(con, ids.tolist())
-        finally:
-            con.close()
+        return self._entries(self._state.live_ids().tolist())
 
     def vectors(self) -> np.ndarray:
         """Every image's unit vector, (N, D) float32, in the order of `entries()`."""
@@ -133,6 +129,10 @@ class Index:
 
     def close(self) -> None:
         self._state.close()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     # -- search ---------------------------------------------------------------------------------------
     def search(
@@ -262,11 +262,13 @@ class Index:
         return int(k)
 
     def _paths(self, ids: np.ndarray) -> dict[int, str]:
-        con = store.connect(self.folder)
-        try:
-            return {e.id: e.path for e in store.entries(con, [int(i) for i in ids])}
-        finally:
-            con.close()
+        return {e.id: e.path for e in self._entries([int(i) for i in ids])}
+
+    def _entries(self, ids: list[int]) -> list[Entry]:
+        with self._lock:  # one thread at a time on the connection
+            if self._db is None:
+                self._db = store.connect(self.folder, shared=True)
+            return store.entries(self._db, ids)
 
     # -- near-duplicates ------------------------------------------------------------------------------
     def dedup(self, threshold: float = 0.95, *, exact: bool | None = None) -> dict[str, Any]:
@@ -324,7 +326,7 @@ class Index:
             check_hash=check_hash,
             progress=progress,
         )
-        self._state.close()
+        self.close()
         self._state = store.read_state(self.folder)
         self._ann = None
         return update

@@ -132,9 +132,10 @@ def db_path(folder: Path) -> Path:
     return Path(folder) / DB_NAME
 
 
-def connect(folder: Path) -> sqlite3.Connection:
+def connect(folder: Path, shared: bool = False) -> sqlite3.Connection:
     """A connection to an existing index (never creates one). Read-write when the folder allows, so
-    that a transaction left by a killed writer can be rolled back by whoever opens the index next."""
+    that a transaction left by a killed writer can be rolled back by whoever opens the index next.
+    shared: usable from several threads (the caller then lets one use it at a time)."""
     path = db_path(folder)
     if not Path(folder).exists():
         raise UsageError(f"{folder}: no such index folder (create one with `dino3 index build`)")
@@ -147,7 +148,9 @@ def connect(folder: Path) -> sqlite3.Connection:
     uri = path.resolve().as_uri()
     mode = "rw" if os.access(path, os.W_OK) and os.access(folder, os.W_OK) else "ro"
     try:
-        con = sqlite3.connect(f"{uri}?mode={mode}", uri=True, timeout=60, isolation_level=None)
+        con = sqlite3.connect(
+            f"{uri}?mode={mode}", uri=True, timeout=60, isolation_level=None, check_same_thread=not shared
+        )
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as e:
         raise BadIndexError(f"{path} is damaged ({e}); build the index again with `dino3 index build`") from None
