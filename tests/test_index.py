@@ -379,6 +379,10 @@ def test_approximate_index_is_kept_up_to_date(built, tmp_path, small_limits):
             path.unlink()
         index.add([str(tmp_path / f"more{seed}")], progress=False)  # unchanged files; the deleted ones dropped
         assert recall_at_10(index, queries) >= 0.95
+        added = [e for e in index.entries() if Path(e.path).parent.name == f"more{seed}"]
+        vectors = index.vectors()[[e.id in {a.id for a in added} for e in index.entries()]]
+        found = index.nearest(vectors, 1, exact=False)[1][:, 0]
+        assert found.tolist() == [a.id for a in added]  # what was added since the FAISS index was written
         assert len(index._state.segments) <= 2  # merged as soon as there are more
     assert len(index) == 3000 - 300 + 600
     found = index.nearest(queries, len(index), exact=False)[1]
