@@ -539,6 +539,8 @@ def test_build_does_not_replace_an_index_or_run_twice(built, photos, model_folde
         dino3.index.build([str(photos)], model=str(model_folder), folder=tmp_path / "p", pool="patches")
     with pytest.raises(UsageError, match="give the model"):
         dino3.index.build([str(photos)], folder=tmp_path / "m")
+    with pytest.raises(UsageError, match="not empty and holds no index"):  # never writes among someone's files
+        dino3.index.build([str(photos)], model=str(model_folder), folder=photos)
     from dino3.embed.store import RunLock
 
     with RunLock(folder / "index"), pytest.raises(RunLockedError):  # another writer at work

@@ -40,6 +40,7 @@ ANN_STALE_FRACTION = 0.10  # images added or removed since the approximate index
 RETRAIN_GROWTH = 4  # the approximate index is trained again when the index has grown or shrunk this much
 INDEX_POOLS = ("cls", "mean", "cls+mean")  # one vector per image
 URL_PREFIXES = ("http://", "https://")
+OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
 
 # The settings of an embeddings file that decide its numbers: what must agree to be in one index.
 DECIDING = ("model_identity", "pool", "layers", "processor", "dtype", "quantize", "backend", "precision", "calibration")
@@ -376,6 +377,13 @@ def build(
         )
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; give a folder for the index")
+    if folder.is_dir() and not store.db_path(folder).exists():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_NAMES and not p.name.endswith(".tmp"))
+        if foreign:
+            raise UsageError(
+                f"{folder} is not empty and holds no index ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): give a new or empty folder for the index"
+            )
     started = time.perf_counter()
     update = Update(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ def connect(folder: Path, shared: bool = False) -> sqlite3.Connection:
         raise BadIndexError(
             f"{folder} holds no dino3 index ({DB_NAME} is missing): give the folder of an index, or build one "
             "with `dino3 index build`"
-            + ("; an interrupted build is resumed by running it again" if _has_work(folder) else "")
+            + ("; a build is running there or was interrupted (run it again to continue)" if _has_work(folder) else "")
         )
     uri = path.resolve().as_uri()
     mode = "rw" if os.access(path, os.W_OK) and os.access(folder, os.W_OK) else "ro"
