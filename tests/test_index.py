@@ -349,10 +349,12 @@ def synthetic(folder: Path, count: int, dim: int, settings: dict, seed: int = 0,
 
 @pytest.fixture
 def small_limits(monkeypatch):
-    """Keep an approximate index from 1,000 vectors on, and merge vector files from the third on."""
+    """Keep an approximate index from 1,000 vectors on, merge vector files from the third on, and
+    search up to 10% of the images exactly beside the graph before they join it."""
     monkeypatch.setattr(index_module, "EXACT_LIMIT", 64 * 999)
     monkeypatch.setattr(index_module, "DEDUP_EXACT_LIMIT", 100)
     monkeypatch.setattr(index_module, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(index_module, "RECENT_FRACTION", 0.1)
 
 
 def recall_at_10(index, queries) -> float:
@@ -362,32 +364,40 @@ def recall_at_10(index, queries) -> float:
 
 
 def test_approximate_index_is_kept_up_to_date(built, tmp_path, small_limits):
+    """Adds beside the graph, adds that join it, removals filtered out, removals that rebuild it,
+    vector files merged: the approximate search finds what was added, never what was removed."""
     settings = dino3.index.open(built).settings
     settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
     first = synthetic(tmp_path / "a", 3000, 64, settings, seed=1)
     index_dir = tmp_path / "index"
     dino3.index.build([str(first)], folder=index_dir, progress=False)
     index = dino3.index.open(index_dir)
-    assert index.approximate and index.info()["approximate_index"]["nlist"] > 1
+    assert index.approximate and index.info()["approximate_index"]["count"] == 3000
     rng = np.random.default_rng(5)  # queries like the indexed images: near them, none of them
     queries = index.vectors()[::60] + 0.1 * rng.standard_normal((50, 64)).astype(np.float32)
     assert recall_at_10(index, queries) >= 0.95
+    originals = sorted((tmp_path / "a").iterdir())
 
-    for round_number, seed in enumerate((2, 3, 4)):  # adds (the third vector file triggers a merge) and deletions
+    graphs = []
+    for seed, removed in ((2, 100), (3, 100), (4, 1000)):
         index.add([str(synthetic(tmp_path / f"more{seed}", 200, 64, settings, seed=seed))], progress=False)
-        for path in sorted((tmp_path / "a").iterdir())[round_number * 100 : round_number * 100 + 100]:
-            path.unlink()
+        for path in originals[:removed]:
+            path.unlink(missing_ok=True)
         index.add([str(tmp_path / f"more{seed}")], progress=False)  # unchanged files; the deleted ones dropped
+        graphs.append(index.info()["approximate_index"])
         assert recall_at_10(index, queries) >= 0.95
-        added = [e for e in index.entries() if Path(e.path).parent.name == f"more{seed}"]
-        vectors = index.vectors()[[e.id in {a.id for a in added} for e in index.entries()]]
+        entries = index.entries()
+        added = [e for e in entries if Path(e.path).parent.name == f"more{seed}"]
+        vectors = index.vectors()[[Path(e.path).parent.name == f"more{seed}" for e in entries]]
         found = index.nearest(vectors, 1, exact=False)[1][:, 0]
-        assert found.tolist() == [a.id for a in added]  # what was added since the FAISS index was written
+        assert found.tolist() == [a.id for a in added]  # what was added is found
+        found = index.nearest(queries, len(index), exact=False)[1]
+        assert set(found[found >= 0].tolist()) <= {e.id for e in entries}  # what was removed never is
         assert len(index._state.segments) <= 2  # merged as soon as there are more
-    assert len(index) == 3000 - 300 + 600
-    found = index.nearest(queries, len(index), exact=False)[1]
-    live = {e.id for e in index.entries()}
-    assert set(found[found >= 0].tolist()) <= live  # a removed image is never found
+    assert graphs[0]["count"] == 3000  # 200 new ones searched beside the graph (6%)
+    assert graphs[1]["count"] == 3400  # 400 beside it: more than 10%, they joined it
+    assert graphs[2]["count"] == 3000 - 1000 + 600  # 1000 removed: more than 25% of the graph, built again
+    assert len(index) == 2600
     files = {f.name for f in (index_dir / store.ANN).iterdir()} | {
         f.name for f in (index_dir / store.VECTORS).iterdir()
     }
@@ -396,8 +406,8 @@ def test_approximate_index_is_kept_up_to_date(built, tmp_path, small_limits):
 
 
 def test_approximate_dedup_finds_large_groups(built, tmp_path, small_limits):
-    """A group larger than the neighbours each image asks for (16) is found whole, through a range
-    search; the approximate groups equal the exact ones."""
+    """A group larger than the neighbours each image asks for (16) is found whole, through an exact
+    scan; the approximate groups equal the exact ones."""
     settings = dino3.index.open(built).settings
     data = synthetic(tmp_path / "d", 2000, 64, settings, seed=7, copies=40)
     index_dir = tmp_path / "index"

@@ -204,7 +204,11 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         f"  pool           {info['pool']}",
         f"  preprocessing  {json.dumps({k: v for k, v in info['processor'].items() if k != 'image_processor_type'})}",
         "  search         "
-        + (f"approximate by default (FAISS IVF, {ann['nlist']} cells, nprobe {ann['nprobe']})" if ann else "exact"),
+        + (
+            f"approximate by default (FAISS HNSW, {ann['count']} in the graph, ef_search {ann['ef_search']})"
+            if ann
+            else "exact"
+        ),
         f"  written by     dino3 {info['dino3_version']} (index format {info['format']})",
     ]
     print("\n".join(lines))

@@ -3,8 +3,8 @@
 each image's nearest-neighbour score, to help choose the threshold.
 
 Pairs come from the exact all-pairs products (exact.pairs_above) while the index is small, else
-from the approximate index: each vector's K nearest neighbours, and, for the vectors whose K-th
-neighbour still reaches the threshold (a group larger than K), a range search that returns them all.
+from the approximate search: each vector's K nearest neighbours, and, for the vectors whose K-th
+neighbour still reaches the threshold (a group larger than K), an exact scan that finds them all.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class Group:
 
 
 def approximate_pairs(ann, vectors: np.ndarray, ids: np.ndarray, threshold: float, batch: int = 8192):
-    """Like exact.pairs_above, from the approximate index `ann` (an ann.IVF holding these vectors)."""
+    """Like exact.pairs_above, with each vector's neighbours from the approximate search `ann`
+    (ann.Approximate over these vectors); the vectors whose K-th neighbour still reaches the
+    threshold get all their pairs from an exact scan."""
     count = len(ids)
     sorter = np.argsort(ids, kind="stable")
     row_of = lambda found: sorter[np.searchsorted(ids, found, sorter=sorter)]  # noqa: E731
@@ -41,22 +43,36 @@ def approximate_pairs(ann, vectors: np.ndarray, ids: np.ndarray, threshold: floa
         full = valid.sum(axis=1) >= k - 1
         saturated = np.nonzero(full & (np.where(valid, found_scores, np.inf).min(axis=1) >= threshold))[0]
         r, c = np.nonzero(valid & (found_scores >= threshold))
-        keep = ~np.isin(r, saturated)  # those come whole from the range search below
+        keep = ~np.isin(r, saturated)  # those come whole from the exact scan below
         first.append(start + r[keep])
         second.append(row_of(found[r[keep], c[keep]]))
         scores.append(found_scores[r[keep], c[keep]])
         if len(saturated):
-            lims, range_scores, range_ids = ann.range_search(queries[saturated], threshold)
-            owners = np.repeat(saturated, np.diff(lims.astype(np.int64)))
-            other = range_ids != ids[start + owners]
-            first.append(start + owners[other])
-            second.append(row_of(range_ids[other]))
-            scores.append(range_scores[other])
+            more = _pairs_of_rows(vectors, start + saturated, threshold)
+            for part, found_part in zip((first, second, scores), more):
+                part.append(found_part)
     first, second = np.concatenate(first), np.concatenate(second)
     scores = np.concatenate(scores).astype(np.float32)
     low, high = np.minimum(first, second), np.maximum(first, second)
     _, unique = np.unique(low * count + high, return_index=True)  # each pair once
     return low[unique], high[unique], scores[unique], nearest
+
+
+def _pairs_of_rows(vectors: np.ndarray, rows: np.ndarray, threshold: float):
+    """(row, other row, score) of every vector at or above the threshold from these rows, exactly."""
+    from .exact import TILE
+
+    step = max(1, TILE // len(vectors))
+    first, second, scores = [], [], []
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        tile = vectors[part] @ vectors.T  # (rows, N)
+        tile[np.arange(len(part)), part] = -np.inf  # not itself
+        i, j = np.nonzero(tile >= threshold)
+        first.append(part[i])
+        second.append(j)
+        scores.append(tile[i, j])
+    return np.concatenate(first), np.concatenate(second), np.concatenate(scores)
 
 
 def groups(vectors: np.ndarray, ids: np.ndarray, first: np.ndarray, second: np.ndarray) -> list[Group]:

@@ -36,8 +36,8 @@ EXACT_LIMIT = 20_000_000  # floats (images x dim), 80 MB: exact search up to her
 DEDUP_EXACT_LIMIT = 20_000  # images: exact all-pairs dedup up to here, the approximate index beyond
 MAX_SEGMENTS = 32  # vector files before a compaction merges them into one
 COMPACT_DEAD_FRACTION = 0.25  # dead rows in the vector files before a compaction
-ANN_STALE_FRACTION = 0.10  # images added or removed since the approximate index was written, before it is again
-RETRAIN_GROWTH = 4  # the approximate index is trained again when the index has grown or shrunk this much
+RECENT_FRACTION = 0.01  # images added since the graph was written (searched exactly) before they join it
+REBUILD_DEAD_FRACTION = 0.25  # removed items in the graph before it is built again
 INDEX_POOLS = ("cls", "mean", "cls+mean")  # one vector per image
 URL_PREFIXES = ("http://", "https://")
 OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
@@ -233,22 +233,24 @@ class Index:
             return self._models[key]
 
     def _approximate(self):
-        """The approximate index as of this state: the one on disk, updated in memory with what was
-        added and removed since it was written (or, for an index without one, built now)."""
-        from .ann import IVF
+        """The approximate search as of this state: the graph on disk, its removed items filtered out,
+        and what was added since it was written searched exactly beside it (or, for an index without
+        a graph, one built now)."""
+        from .ann import HNSW, Approximate
 
         with self._lock:
             if self._ann is None:
                 info, state = self._state.meta.get("ann"), self._state
                 if info:
-                    ann = IVF.read(state.ann_file, info)
-                    ann.remove(state.tombstones)
-                    vectors, ids = live_after(state, int(info["max_id"]))
-                    ann.add(vectors, ids)
+                    graph = HNSW.read(state.ann_file, info)
+                    in_graph = graph.ids()
+                    graph.set_dead(in_graph[~np.isin(in_graph, state.live_ids())])
+                    recent, recent_ids = live_after(state, int(info["max_id"]))
                 else:
                     vectors, ids = state.live_vectors()
-                    ann = IVF.build(vectors, ids)
-                self._ann = ann
+                    graph = HNSW.build(vectors, ids)
+                    recent, recent_ids = np.zeros((0, state.dim), np.float32), np.zeros(0, np.int64)
+                self._ann = Approximate(graph, recent, recent_ids)
             return self._ann
 
     def _check_k(self, k: int) -> int:
@@ -460,7 +462,11 @@ def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: 
     generation = 1
     segment = store.write_vectors(folder, vectors, generation)
     ids = np.arange(1, len(rows) + 1, dtype=np.int64)
-    ann = _write_ann(folder, vectors, ids, generation, None, 0) if vectors.size > EXACT_LIMIT else None
+    ann = None
+    if vectors.size > EXACT_LIMIT:
+        from .ann import HNSW
+
+        ann = _write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
     meta = {"format": store.FORMAT, "dino3_version": __version__, "generation": generation, "next_id": 1}
     meta.update(embedding=settings, dim=int(vectors.shape[1]), ann=ann)
     with atomic_path(store.db_path(folder)) as tmp:
@@ -634,9 +640,11 @@ def _plan(paths: list[str], known: dict[str, Entry], by_hash: dict[str, Entry], 
 
 
 def _maintain(folder: Path, con) -> None:
-    """After a change: merge the vector files when there are many or they hold many dead rows, and
-    write the approximate index again when it has drifted from the index (or ought to appear or go)."""
-    from .ann import IVF
+    """After a change: merge the vector files when there are many or they hold many dead rows; keep
+    the approximate index's graph close to the index (built when the index grows past EXACT_LIMIT,
+    extended when much was added since it was written, built again when many of its items were
+    removed, dropped when the index shrinks below the limit)."""
+    from .ann import HNSW
 
     state = store.read_state(folder, con)
     try:
@@ -644,31 +652,31 @@ def _maintain(folder: Path, con) -> None:
         rows = sum(len(s.ids) for s in state.segments)
         compact = len(state.segments) > MAX_SEGMENTS or len(state.tombstones) > COMPACT_DEAD_FRACTION * max(rows, 1)
         want_ann = state.count * state.dim > EXACT_LIMIT
-        drift = 0
-        if info:
-            added_since = sum(int((s.ids > int(info["max_id"])).sum()) for s in state.segments)
-            drift = added_since + len(state.tombstones) - int(info.get("dead_at_write", 0))
-        rewrite_ann = want_ann and (not info or compact or drift > ANN_STALE_FRACTION * state.count)
-        if not (compact or rewrite_ann or (info and not want_ann)):
+        live = state.live_ids()
+        rebuild = extend = False
+        if want_ann and info:
+            max_id, in_graph = int(info["max_id"]), int(info["count"])
+            dead = in_graph - int((live <= max_id).sum())  # every live id up to max_id is in the graph
+            recent = int((live > max_id).sum())
+            rebuild = dead > REBUILD_DEAD_FRACTION * in_graph
+            extend = not rebuild and recent > RECENT_FRACTION * state.count
+        elif want_ann:
+            rebuild = True
+        if not (compact or rebuild or extend or (info and not want_ann)):
             return
         generation = int(meta["generation"]) + 1
         segment, ann = None, info if want_ann else None
-        if compact or rewrite_ann:
+        if compact or rebuild:
             vectors, ids = state.live_vectors()
             if compact:
                 segment = store.write_vectors(folder, vectors, generation)
-            if rewrite_ann:
-                previous = None
-                if (
-                    info
-                    and RETRAIN_GROWTH * state.count > int(info["trained_on"])
-                    and state.count < RETRAIN_GROWTH * int(info["trained_on"])
-                ):
-                    previous = IVF.read(state.ann_file, info)
-                    previous.remove(state.tombstones)
-                    after = ids > int(info["max_id"])
-                    previous.add(vectors[after], ids[after])
-                ann = _write_ann(folder, vectors, ids, generation, previous, 0 if compact else len(state.tombstones))
+            if rebuild:
+                ann = _write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
+        elif extend:
+            graph = HNSW.read(state.ann_file, info)
+            added, added_ids = live_after(state, int(info["max_id"]))
+            graph.add(added, added_ids)
+            ann = _write_ann(folder, graph, max(int(info["max_id"]), *added_ids.tolist()), generation)
     finally:
         state.close()
     with store.transaction(con):
@@ -677,24 +685,17 @@ def _maintain(folder: Path, con) -> None:
         store.set_meta(con, ann=ann, generation=generation)
 
 
-def _write_ann(folder: Path, vectors: np.ndarray, ids: np.ndarray, generation: int, ann, dead: int) -> dict[str, Any]:
-    """Write the approximate index of these vectors (trained now, unless an up-to-date `ann` is given)."""
+def _write_ann(folder: Path, graph, max_id: int, generation: int) -> dict[str, Any]:
+    """Write the approximate index's graph, which holds every live item up to `max_id`; returns what
+    the index records of it (`count`: the items in the graph, removed ones included)."""
     import secrets
 
     from .._io import atomic_path
-    from .ann import IVF
 
-    ann = ann or IVF.build(vectors, ids)
     name = f"{generation:08d}-{secrets.token_hex(4)}.faiss"
     with atomic_path(folder / store.ANN / name) as tmp, open(tmp, "wb") as f:
-        ann.write(f)
-    return {
-        **ann.info(),
-        "file": name,
-        "max_id": int(ids.max()) if len(ids) else 0,
-        "dead_at_write": dead,
-        "count": len(ids),
-    }
+        graph.write(f)
+    return {**graph.info(), "file": name, "max_id": max_id, "count": graph.count}
 
 
 # -- the model, and what must agree ------------------------------------------------------------------------
