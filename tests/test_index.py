@@ -402,7 +402,8 @@ def test_approximate_index_is_kept_up_to_date(built, tmp_path, small_limits):
         f.name for f in (index_dir / store.VECTORS).iterdir()
     }
     meta = index._state.meta
-    assert files == {meta["ann"]["file"], *(s.name for s in index._state.segments)}  # no garbage left
+    named = {meta["ann"]["file"], meta["ann"]["ids_file"], *(s.name for s in index._state.segments)}
+    assert files == named  # no garbage left
 
 
 def test_approximate_dedup_finds_large_groups(built, tmp_path, small_limits):

@@ -1,5 +1,5 @@
 """The approximate search: FAISS's HNSW graph over the full vectors (IndexHNSWFlat, inner product),
-keyed by the items' ids (IndexIDMap2).
+with the item id of each of its vectors beside it.
 
 Chosen by measuring FAISS HNSW, FAISS IVF-Flat and usearch's HNSW here (benchmarks/RESULTS.md,
 "Similarity index"): on clustered vectors of realistic intrinsic dimension, IVF needs to scan a large
@@ -8,7 +8,7 @@ millisecond; FAISS's HNSW built faster than usearch's and searched faster, and k
 vectors, so its scores are exact cosines, as the exact search's.
 
 An HNSW graph cannot drop a vector; removed items are left in the graph (they still help to find
-the way) and filtered out of every search (`dead`). The index rebuilds the graph when too many are
+the way) and filtered out of every search (`keep_only`). The index rebuilds the graph when too many are
 dead, and searches what was added since the graph was written exactly, beside it (`Approximate`).
 `ef_search` (how many candidates a search keeps) is chosen when the graph is built, on the index's
 own data: the smallest that finds RECALL_TARGET of the exact 10 nearest neighbours of a sample of
@@ -17,7 +17,7 @@ its vectors. FAISS runs on its own threads (OpenMP); nothing here changes its se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,18 +43,14 @@ def faiss_module():
 
 @dataclass
 class HNSW:
-    index: Any  # faiss.IndexIDMap2 of an IndexHNSWFlat
+    index: Any  # faiss.IndexHNSWFlat; its labels are positions in `ids`
+    ids: np.ndarray  # (n,) int64: the item id of each vector in the graph
     ef_search: int
-    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ids in the graph, not to be found
-    _selector: Any = None
+    _selector: Any = None  # the positions never to be found (removed items), or None
 
     @property
     def count(self) -> int:
         return int(self.index.ntotal)
-
-    def ids(self) -> np.ndarray:
-        """The ids the graph holds, dead ones included."""
-        return self.faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, seed: int = 0) -> HNSW:
@@ -62,7 +58,7 @@ class HNSW:
         faiss = faiss_module()
         graph = faiss.IndexHNSWFlat(vectors.shape[1], LINKS, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = EF_CONSTRUCTION
-        hnsw = cls(faiss.IndexIDMap2(graph), ef_search=EF_CHOICES[0])
+        hnsw = cls(graph, np.zeros(0, np.int64), ef_search=EF_CHOICES[0])
         hnsw.add(vectors, ids)
         hnsw.ef_search = hnsw.calibrate(vectors, ids, np.random.default_rng(seed))
         return hnsw
@@ -92,31 +88,35 @@ class HNSW:
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         for start in range(0, len(ids), 65536):  # in pieces: no second copy of a large array
-            part = np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32)
-            self.index.add_with_ids(part, np.asarray(ids[start : start + 65536], np.int64))
+            self.index.add(np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32))
+        self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
 
-    def set_dead(self, dead: np.ndarray) -> None:
-        """Ids that stay in the graph but must never be found."""
-        self.dead = np.asarray(dead, np.int64)
+    def keep_only(self, live: np.ndarray) -> None:
+        """Never find the items of the graph that are not in `live` (sorted ids): they were removed."""
+        dead = np.nonzero(~np.isin(self.ids, live))[0]
         faiss = self.faiss
-        self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.dead)) if len(self.dead) else None
+        self._selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(dead.astype(np.int64))) if len(dead) else None
 
     def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (Q, k), best first; id -1 where fewer than k were found."""
+        # A bare IndexHNSWFlat, no IndexIDMap: the map's own parallel loop made a single query cost a
+        # thread hand-over (4-9 ms instead of 0.1 on a busy machine); positions are mapped here.
         params = self.faiss.SearchParametersHNSW(efSearch=max(ef or self.ef_search, k))
         if self._selector is not None:
             params.sel = self._selector
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        scores, positions = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        return scores, np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
 
-    def write(self, file) -> None:
+    def write(self, file, ids_file) -> None:
         self.faiss.write_index(self.index, self.faiss.PyCallbackIOWriter(file.write))
+        np.save(ids_file, self.ids)
 
     @classmethod
-    def read(cls, file, info: dict[str, Any]) -> HNSW:
+    def read(cls, file, ids: np.ndarray, info: dict[str, Any]) -> HNSW:
         faiss = faiss_module()
         file.seek(0)
         index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
-        return cls(index, ef_search=int(info["ef_search"]))
+        return cls(index, np.asarray(ids, np.int64), ef_search=int(info["ef_search"]))
 
     def info(self) -> dict[str, Any]:
         return {"kind": "faiss-hnsw-flat", "links": LINKS, "ef_search": self.ef_search}

@@ -242,9 +242,8 @@ class Index:
             if self._ann is None:
                 info, state = self._state.meta.get("ann"), self._state
                 if info:
-                    graph = HNSW.read(state.ann_file, info)
-                    in_graph = graph.ids()
-                    graph.set_dead(in_graph[~np.isin(in_graph, state.live_ids())])
+                    graph = HNSW.read(state.ann_file, state.ann_ids, info)
+                    graph.keep_only(state.live_ids())
                     recent, recent_ids = live_after(state, int(info["max_id"]))
                 else:
                     vectors, ids = state.live_vectors()
@@ -673,7 +672,7 @@ def _maintain(folder: Path, con) -> None:
             if rebuild:
                 ann = _write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
         elif extend:
-            graph = HNSW.read(state.ann_file, info)
+            graph = HNSW.read(state.ann_file, state.ann_ids, info)
             added, added_ids = live_after(state, int(info["max_id"]))
             graph.add(added, added_ids)
             ann = _write_ann(folder, graph, max(int(info["max_id"]), *added_ids.tolist()), generation)
@@ -692,10 +691,16 @@ def _write_ann(folder: Path, graph, max_id: int, generation: int) -> dict[str, A
 
     from .._io import atomic_path
 
-    name = f"{generation:08d}-{secrets.token_hex(4)}.faiss"
-    with atomic_path(folder / store.ANN / name) as tmp, open(tmp, "wb") as f:
-        graph.write(f)
-    return {**graph.info(), "file": name, "max_id": max_id, "count": graph.count}
+    name = f"{generation:08d}-{secrets.token_hex(4)}"
+    with (
+        atomic_path(folder / store.ANN / f"{name}.faiss") as tmp,
+        open(tmp, "wb") as file,
+        atomic_path(folder / store.ANN / f"{name}.ids.npy") as ids_tmp,
+        open(ids_tmp, "wb") as ids_file,
+    ):
+        graph.write(file, ids_file)
+    info = {"file": f"{name}.faiss", "ids_file": f"{name}.ids.npy", "max_id": max_id, "count": graph.count}
+    return {**graph.info(), **info}
 
 
 # -- the model, and what must agree ------------------------------------------------------------------------

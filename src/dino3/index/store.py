@@ -2,7 +2,8 @@
 
     DIR/index.sqlite3    the commit point: settings, one row per image, the list of vector files
     DIR/vectors/*.npy    float32 (n, D) unit vectors, written once and never changed
-    DIR/ann/*.faiss      the approximate index (see ann.py), kept when the index is large
+    DIR/ann/*            the approximate index (see ann.py) when the index is large: the graph
+                         (.faiss) and the item id of each of its vectors (.ids.npy)
     DIR/work/            the embedding job of a build or add in progress (temporary)
     DIR/index.lock       held while a build or add writes (one writer at a time)
 
@@ -90,7 +91,8 @@ class State:
     segments: list[Segment]
     tombstones: np.ndarray  # (t,) int64
     count: int  # live items
-    ann_file: Any = None  # the approximate index's file, opened inside the read transaction
+    ann_file: Any = None  # the approximate index's graph file, opened inside the read transaction
+    ann_ids: np.ndarray | None = None  # and the item id of each of its vectors (mapped)
 
     @property
     def dim(self) -> int:
@@ -202,14 +204,15 @@ def read_state(folder: Path, con: sqlite3.Connection | None = None) -> State:
                 for name, ids in con.execute("SELECT name, ids FROM segments ORDER BY rowid")
             ]
             count = con.execute("SELECT count(*) FROM items").fetchone()[0]
-            ann_file = None
+            ann_file = ann_ids = None
             if meta.get("ann"):
+                info = meta["ann"]
                 try:
-                    ann_file = open(folder / ANN / meta["ann"]["file"], "rb")  # noqa: SIM115  (kept open: see State)
-                except OSError as e:
+                    ann_file = open(folder / ANN / info["file"], "rb")  # noqa: SIM115  (kept open: see State)
+                    ann_ids = np.load(folder / ANN / info["ids_file"], mmap_mode="r", allow_pickle=False)
+                except (OSError, ValueError) as e:
                     raise BadIndexError(
-                        f"{folder}: the approximate index {ANN}/{meta['ann']['file']} cannot be read ({e.strerror}); "
-                        "`dino3 index add` with no new images rebuilds it"
+                        f"{folder}: the approximate index in {ANN}/ cannot be read ({e}); build the index again"
                     ) from None
         finally:
             con.execute("COMMIT")
@@ -223,7 +226,7 @@ def read_state(folder: Path, con: sqlite3.Connection | None = None) -> State:
         raise BadIndexError(
             f"{folder} is inconsistent: {count} images listed but {live} live vectors stored; build the index again"
         )
-    return State(folder, meta, segments, tombstones, count, ann_file)
+    return State(folder, meta, segments, tombstones, count, ann_file, ann_ids)
 
 
 def _map_segment(folder: Path, name: str, ids: np.ndarray, dim: int, tombstones: np.ndarray) -> Segment:
@@ -344,7 +347,7 @@ def collect_garbage(folder: Path, con: sqlite3.Connection) -> None:
     keep = {name for (name,) in con.execute("SELECT name FROM segments")}
     ann = json.loads(con.execute("SELECT value FROM meta WHERE key = 'ann'").fetchone()[0])
     if ann:
-        keep.add(ann["file"])
+        keep.update((ann["file"], ann["ids_file"]))
     for sub in (VECTORS, ANN):
         removed = False
         for file in (folder / sub).glob("*"):
