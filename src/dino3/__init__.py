@@ -54,6 +54,7 @@ _SUBMODULES = {
     "embed": "dino3.embed",
     "probe": "dino3.probe",
     "dense": "dino3.dense",
+    "index": "dino3.index",
     "video": "dino3.video",
     "ray": "dino3.integrations.ray",
 }
@@ -77,7 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import dense, embed, pipeline, probe, video
+    from . import dense, embed, index, pipeline, probe, video
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert

@@ -70,7 +70,7 @@ def add_processing_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    """How fast images are embedded: --batch-size, --workers, --threads, -q."""
+    """How a job runs through many images: --batch-size, --workers, --threads, -q."""
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
     parser.add_argument(
         "--workers", type=natural, default=2, help="threads decoding images ahead (default: 2; 0: none)"

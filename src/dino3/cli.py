@@ -353,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_commands(commands)
 
     add_commands(commands)  # pca, foreground, match: dino3.dense.commands
+
+    from .index.commands import add_commands as add_index_commands
+
+    add_index_commands(commands)
     return parser
 
 

@@ -52,3 +52,8 @@ class UsageError(Dino3Error, ValueError):
 
 class RunLockedError(UsageError):
     """Another process is writing the same output right now."""
+
+
+class BadIndexError(Dino3Error, ValueError):
+    """A folder that is not a usable dino3 index: damaged, incomplete, or written in an index format
+    that this dino3 does not read."""

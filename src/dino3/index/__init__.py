@@ -1,0 +1,21 @@
+"""Similar images and near-duplicates: an index of DINOv3 embeddings on disk.
+
+    import dino3.index
+    dino3.index.build(["photos/"], model="vits16", folder="photos.index")   # embeds every image
+    index = dino3.index.open("photos.index")
+    index.search("query.jpg", k=10)        # [{"query": ..., "neighbors": [{"path", "score"}, ...]}]
+    index.add(["photos/"])                 # new and changed images only; files gone are dropped
+    index.dedup(threshold=0.95)            # {"groups": [{"paths", "scores"}, ...], "histogram": ...}
+    len(index)
+
+The command line: `dino3 index build|add|info`, `dino3 search`, `dino3 dedup` (see commands.py).
+The layout on disk is in store.py, the exact search in exact.py, the approximate one in ann.py.
+"""
+
+from __future__ import annotations
+
+from .index import Index, Update, build
+from .index import open_index as open  # noqa: A001  (dino3.index.open(DIR), as the issue asks)
+from .store import Entry
+
+__all__ = ["Entry", "Index", "Update", "build", "open"]

@@ -1,0 +1,584 @@
+"""The similarity index end to end: build, search, dedup, add, and every way it can be misused.
+
+The photos are the shipped ones (examples/images); four of them also get a JPEG re-encode at quality
+40 and a half-size copy. The model has the vits16 architecture with random weights (`dino3
+init-random`), where copies of a photo score >= 0.999 in CLS cosine and different photos at most
+0.98 (measured below and in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dino3
+import dino3.index
+from dino3.cli import main
+from dino3.errors import BadIndexError, ImageError, RunLockedError, UsageError
+from dino3.index import index as index_module
+from dino3.index import store
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "examples" / "images"
+COPIED = ["chelsea.png", "rocket.jpg", "coffee.png", "astronaut.png"]  # get two near-copies each
+THRESHOLD = 0.99  # between the copies (>= 0.999) and different photos (<= 0.98)
+
+
+def make_copies(source: Path, folder: Path) -> tuple[Path, Path]:
+    """A JPEG re-encode at quality 40 and a half-size copy of a photo."""
+    image = Image.open(source).convert("RGB")
+    stem = source.stem
+    jpeg, half = folder / f"{stem}_q40.jpg", folder / f"{stem}_half.png"
+    image.save(jpeg, quality=40)
+    image.resize((image.width // 2, image.height // 2), Image.LANCZOS).save(half)
+    return jpeg, half
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vits16-random")
+    assert main(["init-random", "vits16", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for photo in sorted(PHOTOS.glob("*.*")):
+        if photo.suffix in (".png", ".jpg"):
+            shutil.copy(photo, folder / photo.name)
+    for name in COPIED:
+        make_copies(folder / name, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(model_folder, photos, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built") / "photos.index"
+    update = dino3.index.build([str(photos)], model=str(model_folder), folder=folder, progress=False)
+    assert update.count == update.embedded == 17 and not update.failures
+    return folder
+
+
+def copy_index(built: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "index"
+    shutil.copytree(built, folder)
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """path -> (size, mtime, sha256, grid, vector) of an index, for comparisons."""
+    index = dino3.index.open(folder)
+    try:
+        return {e.path: (e.size, e.mtime_ns, e.sha256, e.grid, v) for e, v in zip(index.entries(), index.vectors())}
+    finally:
+        index.close()
+
+
+def assert_same_index(a: dict, b: dict, atol: float = 2e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for path in a:
+        assert a[path][:4] == b[path][:4], path
+        np.testing.assert_allclose(a[path][4], b[path][4], atol=atol, err_msg=path)
+
+
+# -- search and dedup on real photos ---------------------------------------------------------------------
+def test_each_photo_finds_itself_then_its_two_copies(built, photos):
+    index = dino3.index.open(built)
+    originals = sorted(p for p in photos.iterdir() if "_q40" not in p.name and "_half" not in p.name)
+    results = index.search([str(p) for p in originals], k=4)
+    copy_scores, other_scores = [], []
+    for original, result in zip(originals, results):
+        assert result["query"] == str(original)
+        neighbours = result["neighbors"]
+        assert neighbours[0]["path"] == str(original) and neighbours[0]["score"] >= 0.999
+        if original.name in COPIED:
+            copies = {str(photos / f"{original.stem}_q40.jpg"), str(photos / f"{original.stem}_half.png")}
+            assert {n["path"] for n in neighbours[1:3]} == copies
+            copy_scores += [n["score"] for n in neighbours[1:3]]
+            other_scores.append(neighbours[3]["score"])
+        else:
+            other_scores.append(neighbours[1]["score"])
+        assert [n["score"] for n in neighbours] == sorted((n["score"] for n in neighbours), reverse=True)
+    # the regime the thresholds rely on (random vits16 weights): copies >= 0.999, other photos <= 0.98
+    assert min(copy_scores) >= 0.999, min(copy_scores)
+    assert max(other_scores) <= 0.985, max(other_scores)
+    print(f"copies: min {min(copy_scores):.5f}; different photos: max {max(other_scores):.5f}")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_dedup_returns_exactly_the_copy_groups(built, photos, exact):
+    result = dino3.index.open(built).dedup(THRESHOLD, exact=exact)
+    expected = {
+        frozenset(str(photos / n) for n in (name, f"{Path(name).stem}_q40.jpg", f"{Path(name).stem}_half.png"))
+        for name in COPIED
+    }
+    assert {frozenset(g["paths"]) for g in result["groups"]} == expected
+    for group in result["groups"]:
+        assert group["scores"][0] == 1.0 and min(group["scores"]) >= 0.999
+    assert sum(result["histogram"]["counts"]) == 17  # every image's nearest neighbour
+    assert result["exact"] is exact
+
+
+def test_search_and_dedup_commands(built, photos, tmp_path, capsys):
+    query = str(photos / "chelsea.png")
+    outputs = {}
+    for how in ("--exact", "--approximate"):
+        out = tmp_path / f"results{how}.json"
+        assert main(["search", query, "--index", str(built), "-k", "3", "--json", str(out), how]) == 0
+        outputs[how] = json.loads(out.read_text())
+    assert outputs["--exact"] == outputs["--approximate"]  # the same JSON from either search
+    result = outputs["--exact"]["results"][0]
+    assert result["query"] == query and len(result["neighbors"]) == 3
+    assert set(result["neighbors"][0]) == {"path", "score"}
+
+    html = tmp_path / "sheet.html"
+    assert (
+        main(["search", query, str(photos / "rocket.jpg"), "--index", str(built), "-k", "3", "--html", str(html)]) == 0
+    )
+    page = html.read_text()
+    assert page.count("data:image/jpeg;base64,") == 2 + 6  # the queries and their neighbours, all embedded
+    assert "http" not in page.replace("http-equiv", "")  # nothing to fetch: opens without a server
+
+    groups_json, groups_html = tmp_path / "groups.json", tmp_path / "groups.html"
+    capsys.readouterr()
+    args = ["dedup", "--index", str(built), "--threshold", str(THRESHOLD), "--json", str(groups_json)]
+    assert main([*args, "--html", str(groups_html)]) == 0
+    err = capsys.readouterr().err
+    assert "nearest-neighbour cosine" in err and "4 groups of near-duplicates" in err
+    data = json.loads(groups_json.read_text())
+    assert [len(g["paths"]) for g in data["groups"]] == [3, 3, 3, 3]
+    assert groups_html.read_text().count("data:image/jpeg;base64,") == 12
+
+
+def test_python_api(built, photos, model_folder):
+    index = dino3.index.open(built)
+    assert len(index) == 17 and index.dim == 384
+    by_path = index.search(str(photos / "rocket.jpg"), k=2)
+    by_image = index.search([Image.open(photos / "rocket.jpg")], k=2)
+    vector = index.vectors()[[e.path for e in index.entries()].index(str(photos / "rocket.jpg"))]
+    by_vector = index.search(vector, k=2)
+    assert by_path[0]["neighbors"] == by_image[0]["neighbors"]
+    assert [n["path"] for n in by_path[0]["neighbors"]] == [n["path"] for n in by_vector[0]["neighbors"]]
+    assert by_image[0]["query"] == "image 0" and by_vector[0]["query"] == "vector 0"
+    # the model the index was built with, given explicitly, is accepted
+    same = dino3.load(model_folder)
+    assert index.search(str(photos / "rocket.jpg"), k=2, model=same)[0]["neighbors"] == by_path[0]["neighbors"]
+
+
+# -- add ---------------------------------------------------------------------------------------------------
+def test_add_after_adding_changing_and_deleting_equals_a_fresh_build(model_folder, photos, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    (folder / "later").mkdir()
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(folder)], model=str(model_folder), folder=index_dir, progress=False)
+    before = snapshot(index_dir)
+
+    Image.open(PHOTOS / "horse.png").rotate(90).save(folder / "later" / "new_horse.png")  # new
+    shutil.copy(PHOTOS / "retina.jpg", folder / "later" / "retina_copy.jpg")  # new, the bytes of an indexed one
+    Image.open(PHOTOS / "chelsea.png").convert("RGB").save(folder / "chelsea_q40.jpg", quality=70)  # changed
+    os.utime(folder / "coins.png", ns=(1, 10**18))  # touched: the same bytes, another time
+    (folder / "coffee_half.png").unlink()  # deleted
+    os.rename(folder / "camera.png", folder / "later" / "camera_moved.png")  # moved: the same bytes
+
+    index = dino3.index.open(index_dir)
+    update = index.add([str(folder)], progress=False)
+    assert (update.added, update.replaced, update.dropped, update.touched) == (3, 1, 2, 1)
+    assert update.reused == 2 and update.embedded == 2  # the moved and the copied file's vectors are reused
+    assert len(index) == 17 - 2 + 3
+
+    fresh_dir = tmp_path / "fresh"
+    dino3.index.build([str(folder)], model=str(model_folder), folder=fresh_dir, progress=False)
+    after, fresh = snapshot(index_dir), snapshot(fresh_dir)
+    assert_same_index(after, fresh)
+    assert str(folder / "coffee_half.png") not in after and str(folder / "coffee_half.png") in before
+    query = [str(folder / "coffee.png"), str(folder / "chelsea.png")]
+    for exact in (True, False):  # deleted rows never come back in a search
+        found = index.search(query, k=len(index), exact=exact)
+        expected = dino3.index.open(fresh_dir).search(query, k=len(index), exact=exact)
+        for a, b in zip(found, expected):
+            assert [n["path"] for n in a["neighbors"]] == [n["path"] for n in b["neighbors"]]
+            np.testing.assert_allclose(
+                [n["score"] for n in a["neighbors"]], [n["score"] for n in b["neighbors"]], atol=2e-5
+            )
+
+    again = index.add([str(folder)], progress=False)  # nothing changed since: nothing embedded
+    assert again.embedded == again.added == again.replaced == again.dropped == 0 and again.unchanged == 18
+    assert_same_index(snapshot(index_dir), after, atol=0)
+
+
+def test_add_refuses_an_index_whose_files_all_vanished(built, tmp_path):
+    folder = copy_index(built, tmp_path)
+    before = snapshot(folder)
+    # the index's photos are all there: an add from another (empty) folder changes nothing
+    (tmp_path / "empty").mkdir()
+    moved = tmp_path / "moved"
+    photos = Path(next(iter(before))).parent
+    shutil.copytree(photos, moved)
+    shutil.rmtree(photos)  # as if a disk were unmounted
+    try:
+        with pytest.raises(UsageError, match="none of the 17 files"):
+            dino3.index.open(folder).add([str(tmp_path / "empty")], progress=False)
+    finally:
+        shutil.copytree(moved, photos)
+        for source in moved.iterdir():  # the same modification times as indexed
+            shutil.copystat(source, photos / source.name)
+    assert_same_index(snapshot(folder), before, atol=0)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import dino3.index
+from dino3.index import index as index_module, store
+point = sys.argv[3]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "in-transaction":  # after the rows were deleted and inserted, before the commit
+    store.update_stats = die
+elif point == "after-commit":  # committed; the vector files not yet merged, garbage not yet collected
+    index_module._maintain = die
+dino3.index.open(sys.argv[1]).add([sys.argv[2]], progress=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["in-transaction", "after-commit"])
+def test_sigkill_during_add(model_folder, photos, tmp_path, point):
+    """SIGKILL at the delicate instants: inside the transaction the old index is whole and equal to
+    before; after the commit the new one is whole, and the next add cleans up what was left."""
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(folder)], model=str(model_folder), folder=index_dir, progress=False)
+    before = snapshot(index_dir)
+    shutil.copy(PHOTOS / "horse.png", folder / "new_horse.png")
+    (folder / "rocket_half.png").unlink()
+
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    process = subprocess.run([sys.executable, str(script), str(index_dir), str(folder), point], timeout=300)
+    assert process.returncode == -signal.SIGKILL
+
+    after = snapshot(index_dir)  # opens (rolling back a half-done transaction) and reads
+    if point == "in-transaction":
+        assert_same_index(after, before, atol=0)
+        leftover = len(list((index_dir / store.VECTORS).iterdir()))
+        assert leftover == 2  # the killed add's vector file: garbage, named by no state
+    else:
+        assert str(folder / "new_horse.png") in after and str(folder / "rocket_half.png") not in after
+    dino3.index.open(index_dir).add([str(folder)], progress=False)  # finishes (or redoes) the work
+    fresh_dir = tmp_path / "fresh"
+    dino3.index.build([str(folder)], model=str(model_folder), folder=fresh_dir, progress=False)
+    assert_same_index(snapshot(index_dir), snapshot(fresh_dir))
+    named = {name for (name,) in sqlite3.connect(index_dir / store.DB_NAME).execute("SELECT name FROM segments")}
+    assert {f.name for f in (index_dir / store.VECTORS).iterdir()} == named  # nothing left behind
+    assert not (index_dir / store.WORK).exists()
+
+
+@pytest.mark.slow
+def test_sigkill_while_embedding_an_add(model_folder, photos, tmp_path):
+    """A real `dino3 index add` killed while it embeds: the index is as it was, and usable."""
+    index_dir = tmp_path / "index"
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    dino3.index.build([str(folder)], model=str(model_folder), folder=index_dir, progress=False)
+    before = snapshot(index_dir)
+    many = folder / "many"
+    many.mkdir()
+    for i in range(64):
+        shutil.copy(PHOTOS / "horse.png", many / f"{i:02d}.png")
+        Image.open(many / f"{i:02d}.png").rotate(i * 5).save(many / f"{i:02d}.png")  # different bytes each
+    command = [sys.executable, "-m", "dino3.cli", "index", "add", str(folder), "--index", str(index_dir)]
+    process = subprocess.Popen([*command, "-q", "--batch-size", "2"], stderr=subprocess.PIPE)
+    partial = index_dir / store.WORK / "add.npz.partial"
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial.exists(), "the add finished before it could be interrupted"
+    assert_same_index(snapshot(index_dir), before, atol=0)
+    assert dino3.index.open(index_dir).search(str(folder / "chelsea.png"), k=1)[0]["neighbors"][0]["score"] > 0.999
+    assert main(["index", "add", str(folder), "--index", str(index_dir), "-q"]) == 0
+    assert len(dino3.index.open(index_dir)) == 17 + 64
+
+
+# -- embeddings files, the approximate index and its upkeep --------------------------------------------------
+def test_build_from_embed_output_equals_build_from_images(built, photos, model_folder, tmp_path):
+    features = tmp_path / "features.npz"
+    assert main(["embed", str(photos), "-m", str(model_folder), "-o", str(features), "-q"]) == 0
+    index_dir = tmp_path / "from-file"
+    assert main(["index", "build", str(features), "--index", str(index_dir)]) == 0
+    assert_same_index(snapshot(index_dir), snapshot(built))
+    # queries are embedded with the model the file names
+    found = dino3.index.open(index_dir).search(str(photos / "coins.png"), k=1)
+    assert found[0]["neighbors"][0]["path"] == str(photos / "coins.png")
+
+
+def synthetic(folder: Path, count: int, dim: int, settings: dict, seed: int = 0, copies: int = 0) -> Path:
+    """An embeddings file of clustered unit vectors for `count` small files (made here), with the
+    settings of a real index; the first `copies` + 1 vectors are near-copies of one another."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(2, count // 50), dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, len(centres), count)] + 0.6 * rng.standard_normal((count, dim))
+    vectors[1 : copies + 1] = vectors[0] + 0.01 * rng.standard_normal((copies, dim))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{seed}-{i:05d}.jpg"
+        path.write_bytes(f"{seed} {i}".encode())
+        paths.append(str(path))
+    out = folder.with_suffix(".npz")
+    meta = {key: settings[key] for key in index_module.DECIDING if key in settings}
+    dino3.embed.write_embeddings(
+        out, paths, list(vectors.astype(np.float32)), [(14, 14)] * count, {**meta, "model": settings["model"]}
+    )
+    return out
+
+
+@pytest.fixture
+def small_limits(monkeypatch):
+    """Keep an approximate index from 1,000 vectors on, merge vector files from the third on, and
+    search up to 10% of the images exactly beside the graph before they join it."""
+    monkeypatch.setattr(index_module, "EXACT_LIMIT", 64 * 999)
+    monkeypatch.setattr(index_module, "DEDUP_EXACT_LIMIT", 100)
+    monkeypatch.setattr(index_module, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(index_module, "RECENT_FRACTION", 0.1)
+
+
+def recall_at_10(index, queries) -> float:
+    exact = index.nearest(queries, 10, exact=True)[1]
+    approximate = index.nearest(queries, 10, exact=False)[1]
+    return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approximate)])
+
+
+def test_approximate_index_is_kept_up_to_date(built, tmp_path, small_limits):
+    """Adds beside the graph, adds that join it, removals filtered out, removals that rebuild it,
+    vector files merged: the approximate search finds what was added, never what was removed."""
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    first = synthetic(tmp_path / "a", 3000, 64, settings, seed=1)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(first)], folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    assert index.approximate and index.info()["approximate_index"]["count"] == 3000
+    rng = np.random.default_rng(5)  # queries like the indexed images: near them, none of them
+    queries = index.vectors()[::60] + 0.1 * rng.standard_normal((50, 64)).astype(np.float32)
+    assert recall_at_10(index, queries) >= 0.95
+    originals = sorted((tmp_path / "a").iterdir())
+
+    graphs = []
+    for seed, removed in ((2, 100), (3, 100), (4, 1000)):
+        index.add([str(synthetic(tmp_path / f"more{seed}", 200, 64, settings, seed=seed))], progress=False)
+        for path in originals[:removed]:
+            path.unlink(missing_ok=True)
+        index.add([str(tmp_path / f"more{seed}")], progress=False)  # unchanged files; the deleted ones dropped
+        graphs.append(index.info()["approximate_index"])
+        assert recall_at_10(index, queries) >= 0.95
+        entries = index.entries()
+        added = [e for e in entries if Path(e.path).parent.name == f"more{seed}"]
+        vectors = index.vectors()[[Path(e.path).parent.name == f"more{seed}" for e in entries]]
+        found = index.nearest(vectors, 1, exact=False)[1][:, 0]
+        assert found.tolist() == [a.id for a in added]  # what was added is found
+        found = index.nearest(queries, len(index), exact=False)[1]
+        assert set(found[found >= 0].tolist()) <= {e.id for e in entries}  # what was removed never is
+        assert len(index._state.segments) <= 2  # merged as soon as there are more
+    assert graphs[0]["count"] == 3000  # 200 new ones searched beside the graph (6%)
+    assert graphs[1]["count"] == 3400  # 400 beside it: more than 10%, they joined it
+    assert graphs[2]["count"] == 3000 - 1000 + 600  # 1000 removed: more than 25% of the graph, built again
+    assert len(index) == 2600
+    files = {f.name for f in (index_dir / store.ANN).iterdir()} | {
+        f.name for f in (index_dir / store.VECTORS).iterdir()
+    }
+    meta = index._state.meta
+    named = {meta["ann"]["file"], meta["ann"]["ids_file"], *(s.name for s in index._state.segments)}
+    assert files == named  # no garbage left
+
+
+def test_approximate_dedup_finds_large_groups(built, tmp_path, small_limits):
+    """A group larger than the neighbours each image asks for (16) is found whole, through an exact
+    scan; the approximate groups equal the exact ones."""
+    settings = dino3.index.open(built).settings
+    data = synthetic(tmp_path / "d", 2000, 64, settings, seed=7, copies=40)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(data)], folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    approximate, exact = index.dedup(0.99), index.dedup(0.99, exact=True)
+    assert approximate["exact"] is False and exact["exact"] is True
+    assert [g["paths"] for g in approximate["groups"]] == [g["paths"] for g in exact["groups"]]
+    assert len(approximate["groups"][0]["paths"]) == 41
+    np.testing.assert_allclose(approximate["histogram"]["counts"], exact["histogram"]["counts"], atol=20)
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+def test_missing_or_corrupt_index_folder(built, tmp_path, capsys):
+    with pytest.raises(UsageError, match="no such index folder"):
+        dino3.index.open(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(PHOTOS / "rocket.jpg"), "--index", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "no such index folder" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadIndexError, match="holds no dino3 index"):
+        dino3.index.open(tmp_path / "empty")
+
+    garbage = copy_index(built, tmp_path / "g")
+    (garbage / store.DB_NAME).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(BadIndexError, match="damaged"):
+        dino3.index.open(garbage)
+    assert main(["dedup", "--index", str(garbage)]) == 1
+    assert "damaged" in capsys.readouterr().err
+
+    lost = copy_index(built, tmp_path / "l")
+    for file in (lost / store.VECTORS).iterdir():
+        file.unlink()
+    with pytest.raises(BadIndexError, match="vector file .* missing or damaged"):
+        dino3.index.open(lost)
+
+    cut = copy_index(built, tmp_path / "c")
+    for file in (cut / store.VECTORS).iterdir():
+        file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(BadIndexError, match="vector file"):
+        dino3.index.open(cut)
+
+
+@pytest.mark.parametrize("version", [(0, "0.0.1"), (99, "9.0")])
+def test_index_of_another_dino3_version(built, tmp_path, version, capsys):
+    folder = copy_index(built, tmp_path)
+    con = sqlite3.connect(folder / store.DB_NAME)
+    with con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'format'", (json.dumps(version[0]),))
+        con.execute("UPDATE meta SET value = ? WHERE key = 'dino3_version'", (json.dumps(version[1]),))
+    con.close()
+    with pytest.raises(BadIndexError, match=f"written by dino3 {version[1]} in index format {version[0]}"):
+        dino3.index.open(folder)
+    assert main(["index", "add", str(PHOTOS), "--index", str(folder), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert ("upgrade dino3" if version[0] == 99 else "build the index again") in err
+
+
+def test_another_model_is_refused_with_the_reason(built, photos, tmp_path, capsys):
+    other = tmp_path / "other-model"
+    assert main(["init-random", "vits16", str(other), "--seed", "1"]) == 0
+    index = dino3.index.open(built)
+    with pytest.raises(UsageError, match="(?s)built with another model.*weight_files"):
+        index.search(str(photos / "rocket.jpg"), k=1, model=dino3.load(other))
+    small = dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128))
+    with pytest.raises(UsageError, match="hidden_size: 384 -> 64"):
+        index.search(str(photos / "rocket.jpg"), k=1, model=small)
+
+    # the index's own model folder gets other weights: searching and adding are refused
+    folder = copy_index(built, tmp_path / "i")
+    moved_model = tmp_path / "model"
+    shutil.copytree(Path(index.settings["model"]), moved_model)
+    con = sqlite3.connect(folder / store.DB_NAME)
+    settings = {**index.settings, "model": str(moved_model)}
+    with con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'embedding'", (json.dumps(settings),))
+    con.close()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(photos / "rocket.jpg"), "--index", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "built with another model" in err and "weight_files" in err
+
+
+def test_query_that_is_not_an_image(built, photos, tmp_path, capsys):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    with pytest.raises(ImageError, match="fake.png"):
+        dino3.index.open(built).search(str(fake), k=3)
+    out = tmp_path / "results.json"
+    status = main(
+        ["search", str(fake), str(photos / "coins.png"), "--index", str(built), "-k", "2", "--json", str(out)]
+    )
+    assert status == 3
+    assert "fake.png" in capsys.readouterr().err
+    results = json.loads(out.read_text())["results"]
+    assert [r["query"] for r in results] == [str(photos / "coins.png")]  # the good query still answered
+
+
+def test_k_larger_than_the_index_and_bad_thresholds(built, photos, capsys):
+    index = dino3.index.open(built)
+    with pytest.raises(UsageError, match="k=18 is more than the 17 images"):
+        index.search(str(photos / "coins.png"), k=18)
+    with pytest.raises(SystemExit):
+        main(["search", str(photos / "coins.png"), "--index", str(built), "-k", "100"])
+    assert "k=100 is more than the 17 images" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="vectors have 5 values"):
+        index.search(np.ones(5, np.float32), k=1)
+    with pytest.raises(UsageError, match="threshold"):
+        index.dedup(1.5)
+
+
+def test_empty_index(model_folder, tmp_path, capsys):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(PHOTOS / "coins.png", folder / "coins.png")
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(folder)], model=str(model_folder), folder=index_dir, progress=False)
+    (folder / "coins.png").unlink()
+    update = dino3.index.open(index_dir).add([str(folder)], progress=False)
+    assert update.dropped == 1 and update.count == 0
+    index = dino3.index.open(index_dir)
+    assert len(index) == 0
+    with pytest.raises(UsageError, match="holds no images"):
+        index.search(str(PHOTOS / "coins.png"), k=1)
+    with pytest.raises(SystemExit):
+        main(["dedup", "--index", str(index_dir)])
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_build_does_not_replace_an_index_or_run_twice(built, photos, model_folder, tmp_path, capsys):
+    folder = copy_index(built, tmp_path)
+    before = snapshot(folder)
+    with pytest.raises(SystemExit):
+        main(["index", "build", str(photos), "-m", str(model_folder), "--index", str(folder)])
+    assert "holds an index already" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="pool must be one of"):
+        dino3.index.build([str(photos)], model=str(model_folder), folder=tmp_path / "p", pool="patches")
+    with pytest.raises(UsageError, match="give the model"):
+        dino3.index.build([str(photos)], folder=tmp_path / "m")
+    with pytest.raises(UsageError, match="not empty and holds no index"):  # never writes among someone's files
+        dino3.index.build([str(photos)], model=str(model_folder), folder=photos)
+    from dino3.embed.store import RunLock
+
+    with RunLock(folder / "index"), pytest.raises(RunLockedError):  # another writer at work
+        dino3.index.open(folder).add([str(photos)], progress=False)
+    assert_same_index(snapshot(folder), before, atol=0)
+
+    # --overwrite replaces it, from one image
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(PHOTOS / "coins.png", one / "coins.png")
+    assert main(["index", "build", str(one), "-m", str(model_folder), "--index", str(folder), "--overwrite", "-q"]) == 0
+    assert len(dino3.index.open(folder)) == 1
+    assert len(list((folder / store.VECTORS).iterdir())) == 1  # the old index's vectors are gone
+
+
+def test_failed_images_are_listed_and_left_out(model_folder, photos, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos / "coins.png", folder / "coins.png")
+    (folder / "broken.jpg").write_bytes((photos / "rocket.jpg").read_bytes()[:2000])
+    status = main(["index", "build", str(folder), "-m", str(model_folder), "--index", str(tmp_path / "i"), "-q"])
+    assert status == 3
+    assert "broken.jpg" in capsys.readouterr().err
+    assert [e.path for e in dino3.index.open(tmp_path / "i").entries()] == [str(folder / "coins.png")]
+
+
+def test_index_info(built, capsys):
+    assert main(["index", "info", "--index", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert "17 images, 384-d vectors" in out and "search         exact" in out
