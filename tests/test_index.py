@@ -141,7 +141,10 @@ def test_search_and_dedup_commands(built, photos, tmp_path, capsys):
     assert outputs["--exact"] == outputs["--approximate"]  # the same JSON from either search
     result = outputs["--exact"]["results"][0]
     assert result["query"] == query and len(result["neighbors"]) == 3
-    assert set(result["neighbors"][0]) == {"path", "score"}
+    assert set(result["neighbors"][0]) == {"id", "path", "score"}
+    index = dino3.index.open(built)
+    assert index.entry(result["neighbors"][0]["id"]).path == result["neighbors"][0]["path"]
+    assert index.entry(10**9) is None
 
     html = tmp_path / "sheet.html"
     assert (

@@ -149,7 +149,7 @@ class Index:
         on_error: Callable[[int, Any, Exception], None] | None = None,
     ) -> list[dict[str, Any]]:
         """The k nearest images of each query, best first:
-        [{"query": name, "neighbors": [{"path": p, "score": cosine}, ...]}, ...].
+        [{"query": name, "neighbors": [{"id": item, "path": p, "score": cosine}, ...]}, ...].
 
         queries: image paths, folders, globs, URLs, PIL images, image arrays (a list of them, or one),
             or vectors: a float array or tensor of shape (D,) or (Q, D) (an image array must then be
@@ -174,7 +174,7 @@ class Index:
             {
                 "query": name,
                 "neighbors": [
-                    {"path": paths[int(i)], "score": round(float(s), 6)}
+                    {"id": int(i), "path": paths[int(i)], "score": round(float(s), 6)}
                     for s, i in zip(row_s, row_i)
                     if int(i) in paths  # -1: none found; an item removed since the index was opened
                 ],
@@ -262,6 +262,11 @@ class Index:
                 f"k={k} is more than the {len(self)} images in the index {self.folder}; ask for at most {len(self)}"
             )
         return int(k)
+
+    def entry(self, item_id: int) -> Entry | None:
+        """The entry of one item (the `id` a search gives), or None when the index holds no such item."""
+        found = self._entries([int(item_id)])
+        return found[0] if found else None
 
     def _paths(self, ids: np.ndarray) -> dict[int, str]:
         return {e.id: e.path for e in self._entries([int(i) for i in ids])}

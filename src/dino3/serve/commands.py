@@ -14,8 +14,9 @@ def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve a model over HTTP: embeddings in OpenAI's shape, dynamic batching, metrics",
-        description="Serve a model over HTTP (FastAPI on uvicorn): POST /v1/embeddings, /v1/embeddings/upload, "
-        "/v1/patches; GET /healthz, /readyz, /metrics, /docs. Binds 127.0.0.1 unless told otherwise.",
+        description="Serve a model over HTTP (FastAPI on uvicorn): a web page at /; POST /v1/embeddings, "
+        "/v1/embeddings/upload, /v1/patches, /v1/pca, /v1/search (with --index); GET /healthz, /readyz, /metrics, "
+        "/docs. Binds 127.0.0.1 unless told otherwise.",
         epilog="example:\n  dino3 serve -m vits16 --port 8000 --max-batch 32\n"
         '  curl -s localhost:8000/v1/embeddings -d \'{"input": "data:image/png;base64,..."}\'',
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -24,6 +25,7 @@ def add_commands(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=natural, default=8000, help="port (default: 8000; 0: any free port)")
     add_runtime_arguments(serve)
+    serve.add_argument("--index", metavar="DIR", help="serve this index (built with the same model): /v1/search")
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward at most (default: 32)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images this long (default: 10)")
     serve.add_argument("--max-queue", type=positive_int, default=256, help="images waiting at most; then 429")
@@ -49,8 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         raise UsageError("dino3 serve needs FastAPI and uvicorn: pip install 'dino3[serve]'") from None
     from ..api import load
-    from .service import ServeSettings, create_app
+    from .app import create_app
+    from .service import ServeSettings
 
+    index = None
+    if args.index:  # before the model loads: a wrong folder is told at once
+        from ..index import open as open_index
+
+        index = open_index(args.index)
     options = {"check_hash": not args.no_hash_check}
     if args.backend == "torch":
         options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
@@ -76,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
-    app = create_app(model, settings)
+    app = create_app(model, settings, index=index)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)
     # uvicorn stops accepting on SIGTERM, lets the requests in flight finish, then raises the signal

@@ -1,6 +1,6 @@
 """The HTTP service: dino3's exact features behind an OpenAI-shaped embeddings API, on FastAPI.
 
-    app = create_app(model, ServeSettings(max_batch=32))     # uvicorn.run(app) serves it
+    app = create_core_app(model, ServeSettings(max_batch=32))     # app.create_app adds the page, search
 
 The service needs the `serve` extra (FastAPI, uvicorn); this module imports FastAPI.
 
@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..errors import ImageError, ImageTooLargeError
@@ -96,6 +97,7 @@ class Service:
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.ready = False
         self.extras: dict[str, Any] = {}  # what other rooms attach (an index, ...)
+        self.public_routes = {"/healthz", "/readyz"}  # open without the API key
 
     def warm_up(self) -> None:
         """One forward at the processor's size, so that the first request does not pay for it."""
@@ -157,13 +159,14 @@ class Service:
                     400, f"{param}: {host} is on a private network; this server fetches only public URLs", param
                 )
 
-    async def pixels(self, blobs: list[bytes], names: list[str]):
-        """Decode and preprocess every image off the event loop; the first bad one is a 400 (413 over
-        a size limit) that names it."""
+    async def pixels(self, blobs: list[bytes], names: list[str], processor=None):
+        """Decode and preprocess every image off the event loop (with the service's processor, or
+        `processor`); the first bad one is a 400 (413 over a size limit) that names it."""
         loop = asyncio.get_running_loop()
+        processor = processor or self.processor
 
         def decode(data: bytes):
-            return self.processor.pixels(data, memory=self.memory, max_pixels=self.settings.max_pixels)
+            return processor.pixels(data, memory=self.memory, max_pixels=self.settings.max_pixels)
 
         tasks = [loop.run_in_executor(self.decoders, decode, data) for data in blobs]
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -173,6 +176,13 @@ class Service:
             if isinstance(result, Exception):
                 raise ApiError(400, f"{name}: {_reason(result)}", name)
         return results
+
+    async def images(self, items: list[Any]) -> tuple[list[bytes], list[str]]:
+        """The bytes of each input string of a JSON request (see image_bytes), and their names."""
+        self.check_count(len(items))
+        names = [f"input[{i}]" for i in range(len(items))]
+        blobs = await asyncio.gather(*(asyncio.to_thread(self.image_bytes, item, n) for item, n in zip(items, names)))
+        return list(blobs), names
 
     async def features(self, pixels: list, pool: str):
         try:
@@ -184,6 +194,34 @@ class Service:
 def _reason(error: Exception) -> str:
     text = str(error)
     return text.split(": ", 1)[1] if text.startswith("<") and ": " in text else text  # "<123 bytes>: why"
+
+
+async def body_of(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused once it passes the limit (a body sent without its length too)."""
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise ApiError(413, f"the body is over {max_bytes} bytes, this server's limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse(request: Request, model_class: type[BaseModel], max_bytes: int) -> Any:
+    """A JSON body as `model_class`; malformed JSON or a wrong field is a 400 that says where."""
+    import json
+
+    raw = await body_of(request, max_bytes)
+    try:
+        return model_class.model_validate(json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:
+        raise ApiError(400, "the body nests JSON too deeply") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = str(first["loc"][0]) if first["loc"] else None  # the field, not pydantic's union branch
+        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where) from None
 
 
 def encode(vector: np.ndarray, encoding: str) -> Any:
@@ -225,8 +263,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(model: Any, settings: ServeSettings | None = None, processor=None, warm: bool = True):
-    """The FastAPI application serving `model` (a loaded dino3 model or runtime)."""
+def create_core_app(model: Any, settings: ServeSettings | None = None, processor=None, warm: bool = True):
+    """The FastAPI application serving `model` (a loaded dino3 model or runtime): the embedding routes,
+    health and metrics; app.py adds the page and the search."""
     settings = settings or ServeSettings()
     service = Service(model, settings, processor)
 
@@ -252,6 +291,12 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
         body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
         return JSONResponse(body, status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):  # no such route, wrong method
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
@@ -265,7 +310,7 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
         started = time.perf_counter()
         route = request.url.path
         try:
-            if settings.api_key and route not in ("/healthz", "/readyz"):
+            if settings.api_key and route not in service.public_routes:
                 given = request.headers.get("authorization", "")
                 if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
                     raise ApiError(
@@ -282,16 +327,6 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
         service.metrics.requests.labels(route, str(response.status_code)).inc()
         service.metrics.latency.labels(route).observe(time.perf_counter() - started)
         return response
-
-    async def body_of(request: Request) -> bytes:
-        """The request body, refused once it passes the limit (a body sent without its length too)."""
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > settings.max_body_bytes:
-                raise ApiError(413, f"the body is over {settings.max_body_bytes} bytes, this server's limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     class EmbeddingRequest(BaseModel):
         input: str | list[str]
@@ -311,24 +346,7 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
             raise ApiError(400, f"encoding_format must be one of {ENCODINGS}", "encoding_format")
         if payload.pool not in pools:
             raise ApiError(400, f"pool must be one of {pools}", "pool")
-        items = [payload.input] if isinstance(payload.input, str) else list(payload.input)
-        service.check_count(len(items))
-        return items
-
-    async def parse(request: Request, model_class):
-        import json
-
-        raw = await body_of(request)
-        try:
-            return model_class.model_validate(json.loads(raw))
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})") from None
-        except RecursionError:
-            raise ApiError(400, "the body nests JSON too deeply") from None
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = str(first["loc"][0]) if first["loc"] else None  # the field, not pydantic's union branch
-            raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where) from None
+        return [payload.input] if isinstance(payload.input, str) else list(payload.input)
 
     async def embed(blobs: list[bytes], names: list[str], pool: str, encoding: str) -> dict:
         pixels = await service.pixels(blobs, names)
@@ -342,13 +360,9 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
 
     @app.post("/v1/embeddings", summary="Embeddings of images (OpenAI's shape)")
     async def embeddings(request: Request):
-        payload = await parse(request, EmbeddingRequest)
-        items = check_request(payload)
-        names = [f"input[{i}]" for i in range(len(items))]
-        blobs = await asyncio.gather(
-            *(asyncio.to_thread(service.image_bytes, item, n) for item, n in zip(items, names))
-        )
-        return await embed(list(blobs), names, payload.pool, payload.encoding_format)
+        payload = await parse(request, EmbeddingRequest, settings.max_body_bytes)
+        blobs, names = await service.images(check_request(payload))
+        return await embed(blobs, names, payload.pool, payload.encoding_format)
 
     @app.post("/v1/embeddings/upload", summary="Embeddings of uploaded image files (multipart)")
     async def upload(request: Request):
@@ -375,13 +389,9 @@ def create_app(model: Any, settings: ServeSettings | None = None, processor=None
 
     @app.post("/v1/patches", summary="Patch features of images: each grid and its values")
     async def patches(request: Request):
-        payload = await parse(request, PatchesRequest)
-        items = check_request(EmbeddingRequest(**payload.model_dump(), pool="cls"))
-        names = [f"input[{i}]" for i in range(len(items))]
-        blobs = await asyncio.gather(
-            *(asyncio.to_thread(service.image_bytes, item, n) for item, n in zip(items, names))
-        )
-        pixels = await service.pixels(list(blobs), names)
+        payload = await parse(request, PatchesRequest, settings.max_body_bytes)
+        blobs, names = await service.images(check_request(EmbeddingRequest(**payload.model_dump(), pool="cls")))
+        pixels = await service.pixels(blobs, names)
         grids = await service.features(pixels, "patches")  # each (h, w, D)
         data = [
             {

@@ -1,0 +1,97 @@
+"""The service's similarity search, when it serves an index: POST /v1/search, and GET
+/v1/thumbnails/{id}, small pictures of the indexed images read only from the files the index lists.
+
+The queries are embedded exactly as the indexed images were (the index's processor and pool, the
+served model, which must be the index's), batched with every other request's images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from ..errors import Dino3Error
+from .service import ApiError, Service, parse
+
+THUMBNAIL_SIDES = (64, 512)  # the smallest and largest side a client may ask for
+
+
+class SearchRequest(BaseModel):
+    input: str | list[str]
+    k: int = 10
+    exact: bool | None = None  # None: the index's default
+
+
+def attach_index(service: Service, index: Any) -> None:
+    """Serve `index` beside the model: refused unless the model is the one the index was built with."""
+    from ..index.index import check_model
+    from ..processing import DINOv3ViTImageProcessor
+
+    check_model(service.model, index.settings, index.folder)  # a UsageError that names the difference
+    service.extras["index"] = index
+    service.extras["index_processor"] = DINOv3ViTImageProcessor.from_dict(index.settings["processor"])
+
+
+def add_search_routes(app: FastAPI, service: Service) -> None:
+    settings = service.settings
+
+    def the_index() -> Any:
+        index = service.extras.get("index")
+        if index is None:
+            raise ApiError(404, "this server holds no index: start it with --index DIR", code="no_index")
+        return index
+
+    @app.post("/v1/search", summary="The indexed images nearest to each input image")
+    async def search(request: Request):
+        index = the_index()
+        payload = await parse(request, SearchRequest, settings.max_body_bytes)
+        if not 1 <= payload.k <= min(len(index), 1000):
+            raise ApiError(400, f"k must lie in 1..{min(len(index), 1000)} (the index holds {len(index)})", "k")
+        blobs, names = await service.images([payload.input] if isinstance(payload.input, str) else payload.input)
+        pixels = await service.pixels(blobs, names, service.extras["index_processor"])
+        vectors = await service.features(pixels, index.settings["pool"])  # each (D,)
+        queries = [v.float().numpy() for v in vectors]
+
+        def nearest() -> list[dict[str, Any]]:
+            import numpy as np
+
+            return index.search(np.stack(queries), k=payload.k, exact=payload.exact)
+
+        found = await asyncio.to_thread(nearest)
+        data = [{"object": "search_result", "index": i, "neighbors": r["neighbors"]} for i, r in enumerate(found)]
+        return {"object": "list", "data": data, "model": service.name, "index_size": len(index)}
+
+    @app.get("/v1/thumbnails/{item}", summary="A small JPEG of one indexed image (its id from a search)")
+    async def thumbnail(item: int, size: int = 256):
+        index = the_index()
+        if not THUMBNAIL_SIDES[0] <= size <= THUMBNAIL_SIDES[1]:
+            raise ApiError(400, f"size must lie in {THUMBNAIL_SIDES[0]}..{THUMBNAIL_SIDES[1]}", "size")
+        entry = await asyncio.to_thread(index.entry, item)
+        if entry is None:
+            raise ApiError(404, f"the index holds no item {item}", "item")
+        if entry.size < 0:
+            raise ApiError(404, f"item {item} is a URL, not a file of the index's", "item")
+        picture = await asyncio.to_thread(_thumbnail, entry.path, size, settings.max_pixels)
+        return Response(picture, media_type="image/jpeg")
+
+
+def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
+    """The image at `path` (a file the index lists) scaled to fit size x size, as JPEG bytes."""
+    from PIL import Image
+
+    from ..images import load_image
+
+    try:
+        pixels = load_image(path, draft_size=(size, size), max_pixels=max_pixels)  # (3, H, W) uint8
+    except (Dino3Error, OSError) as e:
+        raise ApiError(404, f"the indexed file cannot be read now: {e}", "item") from None
+    picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    picture.thumbnail((size, size))
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=85)
+    return out.getvalue()

@@ -1,0 +1,203 @@
+"""`dino3 serve` with an index: /v1/search and /v1/thumbnails against the index's own search,
+/v1/pca against dino3.dense, the API key on the page's routes, and the web page itself in a real
+headless browser (Debian's chromium driven by Playwright), including a hostile file name.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+import dino3
+import dino3.index
+from dino3.errors import UsageError
+from helpers import randomize_
+
+pytest.importorskip("fastapi")
+pytest.importorskip("faiss")
+from dino3.serve import ServeSettings, create_app  # noqa: E402
+from test_serve import SMALL, Server, data_url  # noqa: E402
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
+BROWSER_FLAGS = ["--no-sandbox", "--disable-dev-shm-usage"]  # as root, in a container with a small /dev/shm
+HOSTILE = '<img src=x onerror="document.title=1">.png'  # a legal file name on Linux
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
+    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def indexed(checkpoint, tmp_path_factory):
+    """An index of the example photos, one under a hostile name, and one whose file is gone since."""
+    photos = tmp_path_factory.mktemp("photos")
+    for photo in PHOTOS:
+        shutil.copy(photo, photos / photo.name)
+    shutil.copy(PHOTOS[0], photos / HOSTILE)
+    shutil.copy(PHOTOS[1], photos / "gone.jpg")
+    folder = tmp_path_factory.mktemp("index") / "photos.index"
+    dino3.index.build([str(photos)], model=str(checkpoint), folder=folder, progress=False)
+    (photos / "gone.jpg").unlink()
+    return photos, dino3.index.open(folder)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, indexed):
+    running = Server(create_app(dino3.load(checkpoint), ServeSettings(max_batch=8), index=indexed[1]))
+    yield running
+    running.stop()
+
+
+def test_search_answers_as_the_index_does(server, indexed):
+    photos, index = indexed
+    query = photos / "chelsea.png"
+    response = httpx.post(f"{server.url}/v1/search", json={"input": [data_url(query)], "k": 4}, timeout=60)
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["data"]
+    expected = index.search(str(query), k=4, exact=True)[0]["neighbors"]
+    assert [n["id"] for n in result["neighbors"]] == [n["id"] for n in expected]
+    assert np.allclose([n["score"] for n in result["neighbors"]], [n["score"] for n in expected], atol=1e-4)
+    assert result["neighbors"][0]["path"] == str(query) and result["neighbors"][0]["score"] > 0.999
+
+
+def test_thumbnails_come_only_from_the_index(server, indexed):
+    photos, index = indexed
+    entries = {Path(e.path).name: e for e in index.entries()}
+    response = httpx.get(f"{server.url}/v1/thumbnails/{entries['rocket.jpg'].id}", params={"size": 128})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    from PIL import Image
+
+    assert max(Image.open(io.BytesIO(response.content)).size) == 128
+    for path, status in [
+        (f"/v1/thumbnails/{max(e.id for e in entries.values()) + 1}", 404),  # no such item
+        (f"/v1/thumbnails/{entries['gone.jpg'].id}", 404),  # its file is gone
+        ("/v1/thumbnails/..%2F..%2Fetc%2Fpasswd", 404),  # ids only, never paths
+        ("/v1/thumbnails/rocket.jpg", 400),
+        (f"/v1/thumbnails/{entries['rocket.jpg'].id}?size=100000", 400),
+    ]:
+        answer = httpx.get(server.url + path)
+        assert answer.status_code == status, (path, answer.text)
+        assert "error" in answer.json()
+    bad = httpx.post(f"{server.url}/v1/search", json={"input": [data_url(PHOTOS[0])], "k": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "k"
+
+
+def test_pca_is_dense_pca_of_the_patches(server, checkpoint):
+    from dino3.dense import pca_rgb
+    from dino3.dense.render import colour_map
+    from dino3.features import extract
+    from dino3.processing import DINOv3ViTImageProcessor
+
+    response = httpx.post(f"{server.url}/v1/pca", json={"input": data_url(PHOTOS[0])}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    from PIL import Image
+
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1]))))
+    model = dino3.load(checkpoint)
+    processor = DINOv3ViTImageProcessor.for_model(model, keep_aspect="longer", target_size=448, fit="resize")
+    pixels = processor(str(PHOTOS[0]), return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        grid, _ = extract(model, pixels, "patches")
+    expected = colour_map(pca_rgb(grid[0].float()), tuple(pixels.shape[-2:]))
+    assert body["grid"] == list(grid.shape[1:3]) and max(picture.shape[:2]) == 448
+    assert picture.shape == expected.shape and np.abs(picture.astype(int) - expected).mean() < 1.0
+
+
+def test_an_index_of_another_model_is_refused(indexed):
+    other = randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL)), seed=1)
+    with pytest.raises(UsageError):
+        create_app(other, ServeSettings(), index=indexed[1])
+
+
+def test_without_an_index_search_is_a_clear_404_and_the_key_guards_the_api(checkpoint):
+    guarded = Server(create_app(dino3.load(checkpoint), ServeSettings(api_key="s3cret")))
+    try:
+        page = httpx.get(guarded.url + "/")  # the page holds no data: open
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+        assert httpx.get(guarded.url + "/static/page.js").status_code == 200
+        assert httpx.get(guarded.url + "/v1/info").status_code == 401
+        key = {"Authorization": "Bearer s3cret"}
+        for name in ("service.py", "..%2Fservice.py", "..%2F..%2F__init__.py"):  # the page's files only
+            assert httpx.get(f"{guarded.url}/static/{name}", headers=key).status_code == 404
+        assert httpx.get(guarded.url + "/v1/info", headers=key).json()["index"] is None
+        answer = httpx.post(guarded.url + "/v1/search", json={"input": data_url(PHOTOS[0])}, headers=key)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "no_index"
+    finally:
+        guarded.stop()
+
+
+def chromium_or_skip() -> str:
+    pytest.importorskip("playwright", reason="the browser test needs Playwright: pip install playwright")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no chromium here: apt-get install chromium (.ci/run does) to run the browser test")
+    return path
+
+
+@pytest.mark.slow
+def test_the_page_shows_pca_and_neighbours_in_a_real_browser(server, indexed):
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_or_skip()
+    photos, _ = indexed
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+        try:
+            page = browser.new_page()
+            dialogs = []
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('served').textContent.includes('index')")
+            page.set_input_files("#file", str(photos / HOSTILE))
+            page.wait_for_selector("body[data-done='1']", timeout=60_000)
+            assert (
+                page.text_content("#status") == "" and page.evaluate("document.getElementById('pca').naturalWidth") > 0
+            )
+            shown = "#neighbors figure:not(.missing) img"
+            page.wait_for_function(
+                f"[...document.querySelectorAll('{shown}')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            captions = page.locator("#neighbors figcaption").all_text_contents()
+            assert len(captions) == 8 and page.locator(shown).count() >= 7  # gone.jpg may be among them
+            assert all("gone.jpg" in c for c in page.locator("#neighbors .missing figcaption").all_text_contents())
+            # the image itself and its copy lead, and the hostile name is shown as text, never run as HTML
+            assert {c.split(" · ", 1)[1] for c in captions[:2]} == {str(photos / HOSTILE), str(photos / PHOTOS[0].name)}
+            assert page.title() == "dino3" and not dialogs
+            assert page.locator("#neighbors figcaption img").count() == 0
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_the_page_asks_for_the_key(checkpoint):
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_or_skip()
+    guarded = Server(create_app(dino3.load(checkpoint), ServeSettings(api_key="s3cret")))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+            page = browser.new_page()
+            page.goto(guarded.url + "/")
+            page.wait_for_selector("#key-row:not([hidden])")
+            page.fill("#key", "s3cret")
+            page.click("#key-save")
+            page.set_input_files("#file", str(PHOTOS[0]))
+            page.wait_for_selector("body[data-done='1']", timeout=60_000)
+            assert page.evaluate("document.getElementById('pca').naturalWidth") > 0
+            assert page.locator("#search").is_hidden()  # no index on this server
+            browser.close()
+    finally:
+        guarded.stop()
