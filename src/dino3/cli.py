@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -130,118 +129,21 @@ def _embed_on_ray(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from .models.pretrained import inspect_checkpoint, parameter_shapes
-    from .presets import all_presets, find_preset
-    from .weights.formats import LAYOUT_NAMES
-    from .weights.hub import HubOptions, resolve, weights_summary
-
-    if args.model is None:
-        print("known models (dino3 info NAME for one):")
-        for p in all_presets():
-            print(f"  {p.name:18} {p.architecture:9} {p.params:>6}  {p.dataset:10} {p.hub_id}")
-        return EXIT_OK
-    preset = find_preset(args.model)
-    found = None
-    try:
-        found = inspect_checkpoint(args.model, check_hash=False, hub=HubOptions()) if _is_file(args.model) else None
-        # a local folder's weight files are looked at (headers only); a hub repo's are not downloaded
-        checkpoint = found.checkpoint if found else resolve(args.model, need_weights=_exists(args.model))
-        config = found.config if found else checkpoint.config
-        preset = preset or checkpoint.preset or (found.preset if found else None)
-        if found is not None:  # a single file: what inspecting it found
-            where = f"{LAYOUT_NAMES[found.layout]} layout, 1 file, {found.stored_dtype}"
-        else:
-            summary = weights_summary(checkpoint)
-            where = f"{LAYOUT_NAMES['hf']} layout, {_plural(summary.files, 'file')}, {summary.dtype}"
-    except Exception as e:  # noqa: BLE001  (a preset is described without its weights)
-        if preset is None:
-            raise
-        config = preset.make_config()
-        where = f"not available here ({str(e).splitlines()[0]})"
-    count = sum(_numel(s) for s in parameter_shapes(config).values())
-    kind = "ViT" if config.model_type == "dinov3_vit" else "ConvNeXt"
-    lines = [f"{args.model}  ({preset.hub_id if preset else args.model})"]
-    lines.append(f"  architecture   DINOv3 {kind}, {count / 1e6:.1f}M parameters")
-    lines += [f"  {line}" for line in config.describe()]
-    if found is not None and found.config_from == "tensors":
-        lines.append("  (architecture inferred from the tensors: no preset has these shapes; config= overrides)")
-    if preset is not None:
-        lines.append(f"  trained on     {preset.dataset}")
-        lines.append(f"  normalisation  mean {list(preset.image_mean)}, std {list(preset.image_std)}")
-        lines.append(f"  licence        {preset.license}")
-    lines.append(f"  weights        {where}")
-    print("\n".join(lines))
-    return EXIT_OK
-
-
-def _is_file(name: str) -> bool:
-    from pathlib import Path
-
-    return Path(name).expanduser().is_file()
-
-
-def _exists(name: str) -> bool:
-    from pathlib import Path
-
-    return Path(name).expanduser().exists()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export_onnx
-
-    path = export_onnx(args.model, args.output, opset=args.opset, check_hash=not args.no_hash_check)
-    print(
-        f"wrote {path} (dynamic batch, height and width; outputs last_hidden_state, pooler_output), "
-        f"with {path.stem}.preprocessor_config.json and {path.stem}.dino3.json beside it"
-    )
-    return EXIT_OK
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert
-    from .weights.formats import LAYOUT_NAMES
-
-    kwargs: dict[str, Any] = {"check_hash": not args.no_hash_check}
-    if args.config:
-        kwargs["config"] = args.config
-    layout = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, **kwargs)
-    print(f"wrote {args.dst} in the {LAYOUT_NAMES[layout]} layout")
-    return EXIT_OK
-
-
-def cmd_init_random(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models import model_class_for
-    from .presets import get_preset
-    from .processing import DINOv3ViTImageProcessor
-
-    preset = get_preset(args.model)
-    config = preset.make_config()
-    torch.manual_seed(args.seed)
-    model = model_class_for(config)(config)
-    model.save_pretrained(args.folder)
-    DINOv3ViTImageProcessor.for_preset(preset).save_pretrained(args.folder)
-    print(f"wrote {args.folder}: {preset.name}'s architecture with RANDOM weights (for trials, not for features)")
-    return EXIT_OK
-
-
 # -- the parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .arguments import add_model_arguments, add_runtime_arguments, add_video_arguments, natural, positive_int
+    from .arguments import (
+        add_batch_arguments,
+        add_model_arguments,
+        add_processing_arguments,
+        add_runtime_arguments,
+        add_video_arguments,
+        positive_int,
+    )
     from .dense.commands import add_commands
     from .embed.writers import OUTPUT_SUFFIXES
     from .features import POOLS
-    from .processing import FITS, KEEP_ASPECT, MAX_SIDE
+    from .model_commands import add_commands as add_model_commands
 
     parser = argparse.ArgumentParser(
         prog="dino3",
@@ -280,18 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="intermediate blocks (ConvNeXt: stages) instead of the output: a count of last ones (4) "
         "or 0-based indices (2,5,8,11; one index: 7,); adds a layer axis",
     )
-    embed.add_argument("--size", type=positive_int, default=224, help="square resize, as Transformers (default: 224)")
-    embed.add_argument("--keep-aspect", choices=KEEP_ASPECT, help="keep the aspect ratio: scale this side to --target")
-    embed.add_argument("--target", type=positive_int, help="with --keep-aspect: that side's size in pixels")
-    embed.add_argument("--fit", choices=FITS, help="with --keep-aspect: how sides reach a multiple of the patch (crop)")
-    embed.add_argument(
-        "--max-side", type=positive_int, help=f"refuse images resized beyond this side (default {MAX_SIDE})"
-    )
-    embed.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
+    add_processing_arguments(embed)  # --size, --keep-aspect, --target, --fit, --max-side, --jpeg-draft
     add_runtime_arguments(embed)
-    embed.add_argument("--workers", type=natural, default=2, help="threads decoding images ahead (default: 2; 0: none)")
-    embed.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")
-    embed.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale: faster")
+    add_batch_arguments(embed)  # --batch-size, --workers, --threads, -q
     embed.add_argument("--resume", action="store_true", help="continue an interrupted run from where it stopped")
     embed.add_argument("--overwrite", action="store_true", help="replace the output (and any interrupted run)")
     embed.add_argument("--checkpoint-every", type=positive_int, default=256, help="save progress every N images")
@@ -301,48 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--concurrency", type=positive_int, help="with --engine ray: model actors (default: 1)")
     embed.add_argument("--ray-shard-size", type=positive_int, default=1024, help="with --engine ray: images per shard")
     add_video_arguments(embed)
-    embed.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(run=cmd_embed)
 
-    info = commands.add_parser("info", help="describe a model (architecture, size, weights) without loading it")
-    info.add_argument("model", nargs="?", help="preset name, hub id, checkpoint folder or weights file; none: list")
-    info.set_defaults(run=cmd_info)
-
-    export = commands.add_parser(
-        "export",
-        help="export a model to ONNX (dynamic batch and size, no control flow)",
-        description="Export a model to ONNX for ONNX Runtime, OpenVINO, TensorRT and others: dynamic batch, "
-        "height and width, no If/Loop nodes, outputs last_hidden_state and pooler_output. NAME.preprocessor_"
-        "config.json and NAME.dino3.json are written beside NAME.onnx.",
-    )
-    export.add_argument("model", help="preset name, hub id, checkpoint folder or weights file")
-    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    export.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20; 17 and up work)")
-    export.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
-    export.set_defaults(run=cmd_export)
-
-    conv = commands.add_parser(
-        "convert",
-        help="convert a checkpoint between the Hugging Face, Meta and timm layouts",
-        description="Read a checkpoint in any layout (a preset, hub id, folder or weights file), check it "
-        "strictly, and write it in another layout: a Hugging Face folder, a Meta .pth or a timm file.",
-        epilog="examples:\n  dino3 convert dinov3_vits16_pretrain_lvd1689m-08c60483.pth vits16-hf/\n"
-        "  dino3 convert vits16-hf/ vits16-timm.safetensors --to timm",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    conv.add_argument("src", help="preset name, hub id, checkpoint folder or weights file (.pth, .safetensors)")
-    conv.add_argument("dst", help="a folder (Hugging Face) or a file (.pth: Meta, .safetensors: timm)")
-    conv.add_argument("--to", choices=_layouts(), help="target layout (default: from DST's suffix)")
-    conv.add_argument("--config", help="for a bare weights file: a preset name or config.json")
-    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    conv.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
-    conv.set_defaults(run=cmd_convert)
-
-    init = commands.add_parser("init-random", help="write a preset's architecture with random weights (trials)")
-    init.add_argument("model", help="preset name, e.g. vits16")
-    init.add_argument("folder", help="where to write config.json, model.safetensors, preprocessor_config.json")
-    init.add_argument("--seed", type=int, default=0)
-    init.set_defaults(run=cmd_init_random)
+    add_model_commands(commands)  # info, export, convert, init-random: dino3.model_commands
 
     from .serve.commands import add_commands as serve_commands
 
@@ -358,12 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_commands(commands)
     return parser
-
-
-def _layouts() -> tuple[str, ...]:
-    from .weights.formats import LAYOUTS
-
-    return LAYOUTS
 
 
 def main(argv: list[str] | None = None) -> int:
