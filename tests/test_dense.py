@@ -298,6 +298,27 @@ def test_match_command_writes_picture_and_json(small, tmp_path):
     assert out.read_bytes() == first  # deterministic
 
 
+def test_dense_commands_refuse_what_they_cannot_do(small, tmp_path, capsys):
+    a, b = str(PHOTOS / "coffee.png"), str(PHOTOS / "chelsea.png")
+    for bad in (["--min-score", "nan"], ["--min-score", "2"]):
+        with pytest.raises(SystemExit):
+            main(["match", a, b, "-m", str(small), "-o", str(tmp_path / "m.png"), *bad])
+        assert "a cosine lies in -1..1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["match", a, b, "-m", str(small), "-o", str(tmp_path / "m.jpg")])
+    assert "the match picture is a PNG" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pca", a, "-m", str(small), "-o", str(tmp_path / "out.png")])
+    assert "give a folder" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
+
+
+def test_pca_again_into_a_folder_among_its_inputs_makes_no_copies(small, tmp_path):
+    shutil.copy(PHOTOS / "coffee.png", tmp_path / "coffee.png")
+    for _ in range(2):
+        assert main(["pca", str(tmp_path), "-m", str(small), "-o", str(tmp_path / "pca"), "--height", "224"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pca").iterdir()) == ["coffee.png"]
+
+
 # -- pictures ---------------------------------------------------------------------------------------------------------
 def test_pca_pictures_deterministic_with_black_background(small, small_model, tmp_path, capsys):
     inputs = [str(PHOTOS / "chelsea.png"), str(PHOTOS / "coffee.png")]

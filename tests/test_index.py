@@ -475,7 +475,7 @@ def test_another_model_is_refused_with_the_reason(built, photos, tmp_path, capsy
     other = tmp_path / "other-model"
     assert main(["init-random", "vits16", str(other), "--seed", "1"]) == 0
     index = dino3.index.open(built)
-    with pytest.raises(UsageError, match="(?s)built with another model.*weight_files"):
+    with pytest.raises(UsageError, match="(?s)built with another model.*computes other numbers"):
         index.search(str(photos / "rocket.jpg"), k=1, model=dino3.load(other))
     small = dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128))
     with pytest.raises(UsageError, match="hidden_size: 384 -> 64"):
@@ -485,16 +485,84 @@ def test_another_model_is_refused_with_the_reason(built, photos, tmp_path, capsy
     folder = copy_index(built, tmp_path / "i")
     moved_model = tmp_path / "model"
     shutil.copytree(Path(index.settings["model"]), moved_model)
+    set_recorded_model(folder, str(moved_model))
+    assert main(["search", str(photos / "rocket.jpg"), "--index", str(folder), "-k", "1"]) == 0  # a copy: the same
+    assert main(["init-random", "vits16", str(moved_model), "--seed", "1"]) == 0  # new weights in its place
+    new = tmp_path / "new"
+    new.mkdir()
+    Image.open(photos / "horse.png").rotate(90).save(new / "horse_rotated.png")  # an add that must embed
+    for command in (["search", str(photos / "rocket.jpg")], ["index", "add", str(photos), str(new)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--index", str(folder), "-q"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "built with another model" in err and "computes other numbers" in err
+
+
+def set_recorded_model(folder: Path, model: str) -> None:
+    settings = {**dino3.index.open(folder).settings, "model": model}
     con = sqlite3.connect(folder / store.DB_NAME)
-    settings = {**index.settings, "model": str(moved_model)}
     with con:
         con.execute("UPDATE meta SET value = ? WHERE key = 'embedding'", (json.dumps(settings),))
     con.close()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["search", str(photos / "rocket.jpg"), "--index", str(folder)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "built with another model" in err and "weight_files" in err
+
+
+def test_a_moved_copied_or_touched_model_is_the_same_model(photos, tmp_path, capsys, monkeypatch):
+    model = tmp_path / "m"
+    assert main(["init-random", "vits16", str(model)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["index", "build", str(photos / "rocket.jpg"), str(photos / "coins.png"), "-m", "m",
+                 "--index", "i", "-q"]) == 0  # fmt: skip
+    index = dino3.index.open(tmp_path / "i")
+    assert index.settings["model"] == str(model)  # recorded absolutely: usable from any folder
+    monkeypatch.chdir(photos)
+    os.utime(model / "model.safetensors", (1, 1))  # touched: the same bytes
+    assert main(["search", str(photos / "coins.png"), "--index", str(tmp_path / "i"), "-k", "1"]) == 0
+    model.rename(tmp_path / "moved")
+    with pytest.raises(SystemExit):
+        main(["search", str(photos / "coins.png"), "--index", str(tmp_path / "i")])
+    assert "is not there any more" in capsys.readouterr().err
+    capsys.readouterr()
+    assert (
+        main(["search", str(photos / "coins.png"), "--index", str(tmp_path / "i"), "-m", str(tmp_path / "moved")]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert "listing them all" in err and sum(line.startswith("  ") for line in out.splitlines()) == 2  # both
+    assert main(["index", "add", str(photos / "horse.png"), "--index", str(tmp_path / "i"), "-q",
+                 "-m", str(tmp_path / "moved")]) == 0  # fmt: skip
+    assert len(dino3.index.open(tmp_path / "i")) == 3  # horse embedded with the model where it lies now
+
+
+def test_nothing_to_index_leaves_nothing_behind(model_folder, tmp_path, capsys):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    with pytest.raises(UsageError, match="(?s)no image could be embedded.*fake.png"):
+        dino3.index.build([str(fake)], model=str(model_folder), folder=tmp_path / "a.index", progress=False)
+    assert not (tmp_path / "a.index").exists()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(UsageError, match="(?s)no images found.*dangling.png"):
+        dino3.index.build([str(tmp_path / "dangling.png")], model=str(model_folder), folder=tmp_path / "b.index")
+    assert not (tmp_path / "b.index").exists()
+    with pytest.raises(SystemExit):
+        main(["search", str(fake), "--index", str(tmp_path / "a.index")])
+
+
+def test_embeddings_without_a_direction_are_refused(built, photos, model_folder, tmp_path):
+    out = tmp_path / "e.npz"
+    assert main(["embed", str(photos / "coins.png"), str(photos / "horse.png"), "-m", str(model_folder), "-o",
+                 str(out), "-q"]) == 0  # fmt: skip
+    data = dict(np.load(out, allow_pickle=False))
+    data["features"][1] = np.nan
+    np.savez(out, **data)
+    with pytest.raises(UsageError, match="(?s)1 vectors are zero or not finite.*horse.png"):
+        dino3.index.build([str(out)], folder=tmp_path / "n.index", progress=False)
+
+
+def test_every_query_unreadable(built, tmp_path, capsys):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert main(["search", str(fake), "--index", str(built), "-k", "2"]) == 3
+    assert "fake.png" in capsys.readouterr().err
 
 
 def test_query_that_is_not_an_image(built, photos, tmp_path, capsys):
@@ -516,9 +584,8 @@ def test_k_larger_than_the_index_and_bad_thresholds(built, photos, capsys):
     index = dino3.index.open(built)
     with pytest.raises(UsageError, match="k=18 is more than the 17 images"):
         index.search(str(photos / "coins.png"), k=18)
-    with pytest.raises(SystemExit):
-        main(["search", str(photos / "coins.png"), "--index", str(built), "-k", "100"])
-    assert "k=100 is more than the 17 images" in capsys.readouterr().err
+    assert main(["search", str(photos / "coins.png"), "--index", str(built), "-k", "100"]) == 0
+    assert "holds 17 images; listing them all" in capsys.readouterr().err
     with pytest.raises(UsageError, match="vectors have 5 values"):
         index.search(np.ones(5, np.float32), k=1)
     with pytest.raises(UsageError, match="threshold"):

@@ -114,11 +114,13 @@ def test_resume_after_the_driver_is_killed(checkpoint, tmp_path):
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "dino3.cli", "embed", str(folder), "-m", str(checkpoint), "-o", str(out), "-q"]
     command += ["--engine", "ray", "--ray-shard-size", "4", "--size", "448"]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # its own process group: the kill below takes the local Ray it started with it, as a crash of the
+    # machine would, instead of leaving that Ray's workers busy beside the tests that come next
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "shard-00000" / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done = sorted(p.name for p in out.glob("shard-*"))
     assert done and len(done) < 4, done

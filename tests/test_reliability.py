@@ -98,7 +98,7 @@ def test_a_second_process_is_refused_while_the_first_runs(checkpoint, tmp_path):
         out = tmp_path / "f.npz"
         first_inputs = [server.url, str(PHOTOS / NAMES[0])]
         base = [sys.executable, "-m", "dino3.cli", "embed", "-m", str(checkpoint), "-o", str(out), "-q"]
-        first = subprocess.Popen([*base, *first_inputs], stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen([*base, *first_inputs], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_on)
         assert server.requested.wait(timeout=120)
         second = subprocess.run([*base, str(PHOTOS / NAMES[1])], stderr=subprocess.PIPE, text=True, timeout=120)
         assert second.returncode == 2 and "another dino3 job is writing f.npz" in second.stderr
@@ -396,6 +396,12 @@ def test_decoding_memory_is_bounded_in_total():  # 12
 
 
 # -- hangs and unbounded resources ----------------------------------------------------------------------------
+def _ctrl_c_on() -> None:
+    """In the child, before it starts: Ctrl-C as a terminal gives it. A process inherits an ignored
+    SIGINT, and the tests may run as a background job of a script, which has it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _SlowServer:
     """Sends a byte every `gap` seconds, for ever."""
 
@@ -457,7 +463,9 @@ def test_ctrl_c_stops_a_job_waiting_on_a_download(checkpoint, tmp_path):  # 11
             "-m",
             str(checkpoint),
         ]
-        process = subprocess.Popen([*command, "-o", str(tmp_path / "f.npz"), "-q"], stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [*command, "-o", str(tmp_path / "f.npz"), "-q"], stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_on
+        )
         assert server.requested.wait(timeout=120)  # the model is loaded and the download is under way
         time.sleep(0.5)
         process.send_signal(signal.SIGINT)
@@ -612,6 +620,7 @@ def test_truncated_and_empty_chunks_are_redone_on_resume(checkpoint, tmp_path, c
         (["--size", "100000"], "size must hold positive integers up to max_side"),
         (["--size", "8"], "smaller than one 16px patch"),
         (["--threads", "-1"], "must be 1 or more"),
+        (["--workers", "-1"], "must be 0 or more"),
         (["--device", "bogus"], "unknown device 'bogus'"),
         (["--dtype", "float16"], "invalid choice: 'float16'"),
         (["--target", "64"], "target and fit apply with keep_aspect"),
@@ -628,6 +637,21 @@ def test_flags_get_one_line_answers(checkpoint, tmp_path, capsys, flags, message
     )
     assert message in err
     assert not list(tmp_path.iterdir())  # nothing was created
+
+
+def test_when_every_input_is_skipped_the_reasons_are_given(checkpoint, tmp_path, capsys):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    err = usage_error(capsys, "embed", str(tmp_path / "gone.jpg"), "-m", str(checkpoint), "-o", str(tmp_path / "f.npz"))
+    assert "no images found in the inputs (1 skipped)" in err and "gone.jpg: a symbolic link to nothing" in err
+
+
+def test_a_closed_pipe_is_not_an_error_message(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -m dino3.cli info | true"  # the reader is gone before the first line
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert "Broken pipe" not in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

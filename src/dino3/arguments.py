@@ -19,7 +19,13 @@ def positive_int(text: str) -> int:
 
 
 def natural(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def unit_interval(text: str) -> float:

@@ -113,6 +113,7 @@ def _embed_on_ray(args: argparse.Namespace) -> int:
         backend=args.backend,
         precision=args.precision,
         batch_size=args.batch_size,
+        threads=args.threads,
         check_hash=not args.no_hash_check,
     )
     print(
@@ -220,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import Dino3Error, UsageError
 
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is answered below
+        return status
     except UsageError as e:
         parser.exit(EXIT_USAGE, f"dino3: error: {e}\n")
+    except BrokenPipeError:  # the reader went away (`dino3 ... | head`): nothing more to say to it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("\ndino3: interrupted; work saved so far is kept (`--resume` continues an embed)", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -102,7 +102,7 @@ def add_commands(subparsers: Any) -> None:
     match.add_argument("-o", "--output", required=True, help="the picture (.png)")
     match.add_argument("--json", help="also write the matches to this JSON file")
     match.add_argument("--mutual", action="store_true", help="keep mutual nearest neighbours only")
-    match.add_argument("--min-score", type=float, help="keep matches with at least this cosine")
+    match.add_argument("--min-score", type=_cosine, help="keep matches with at least this cosine (-1 to 1)")
     match.add_argument("--sparse", type=float, metavar="PX", help="keep matches at least PX pixels apart (best first)")
     match.add_argument("--foreground", default="none", metavar="FILE|auto|none", help="match foreground patches only")
     _add_dense_arguments(match)
@@ -133,7 +133,10 @@ def cmd_pca(args: argparse.Namespace) -> int:
     sampling = video_sampling(args)
     output = Path(args.output)
     entries, failures = _inputs(args.inputs)
+    entries = _outside(entries, output)
     to_video = output.suffix.lower() in VIDEO_SUFFIXES
+    if not to_video:
+        _check_folder_output(output)
     if to_video and (len(entries) != 1 or not is_video(entries[0])):
         raise UsageError(f"-o {output}: a video is written from one video input; for images give a folder")
     model = _load_model(args)
@@ -238,6 +241,8 @@ def cmd_foreground(args: argparse.Namespace) -> int:
     else:
         classifier.check_model(model, args.classifier)
     output = Path(args.output)
+    _check_folder_output(output)
+    entries = _outside(entries, output)
     output.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
     written = 0
@@ -334,6 +339,8 @@ def cmd_match(args: argparse.Namespace) -> int:
 
     if args.sparse is not None and args.sparse < 0:
         raise UsageError(f"--sparse {args.sparse}: a distance in pixels, 0 or more")
+    if Path(args.output).suffix.lower() != ".png":
+        raise UsageError(f"-o {args.output}: the match picture is a PNG; give a name ending in .png")
     model = _load_model(args)
     foreground = _foreground(args.foreground, model)
     dense = []
@@ -477,6 +484,29 @@ def _images(entries: list[str], sampling, failures: list) -> Iterator[tuple[str,
                     yield frame.name, torch.from_numpy(frame.pixels).permute(2, 0, 1)
         except VideoError as e:
             failures.append((path, str(e)))
+
+
+def _cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1 <= value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a cosine lies in -1..1, got {text}")
+    return value
+
+
+def _check_folder_output(output: Path) -> None:
+    if output.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not output.is_dir():
+        raise UsageError(f"-o {output}: give a folder, where one PNG per input is written")
+
+
+def _outside(entries: list[str], output: Path) -> list[str]:
+    """The inputs that do not lie in the output folder (pictures of an earlier run there are not inputs)."""
+    import os
+
+    root = os.path.realpath(output)
+    return [e for e in entries if not os.path.realpath(e).startswith(root + os.sep)]
 
 
 def _png_name(name: str, used: set[str]) -> str:

@@ -7,7 +7,7 @@ data = dino3.embed.read_embeddings("features.npz")   # paths, features, grid_siz
 from __future__ import annotations
 
 from .inputs import IMAGE_SUFFIXES, Inputs, expand_inputs
-from .job import EmbedResult, model_identity, run
+from .job import EmbedResult, model_fingerprint, model_identity, run, same_fingerprint
 from .writers import OUTPUT_SUFFIXES, Embeddings, read_embeddings, read_shards, write_embeddings
 
 __all__ = [
@@ -17,9 +17,11 @@ __all__ = [
     "Embeddings",
     "Inputs",
     "expand_inputs",
+    "model_fingerprint",
     "model_identity",
     "read_embeddings",
     "read_shards",
     "run",
+    "same_fingerprint",
     "write_embeddings",
 ]

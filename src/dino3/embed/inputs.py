@@ -34,6 +34,14 @@ class Inputs:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why); print names with escape_field
     ignored: int = 0  # files in the folders without an image suffix
 
+    def none_found(self) -> str:
+        """What to say when no input is left: the reasons the skipped ones were skipped."""
+        if not self.skipped:
+            return "no images found in the inputs"
+        shown = "".join(f"\n  {path}: {why}" for path, why in self.skipped[:10])
+        more = f"\n  ... and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
+        return f"no images found in the inputs ({len(self.skipped)} skipped):{shown}{more}"
+
 
 def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES, video: Sampling | None = None) -> Inputs:
     """Files, folders, globs, list files and URLs -> Inputs (see the module docstring)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._io import atomic_write_text, escape_field
 from .._version import __version__
 from ..errors import UsageError
@@ -132,8 +134,7 @@ def run(
         calibration = expand_inputs(list(calibration)).paths
     found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs), video=video or Sampling())
     if not found.paths:
-        skipped = f" ({len(found.skipped)} skipped)" if found.skipped else ""
-        raise UsageError(f"no images found in the inputs{skipped}")
+        raise UsageError(found.none_found())
     paths, shard_meta = found.paths, None
     if shard is not None:  # this job's contiguous part of the whole list: the parts read back in order
         index, count = shard
@@ -159,8 +160,9 @@ def run(
         layers = check_layers(layers, loaded)
         processor = DINOv3ViTImageProcessor.for_model(loaded, **processing)
         settings = {
-            "model": str(model),
+            "model": model_name(model),
             "model_identity": model_identity(loaded),
+            "model_fingerprint": model_fingerprint(loaded),
             "pool": pool,
             "layers": layers,
             "dtype": str(dtype).removeprefix("torch."),
@@ -280,6 +282,45 @@ def model_identity(model: Any) -> dict[str, Any]:
         "weight_files": files,
         "quantization": getattr(model, "quantization", None),
     }
+
+
+def model_name(model: Any) -> str:
+    """How a model is recorded: a local folder or file by its absolute path (so that the record still
+    names it from another working folder), a preset or hub id as given."""
+    text = os.fspath(model) if isinstance(model, (str, os.PathLike)) else str(model)
+    local = Path(text).expanduser()
+    return str(local.resolve()) if local.exists() else text
+
+
+FINGERPRINT_SIZE = 32  # values kept of each patch's features
+FINGERPRINT_COSINE = 0.99  # the least cosine of the same weights' fingerprints (bf16, int8, runtimes pass)
+
+
+def model_fingerprint(model: Any) -> list[float]:
+    """What the model computes, in a few numbers: the first values of each patch's last-layer
+    features for a fixed 64 x 64 input (the patches, not the CLS token: models that differ little in
+    their pooled output still differ there). The same weights give the same numbers wherever the
+    files lie (a copied, moved or touched folder is the same model); other weights give others.
+    Compare with same_fingerprint."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 64, 64, generator=generator)  # 64: a multiple of 16 (ViT) and 32 (ConvNeXt)
+    with torch.inference_mode():
+        grid, _ = extract(model, pixels, "patches")  # (1, h, w, D)
+    values = grid.reshape(-1, grid.shape[-1])[:, :FINGERPRINT_SIZE].float().cpu().reshape(-1)
+    return [round(float(v), 5) for v in values]
+
+
+def same_fingerprint(recorded: Sequence[float], found: Sequence[float]) -> bool:
+    """Whether two fingerprints come from the same weights: cosine >= FINGERPRINT_COSINE, which the
+    same weights reach in another dtype, quantized, compiled or on another device, and other weights
+    do not (the same test as the foreground classifier's, dino3.dense.model_probe)."""
+    a, b = np.asarray(recorded, dtype=np.float64), np.asarray(found, dtype=np.float64)
+    if a.shape != b.shape or not np.isfinite(a).all() or not np.isfinite(b).all():
+        return False
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return norms > 0 and float(a @ b) / norms >= FINGERPRINT_COSINE
 
 
 def _digest(items: list[str]) -> str:

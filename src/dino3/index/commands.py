@@ -73,6 +73,7 @@ def add_commands(subparsers) -> None:
     )
     add.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, lists, URLs; or embeddings")
     _index_argument(add)
+    _moved_model_argument(add)
     add.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_batch_arguments(add)
     add.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
@@ -95,6 +96,7 @@ def add_commands(subparsers) -> None:
     _index_argument(search)
     search.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default: 10)")
     _report_arguments(search)
+    _moved_model_argument(search)
     search.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_batch_arguments(search)
     search.set_defaults(run=cmd_search)
@@ -116,6 +118,12 @@ def add_commands(subparsers) -> None:
 
 def _index_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, metavar="DIR", help="the index folder")
+
+
+def _moved_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-m", "--model", help="where the index's model lies now, if it moved (checked to be the same weights)"
+    )
 
 
 def _report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +180,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
             device=args.device,
             check_hash=not args.no_hash_check,
             progress=not args.quiet,
+            model=args.model,
         )
     finally:
         index.close()
@@ -224,11 +233,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not found.paths:
         raise _usage("no query images found" + (f" ({len(failures)} skipped)" if failures else ""))
     index = open_index(args.index)
+    k = args.k
+    if 0 < len(index) < k:  # the default k on a small index: all of it
+        print(
+            f"note: the index holds {_plural(len(index), 'image')}; listing them all (-k {len(index)})", file=sys.stderr
+        )
+        k = len(index)
     try:
         results = index.search(
             found.paths,
-            k=args.k,
+            k=k,
             exact=args.exact,
+            model=args.model,
             device=args.device,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -306,7 +322,7 @@ def _write_reports(args: argparse.Namespace, data: dict, kind: str) -> None:
     from .report import dedup_page, search_page
 
     if args.json:
-        atomic_write_text(args.json, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.json, json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.html:
         page = search_page(data["results"]) if kind == "search" else dedup_page(data)

@@ -154,7 +154,8 @@ class Index:
         queries: image paths, folders, globs, URLs, PIL images, image arrays (a list of them, or one),
             or vectors: a float array or tensor of shape (D,) or (Q, D) (an image array must then be
             put in a list). Images are embedded as the indexed ones were, with the index's model or
-            `model` (refused if it is another model). An image that cannot be read raises its
+            `model`: a loaded model, or where the index's model lies now if it moved (either refused
+            if it computes other numbers). An image that cannot be read raises its
             ImageError, unless `on_error(position, source, error)` is given: it is then left out.
         exact: True for the exact search, False for the approximate one; None: the index's default.
         """
@@ -223,6 +224,12 @@ class Index:
         return _unit(vectors), [names[i] for i in order]
 
     def _query_model(self, model: Any, device: str | None) -> Any:
+        if isinstance(model, (str, os.PathLike)):  # where the index's model lies now, when it has moved
+            with self._lock:
+                key = f"{os.fspath(model)}|{device}"
+                if key not in self._models:
+                    self._models[key] = load_model(self.settings, self.folder, device, name=os.fspath(model))
+                return self._models[key]
         if model is not None:
             check_model(model, self.settings, self.folder)
             return model
@@ -318,15 +325,18 @@ class Index:
         device: str | None = None,
         check_hash: bool = True,
         progress: bool = True,
+        model: str | os.PathLike | None = None,
     ) -> Update:
         """Bring the index up to date with `inputs` (files, folders, globs, lists, URLs, or embeddings
         files): new and changed images are embedded (changed: other size or modification time, and
         other bytes), vectors of files with the same bytes as an indexed one are reused, and
         indexed files that are gone from the disk are dropped. One transaction: an add that is
-        interrupted, even by SIGKILL, leaves the index as it was."""
+        interrupted, even by SIGKILL, leaves the index as it was. `model`: where the index's model
+        lies now, when it has moved (checked to be the same weights)."""
         update = _update(
             self.folder,
             inputs,
+            model=os.fspath(model) if model is not None else None,
             batch_size=batch_size,
             workers=workers,
             device=device,
@@ -368,14 +378,18 @@ def build(
     or from `dino3 embed` outputs (which name their model). An interrupted build is continued by
     running it again; with overwrite=True, an index already in the folder is replaced, and stays
     usable until the new one is complete."""
-    from ..embed import expand_inputs, run
-
     if folder is None:
         raise UsageError("give the index folder (--index DIR)")
     folder = Path(folder)
     if pool not in INDEX_POOLS:
         raise UsageError(f"an index holds one vector per image: pool must be one of {INDEX_POOLS}, got {pool!r}")
     files = _embedding_files(inputs)
+    options = dict(
+        pool=pool, size=size, keep_aspect=keep_aspect, target=target, fit=fit, max_side=max_side,
+        jpeg_draft=jpeg_draft, dtype=dtype, device=device, quantize=quantize, backend=backend, precision=precision,
+        calibration=calibration, batch_size=batch_size, workers=workers, resume=not overwrite, overwrite=overwrite,
+        check_hash=check_hash, progress=progress,
+    )  # fmt: skip
     if store.db_path(folder).exists() and not overwrite:
         raise UsageError(
             f"{folder} holds an index already: add images to it with `dino3 index add`, or pass --overwrite "
@@ -392,7 +406,27 @@ def build(
             )
     started = time.perf_counter()
     update = Update(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _build_in(folder, files, model, inputs, update, options)
+    except _NothingToIndex as e:  # nothing was made: leave no half-made folder behind
+        shutil.rmtree(folder / store.WORK, ignore_errors=True)
+        if created and not store.db_path(folder).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UsageError(str(e)) from None
+    update.seconds = time.perf_counter() - started
+    return update
+
+
+class _NothingToIndex(Exception):
+    pass
+
+
+def _build_in(folder: Path, files, model, inputs, update: Update, options: dict[str, Any]) -> None:
+    from ..embed import expand_inputs, run
+
+    workers, calibration = options["workers"], options["calibration"]
     with _writer_lock(folder):
         if files:
             if model is not None:
@@ -404,56 +438,32 @@ def build(
             found = expand_inputs(list(inputs))
             paths = _unique_local(found.paths, update)
             if not paths:
-                raise UsageError(
-                    "no images found in the inputs" + (f" ({len(found.skipped)} skipped)" if found.skipped else "")
-                )
+                raise _NothingToIndex(found.none_found())
             update.ignored = found.ignored
             stats = _stats_and_hashes(paths, workers)
             work = folder / store.WORK
             output = work / "build.npz"
             if output.exists():  # an interrupted build, killed after its embedding: embed again
                 output.unlink()
-            result = run(
-                _inputs(paths, found.skipped),
-                model=model,
-                output=output,
-                pool=pool,
-                size=size,
-                keep_aspect=keep_aspect,
-                target=target,
-                fit=fit,
-                max_side=max_side,
-                jpeg_draft=jpeg_draft,
-                dtype=dtype,
-                device=device,
-                quantize=quantize,
-                backend=backend,
-                precision=precision,
-                calibration=calibration,
-                batch_size=batch_size,
-                workers=workers,
-                resume=not overwrite,
-                overwrite=overwrite,
-                check_hash=check_hash,
-                progress=progress,
-            )
+            result = run(_inputs(paths, found.skipped), model=model, output=output, **options)
             update.notes += result.notes
             update.failures = list(result.failures)
+            if not result.count:
+                raise _NothingToIndex(
+                    "no image could be embedded, so there is nothing to index"
+                    + "".join(f"\n  {p}: {r}" for p, r in update.failures[:10])
+                    + (f"\n  ... and {len(update.failures) - 10} more" if len(update.failures) > 10 else "")
+                )
             data = _read(output)
             settings = _settings(data.meta, calibration)
             rows = [Entry(0, p, *stats[p][:2], stats[p][2], _grid(g)) for p, g in zip(data.paths, data.grid_sizes)]
             vectors = _unit(_features(data, output))
             update.embedded = len(rows)
         if not rows:
-            raise UsageError(
-                "no image could be embedded, so there is nothing to index"
-                + "".join(f"\n  {p}: {r}" for p, r in update.failures[:10])
-            )
+            raise _NothingToIndex("the embeddings files hold no image, so there is nothing to index")
         _create(folder, settings, rows, vectors)
         update.added = update.count = len(rows)
         shutil.rmtree(folder / store.WORK, ignore_errors=True)
-    update.seconds = time.perf_counter() - started
-    return update
 
 
 def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: np.ndarray) -> None:
@@ -491,7 +501,9 @@ def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: 
         con.close()
 
 
-def _update(folder: Path, inputs: Sequence[str], *, batch_size, workers, device, check_hash, progress) -> Update:
+def _update(
+    folder: Path, inputs: Sequence[str], *, batch_size, workers, device, check_hash, progress, model=None
+) -> Update:
     from ..embed import expand_inputs, run
 
     started = time.perf_counter()
@@ -547,7 +559,7 @@ def _update(folder: Path, inputs: Sequence[str], *, batch_size, workers, device,
                     options = replay_options(settings)
                     result = run(
                         _inputs(plan.todo, []),
-                        model=settings["model"],
+                        model=model or settings["model"],
                         output=output,
                         batch_size=batch_size,
                         workers=workers,
@@ -740,8 +752,11 @@ def replay_options(settings: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def load_model(settings: dict[str, Any], folder: Path, device: str | None = None, check_hash: bool = True) -> Any:
-    """The index's model, as it embedded the indexed images; refused if it is no longer the same one."""
+def load_model(
+    settings: dict[str, Any], folder: Path, device: str | None = None, check_hash: bool = True, name: str | None = None
+) -> Any:
+    """The index's model, as it embedded the indexed images (from `name` when it lies elsewhere now);
+    refused if it is not the same one."""
     from ..api import load
 
     options: dict[str, Any] = {"check_hash": check_hash}
@@ -751,7 +766,12 @@ def load_model(settings: dict[str, Any], folder: Path, device: str | None = None
         options.update(backend=settings["backend"], precision=settings.get("precision"))
         if settings.get("calibration_paths"):
             options["calibration"] = settings["calibration_paths"]
-    model = load(settings["model"], **options)
+    recorded = settings["model"]
+    if name is None and os.path.isabs(recorded) and not os.path.exists(recorded):
+        raise UsageError(
+            f"the index's model {recorded} is not there any more; give where it lies now (-m DIR, or model=...)"
+        )
+    model = load(name or recorded, **options)
     check_model(model, settings, folder)
     return model
 
@@ -773,7 +793,16 @@ def check_model(model: Any, settings: dict[str, Any], folder: Path) -> None:
     from ..processing import MAX_SIDE, DINOv3ViTImageProcessor
 
     found = json.loads(json.dumps(model_identity(model), default=str))
-    differences = _differences(settings["model_identity"], found)
+    recorded = settings["model_identity"]
+    if settings.get("model_fingerprint"):  # the weights by what they compute: wherever their files lie now
+        recorded, found = dict(recorded), dict(found)
+        recorded.pop("weight_files", None), found.pop("weight_files", None)
+    differences = _differences(recorded, found)
+    if not differences and settings.get("model_fingerprint"):
+        from ..embed import model_fingerprint, same_fingerprint
+
+        if not same_fingerprint(settings["model_fingerprint"], model_fingerprint(model)):
+            differences = ["weights: the same architecture computes other numbers (other weights)"]
     if not differences:
         options = replay_options(settings)
         processing = {"jpeg_draft": options["jpeg_draft"], "max_side": options["max_side"] or MAX_SIDE}
@@ -812,7 +841,7 @@ def _short(value: Any) -> str:
 
 def _settings(meta: dict[str, Any], calibration: Sequence[str] | None) -> dict[str, Any]:
     """What the index records of an embeddings file's settings."""
-    settings = {key: meta.get(key) for key in ("model", *DECIDING)}
+    settings = {key: meta.get(key) for key in ("model", "model_fingerprint", *DECIDING)}
     settings["calibration_paths"] = [str(c) for c in calibration] if calibration else None
     return settings
 
@@ -881,6 +910,10 @@ def _features(data, where: Any) -> np.ndarray:
     features = np.asarray(data.features, dtype=np.float32)
     if features.ndim != 2 or data.offsets is not None:
         raise UsageError(f"{where}: features of shape {features.shape}; an index holds one vector per image")
+    broken = np.flatnonzero(~np.isfinite(features).all(axis=1) | ~(np.abs(features).max(axis=1) > 0))
+    if len(broken):  # such a vector has no direction: it would match nothing, silently
+        named = ", ".join(str(data.paths[i]) for i in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        raise UsageError(f"{where}: {len(broken)} vectors are zero or not finite (NaN or inf): {named}")
     return features
 
 
@@ -940,7 +973,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (a zero row stays zero)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.size == 0:
-        return vectors.reshape(len(vectors), -1)
+        return vectors if vectors.ndim == 2 else np.zeros((len(vectors), 0), np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
 

@@ -39,6 +39,7 @@ from ..errors import Dino3Error, UsageError
 SHARD_SIZE = 1024  # images per shard: a unit of resumption
 MANIFEST = "manifest.json"
 FAILURES = "failures.parquet"
+DECODE_CPUS = 0.5  # what one decoding task reserves (the model actor: 1, or a GPU)
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")
 
 
@@ -98,12 +99,26 @@ class _Embedder:
     """Actor: loads the model once, then turns batches of pixels into pooled features."""
 
     def __init__(
-        self, model: str, load_options: dict[str, Any], pool: str, layers, meta: str, size: int | None
+        self,
+        model: str,
+        load_options: dict[str, Any],
+        pool: str,
+        layers,
+        meta: str,
+        size: int | None,
+        threads: int | None = None,
+        actors: int = 1,
     ) -> None:
+        import os
+
         import torch
 
         from ..api import load
 
+        # This process is the actor's own; Ray starts it with OMP_NUM_THREADS=1 (one thread per CPU
+        # it reserves), which leaves the model on one core while the decoding tasks take the others
+        # only part of the time. Like the local job, let the model use the node's cores (shared).
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, actors)))
         self.torch = torch
         self.model = load(model, **load_options)
         self.pool, self.layers, self.meta = pool, layers, meta
@@ -173,6 +188,7 @@ def embed(
     precision: str | None = None,
     batch_size: int = 16,
     concurrency: int | None = None,
+    threads: int | None = None,
     num_gpus: float | None = None,
     check_hash: bool = True,
     meta: dict[str, Any] | None = None,
@@ -220,13 +236,18 @@ def embed(
         load_options.update(dtype=dtype, device="cuda" if num_gpus else None)
     else:
         load_options.update(backend=backend, precision=precision)
-    decoded = paths.map_batches(_decode, fn_kwargs={"processor": processor.to_dict()}, batch_size=batch_size)
+    # Decoding in tasks of half a CPU each: their own processes, beside the model actor rather than
+    # fused into it (Ray fuses operators that reserve alike), so that decoding overlaps the forwards.
+    decoded = paths.map_batches(
+        _decode, fn_kwargs={"processor": processor.to_dict()}, batch_size=batch_size, num_cpus=DECODE_CPUS
+    )
     settings = json.dumps({**(meta or {}), "processor": processor.to_dict(), "pool": pool, "layers": layers})
     size = None
     if not (pool == "patches" and keep_aspect is not None):
         shape = feature_shape(_Described(found.config), pool, layers, found.config.grid_size(size_hw, size_hw))
         size = int(np.prod(shape))
     constructor = {"model": str(model), "load_options": load_options, "pool": pool, "layers": layers}
+    constructor.update(threads=threads, actors=concurrency or 1)  # torch threads of each model actor
     return decoded.map_batches(
         _Embedder,
         fn_constructor_kwargs={**constructor, "meta": settings, "size": size},
@@ -327,7 +348,7 @@ def run(
         raise UsageError("no images found in the inputs")
     settings = {
         "model": str(model),
-        "options": {k: v for k, v in options.items() if k not in ("batch_size",)},
+        "options": {k: v for k, v in options.items() if k not in ("batch_size", "threads")},
         "inputs_sha256": hashlib.sha256(json.dumps(paths).encode("utf-8", "surrogateescape")).hexdigest(),
         "count": len(paths),
         "shard_size": shard_size,

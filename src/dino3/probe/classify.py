@@ -70,13 +70,13 @@ def features_for(
             )
         return Embedded(data.paths, features, data.meta or {})
     from ..api import load as default_load
-    from ..embed import model_identity
+    from ..embed import model_fingerprint, model_identity
 
     name = resolve_model_name(model) if model is not None else probe.model_name
 
     def checked_load(name_or_path: Any, **load_options: Any) -> Any:
         loaded = default_load(name_or_path, **load_options)
-        probe.check_model(model_identity(loaded), str(name_or_path))  # before any image is read
+        probe.check_model(model_identity(loaded), str(name_or_path), model_fingerprint(loaded))  # before any image
         return loaded
 
     given = {key: value for key, value in options.items() if value is not None}
@@ -123,8 +123,7 @@ def classify(
     else:
         inputs = expand_inputs(items)
         if not inputs.paths:
-            skipped = f" ({len(inputs.skipped)} skipped)" if inputs.skipped else ""
-            raise UsageError(f"no images found in the inputs{skipped}")
+            raise UsageError(inputs.none_found())
         found = features_for(probe, inputs, model=model, device=device, progress=progress, **options)
     predictions = probe.predict(found.features, top_k)
     return Classified(found.paths, predictions, found.failures, found.notes)

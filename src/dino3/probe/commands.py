@@ -177,7 +177,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )
     _notes(found.notes)
     if args.json:
-        atomic_write_text(args.json, json.dumps(found.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.json, json.dumps(found.to_dict(), indent=1) + "\n")
         print(f"wrote {args.json}: {len(found.paths)} images", file=sys.stderr)
     else:
         for path, labels, scores in zip(found.paths, found.predictions.labels, found.predictions.scores):
@@ -206,7 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     picture = report.draw(args.confusion or Path(args.probe) / "confusion.png")
     print(f"wrote {picture}", file=sys.stderr)
     if args.json:
-        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return _failures(report.failures, "left out of the evaluation")
 
@@ -271,6 +271,6 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value

@@ -132,7 +132,7 @@ class Probe:
         """Images -> (N, D) features, as the probe's training embedded its images: the same model
         (checked), pooling and preprocessing, through the batched engine of `dino3 embed`."""
         from ..api import load
-        from ..embed import model_identity
+        from ..embed import model_fingerprint, model_identity
         from ..features import extract
         from ..pipeline import iter_batches
         from ..processing import DINOv3ViTImageProcessor
@@ -144,7 +144,8 @@ class Probe:
                 dtype = (self.settings.get("embedding") or {}).get("dtype")
                 loaded = self._loaded = (name, load(name, dtype=dtype))
             model = loaded[1]
-        self.check_model(model_identity(model), getattr(model, "name_or_path", None) or str(model))
+        name = getattr(model, "name_or_path", None) or str(model)
+        self.check_model(model_identity(model), name, model_fingerprint(model))
         processor = DINOv3ViTImageProcessor.from_dict(self.processor)
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         rows: list[torch.Tensor | None] = [None] * len(sources)
@@ -155,9 +156,17 @@ class Probe:
         return torch.stack(rows) if rows else torch.zeros(0, self.feature_dim)
 
     # -- refusals -----------------------------------------------------------------------------------------
-    def check_model(self, identity: dict[str, Any], name: str) -> None:
-        """Refuse a model other than the one the probe was made with, saying what differs."""
-        differences = identity_differences(self.settings["model_identity"], identity)
+    def check_model(self, identity: dict[str, Any], name: str, fingerprint: list[float] | None = None) -> None:
+        """Refuse a model other than the one the probe was made with, saying what differs. With the
+        model's fingerprint (`dino3.embed.model_fingerprint`), its weights count by what they compute,
+        wherever their files lie; without, by their files' sizes and modification times."""
+        from ..embed import same_fingerprint
+
+        recorded = self.settings.get("model_fingerprint")
+        by_numbers = recorded is not None and fingerprint is not None
+        differences = identity_differences(self.settings["model_identity"], identity, files=not by_numbers)
+        if not differences and by_numbers and not same_fingerprint(recorded, fingerprint):
+            differences = ["its weights compute other numbers"]
         if differences:
             raise UsageError(
                 f"this probe was made with {self.model_name}; {name} is another model ("
@@ -170,7 +179,7 @@ class Probe:
         identity = meta.get("model_identity")
         if identity is None:
             raise UsageError(f"{source} records no model identity; it was not written by `dino3 embed`")
-        self.check_model(identity, f"{source}'s model ({meta.get('model')})")
+        self.check_model(identity, f"{source}'s model ({meta.get('model')})", meta.get("model_fingerprint"))
         if meta.get("pool") != self.pool or meta.get("layers") is not None:
             raise UsageError(
                 f"this probe takes {self.pool} features; {source} holds {meta.get('pool')!r} features"
@@ -294,9 +303,10 @@ class Probe:
         return cls(settings.pop("method"), settings.pop("classes"), tensors, settings, source=str(folder))
 
 
-def identity_differences(made_with: dict[str, Any], given: dict[str, Any]) -> list[str]:
+def identity_differences(made_with: dict[str, Any], given: dict[str, Any], files: bool = True) -> list[str]:
     """What differs between two model identities (`dino3.embed.model_identity`). The weight files
-    count by size and modification time, not by where they are: a moved folder is the same model."""
+    (unless files=False) count by size and modification time, not by where they are: a moved folder
+    is the same model."""
     made_with, given = _canonical(made_with), _canonical(given)
     out = []
     config_a, config_b = made_with.get("config") or {}, given.get("config") or {}
@@ -308,7 +318,7 @@ def identity_differences(made_with: dict[str, Any], given: dict[str, Any]) -> li
         out.append(f"quantization {made_with.get('quantization')!r} vs {given.get('quantization')!r}")
     files_a = [tuple(f[1:]) for f in made_with.get("weight_files") or []]
     files_b = [tuple(f[1:]) for f in given.get("weight_files") or []]
-    if not out and files_a != files_b:
+    if files and not out and files_a != files_b:
         out.append(
             "its weight files differ in size or modification time (new weights, or a copy that did not keep the "
             "times, count as another model)"

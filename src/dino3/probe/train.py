@@ -156,6 +156,7 @@ def train(
             "features": meta.get("pool"),
             "model": meta.get("model"),
             "model_identity": meta.get("model_identity"),
+            "model_fingerprint": meta.get("model_fingerprint"),
             "processor": meta.get("processor"),
             "embedding": {key: meta.get(key) for key in ("dtype", "quantize", "backend", "precision")},
             **chosen_settings,
