@@ -378,8 +378,8 @@ def test_bad_options_are_refused_before_any_work(tiny, small_digits, tmp_path, c
         (["--method", "svm"], "invalid choice"),
         (["--features", "patches"], "invalid choice"),
         (["--val-fraction", "1"], "must lie in [0, 1)"),
-        (["--C", "0"], "must be a finite number > 0"),
-        (["--C", "inf"], "must be a finite number > 0"),
+        (["--C", "0"], "must be a number above 0"),
+        (["--C", "inf"], "must be a number above 0"),
         (["--method", "knn", "--C", "1"], "C is logistic regression's"),
     ]:
         capsys.readouterr()

@@ -29,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         add_model_arguments,
         add_processing_arguments,
         add_runtime_arguments,
+        positive_float,
         positive_int,
     )
     from .knn import KS
@@ -69,7 +70,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--val-fraction", type=_fraction, default=0.2, help="share of each class held out to choose C or k (0.2)"
     )
     train.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default: 0)")
-    train.add_argument("--C", type=_positive_float, dest="C", help="logreg: use this C instead of choosing it")
+    train.add_argument("--C", type=positive_float, dest="C", help="logreg: use this C instead of choosing it")
     train.add_argument("--knn-k", type=positive_int, dest="k", help="knn: use this k instead of choosing it")
     train.add_argument("--overwrite", action="store_true", help="replace the probe in PROBE")
     add_processing_arguments(train)
@@ -263,14 +264,4 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
