@@ -27,7 +27,7 @@ def main(model: str = "vits16") -> int:
     except HubAccessError as e:
         reason = str(e).split(". ")[0]
         print(f"no access to the gated DINOv3 weights ({reason}); running on RANDOM weights instead", file=sys.stderr)
-        model = str(_random_checkpoint(model, out / f"{model}-random"))
+        model = str(random_checkpoint(model, out / f"{model}-random"))
         output = out / "embeddings-random.npz"
     result = dino3.embed.run([ROOT / "examples" / "images"], model=model, output=output, overwrite=True)
     data = dino3.embed.read_embeddings(output)
@@ -35,8 +35,9 @@ def main(model: str = "vits16") -> int:
     return 0 if not result.failures else 3
 
 
-def _random_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint with the preset's architecture and random weights (made once)."""
+def random_checkpoint(name: str, folder: Path) -> Path:
+    """A checkpoint with the preset's architecture and random weights (made once); the other
+    examples use it too."""
     import torch
 
     from dino3.models import model_class_for

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from demo import random_checkpoint  # examples/demo.py: the same random-weights fallback
 
 import dino3
 from dino3 import dense
@@ -40,7 +41,7 @@ def main(name: str = "vits16") -> int:
         dino3.load_config(name)  # config.json is gated like the weights: a quick test of access
     except HubAccessError as e:
         print(f"no access to the gated DINOv3 weights ({str(e).split('. ')[0]}); using RANDOM weights", file=sys.stderr)
-        name, tag = str(_random_checkpoint(name, ROOT / "out" / f"{name}-random")), "-random"
+        name, tag = str(random_checkpoint(name, ROOT / "out" / f"{name}-random")), "-random"
     model = dino3.load(name)
 
     images = [dense.load_dense(model, ROOT / "examples" / "images" / photo) for photo in PHOTOS]
@@ -62,19 +63,6 @@ def main(name: str = "vits16") -> int:
         f"({right:.0%} within 16 px of the true shift)"
     )
     return 0
-
-
-def _random_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint with the preset's architecture and random weights (made once)."""
-    from dino3.models import model_class_for
-
-    if not (folder / "model.safetensors").is_file():
-        preset = dino3.get_preset(name)
-        torch.manual_seed(0)
-        config = preset.make_config()
-        model_class_for(config)(config).save_pretrained(folder)
-        dino3.DINOv3ViTImageProcessor.for_preset(preset).save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from demo import random_checkpoint  # examples/demo.py: the same random-weights fallback
 from PIL import Image
 
 import dino3
@@ -43,7 +44,7 @@ def main(model: str = "vits16") -> int:
         dino3.load_config(model)  # config.json is gated like the weights: a quick test of access
     except HubAccessError as e:
         print(f"no access to the gated DINOv3 weights ({str(e).split('. ')[0]}); using RANDOM weights", file=sys.stderr)
-        model = str(_random_checkpoint(model, ROOT / "out" / f"{model}-random"))
+        model = str(random_checkpoint(model, ROOT / "out" / f"{model}-random"))
 
     folder = out / "photos.index"
     update = dino3.index.build([str(photos)], model=model, folder=folder)
@@ -72,21 +73,6 @@ def _write(path: Path, kind: str, data: dict) -> None:
 
     path.write_text(search_page(data["results"]) if kind == "search" else dedup_page(data))
     print(f"wrote {path}")
-
-
-def _random_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint with the preset's architecture and random weights (made once)."""
-    import torch
-
-    from dino3.models import model_class_for
-
-    if not (folder / "model.safetensors").is_file():
-        preset = dino3.get_preset(name)
-        torch.manual_seed(0)
-        config = preset.make_config()
-        model_class_for(config)(config).save_pretrained(folder)
-        dino3.DINOv3ViTImageProcessor.for_preset(preset).save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from demo import random_checkpoint  # examples/demo.py: the same random-weights fallback
+
 import dino3
 import dino3.index
 from dino3.errors import HubAccessError
@@ -40,7 +42,7 @@ def main(model: str = "vits16", keep: bool = False) -> int:
         dino3.load_config(model)  # config.json is gated like the weights: a quick test of access
     except HubAccessError as e:
         print(f"no access to the gated DINOv3 weights ({str(e).split('. ')[0]}); using RANDOM weights", file=sys.stderr)
-        model = str(_random_checkpoint(model, ROOT / "out" / f"{model}-random"))
+        model = str(random_checkpoint(model, ROOT / "out" / f"{model}-random"))
     shutil.rmtree(out, ignore_errors=True)
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
     dino3.index.build([str(p) for p in photos], model=model, folder=out / "photos.index", progress=False)
@@ -75,21 +77,6 @@ def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
-
-
-def _random_checkpoint(name: str, folder: Path) -> Path:
-    """A checkpoint with the preset's architecture and random weights (made once)."""
-    import torch
-
-    from dino3.models import model_class_for
-
-    if not (folder / "model.safetensors").is_file():
-        preset = dino3.get_preset(name)
-        torch.manual_seed(0)
-        config = preset.make_config()
-        model_class_for(config)(config).save_pretrained(folder)
-        dino3.DINOv3ViTImageProcessor.for_preset(preset).save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":
