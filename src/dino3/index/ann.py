@@ -24,11 +24,12 @@ import numpy as np
 
 from ..errors import UsageError
 
-RECALL_TARGET = 0.97  # recall@10 the calibration asks for (the goal is 0.95; this leaves a margin)
-CALIBRATION_QUERIES = 256
+RECALL_TARGET = 0.96  # recall@10 the calibration asks for (the goal is 0.95; this leaves a margin)
+CALIBRATION_QUERIES = 1000  # 256 were too few: at 1M vectors they chose 512 where 256 reached 0.971
 LINKS = 32  # HNSW's M: neighbours per node
-EF_CONSTRUCTION = 40  # candidates kept while inserting (FAISS's default)
-EF_CHOICES = (16, 32, 64, 128, 256, 512, 1024)
+EF_CONSTRUCTION = 40  # candidates kept while inserting (FAISS's default); 100 built 3x slower for no
+# better recall at a given latency (1M x 384 clustered: 0.961 at 1.3 ms against 0.963 at 1.7 ms)
+EF_CHOICES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # steps of 1.5x and 1.33x
 
 
 def faiss_module():
@@ -130,8 +131,8 @@ class Approximate:
     recent: np.ndarray  # (r, D) vectors not in the graph
     recent_ids: np.ndarray  # (r,)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.graph.search(queries, k)
+    def search(self, queries: np.ndarray, k: int, ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.graph.search(queries, k, ef=ef)
         if not len(self.recent_ids):
             return scores, ids
         from .exact import top_k

@@ -16,6 +16,11 @@ import numpy as np
 from ..errors import UsageError
 
 NEIGHBOURS = 16  # K above
+# Candidates each dedup search keeps (HNSW's efSearch): far fewer than a query's calibrated setting,
+# which must find all ten nearest neighbours. A near-duplicate is much closer than any other
+# neighbour, and a greedy walk reaches it early. Measured (1M x 384 clustered vectors with 10,000
+# planted copies): 144 s finding 99.1% of the copies at 32, where the calibrated 512 ran over 13 min.
+DEDUP_EF = 32
 HISTOGRAM_EDGES = (-1.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
@@ -37,7 +42,7 @@ def approximate_pairs(ann, vectors: np.ndarray, ids: np.ndarray, threshold: floa
     k = min(NEIGHBOURS + 1, count)
     for start in range(0, count, batch):
         queries = vectors[start : start + batch]
-        found_scores, found = ann.search(queries, k)  # (q, k) each
+        found_scores, found = ann.search(queries, k, ef=DEDUP_EF)  # (q, k) each
         valid = (found >= 0) & (found != ids[start : start + batch, None])
         nearest[start : start + len(queries)] = np.where(valid, found_scores, -np.inf).max(axis=1)
         full = valid.sum(axis=1) >= k - 1
