@@ -301,16 +301,17 @@ def add_rows(count: int, work: Path) -> dict:
     settings = index_module._settings(dino3.embed.read_embeddings(probe).meta, None)
     links = work / "indexed"
     links.mkdir()
-    source = links / "photo.jpg"
-    shutil.copy(PHOTOS / "rocket.jpg", source)
-    size, mtime = input_stat(str(source))
-    paths = []
+    paths, rows = [], []
     for i in range(count):
+        if i % 50_000 == 0:  # a file system allows ~65,000 links to one file: a new source every 50,000
+            source = links / f"photo-{i // 50_000}.jpg"
+            shutil.copy(PHOTOS / "rocket.jpg", source)
+            size, mtime = input_stat(str(source))
         path = links / f"{i // 1000:03d}-{i:06d}.jpg"
         os.link(source, path)
         paths.append(str(path))
+        rows.append(Entry(0, str(path), size, mtime, "0" * 64, (14, 14)))
     vectors, _ = clustered(count, 384, queries=1, seed=3)
-    rows = [Entry(0, p, size, mtime, "0" * 64, (14, 14)) for p in paths]
     folder = work / "add-index"
     index_module._create(folder, settings, rows, vectors)
 

@@ -12,7 +12,8 @@ the way) and filtered out of every search (`keep_only`). The index rebuilds the 
 dead, and searches what was added since the graph was written exactly, beside it (`Approximate`).
 `ef_search` (how many candidates a search keeps) is chosen when the graph is built, on the index's
 own data: the smallest that finds RECALL_TARGET of the exact 10 nearest neighbours of a sample of
-its vectors. FAISS runs on its own threads (OpenMP); nothing here changes its settings.
+its vectors, held out of the graph until then. FAISS runs on its own threads (OpenMP); nothing here
+changes its settings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from ..errors import UsageError
 
 RECALL_TARGET = 0.96  # recall@10 the calibration asks for (the goal is 0.95; this leaves a margin)
-CALIBRATION_QUERIES = 1000  # 256 were too few: at 1M vectors they chose 512 where 256 reached 0.971
+CALIBRATION_QUERIES = 1000  # at most a tenth of the vectors; 256 were too few (a noisy choice)
 LINKS = 32  # HNSW's M: neighbours per node
 EF_CONSTRUCTION = 40  # candidates kept while inserting (FAISS's default); 100 built 3x slower for no
 # better recall at a given latency (1M x 384 clustered: 0.961 at 1.3 ms against 0.963 at 1.7 ms)
@@ -55,29 +56,35 @@ class HNSW:
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, seed: int = 0) -> HNSW:
-        """A graph of `vectors` (N, D) with their `ids`, and its calibrated ef_search."""
+        """A graph of `vectors` (N, D) with their `ids`, and its calibrated ef_search: the graph is built
+        without a sample of the vectors, calibrated with them as queries from outside (a vector already
+        in the graph is found more easily than a new image: calibrating on those overstated the recall),
+        and then they are added."""
         faiss = faiss_module()
         graph = faiss.IndexHNSWFlat(vectors.shape[1], LINKS, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = EF_CONSTRUCTION
         hnsw = cls(graph, np.zeros(0, np.int64), ef_search=EF_CHOICES[0])
-        hnsw.add(vectors, ids)
-        hnsw.ef_search = hnsw.calibrate(vectors, ids, np.random.default_rng(seed))
+        count = len(ids)
+        held = np.zeros(count, bool)
+        samples = min(CALIBRATION_QUERIES, count // 10)
+        if samples >= 10:
+            held[np.random.default_rng(seed).choice(count, samples, replace=False)] = True
+        hnsw.add(vectors, ids, ~held)
+        if held.any():
+            hnsw.ef_search = hnsw.calibrate(vectors, ids, held)
+            hnsw.add(vectors, ids, held)
         return hnsw
 
-    def calibrate(self, vectors: np.ndarray, ids: np.ndarray, rng: np.random.Generator) -> int:
-        """The smallest ef_search whose recall@10 on a sample of the graph's own vectors (each query's
-        own vector left out) reaches RECALL_TARGET."""
+    def calibrate(self, vectors: np.ndarray, ids: np.ndarray, held: np.ndarray) -> int:
+        """The smallest ef_search whose recall@10 reaches RECALL_TARGET for the `held` vectors (a mask
+        over `vectors`), which are not in the graph, against the exact search of those that are."""
         from .exact import top_k
 
-        count = len(vectors)
-        if count <= 11:
-            return EF_CHOICES[0]
-        rows = np.sort(rng.choice(count, min(CALIBRATION_QUERIES, count), replace=False))
-        queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
-        _, truth_ids = top_k(queries, [(vectors, ids, None)], 11)
-        truth = [set(t.tolist()) - {int(ids[r])} for t, r in zip(truth_ids, rows)]  # the query itself left out
+        queries = np.ascontiguousarray(vectors[held], dtype=np.float32)  # (S, D)
+        _, truth_ids = top_k(queries, [(vectors, ids, ~held)], 10)
+        truth = [set(t.tolist()) for t in truth_ids]
         for ef in EF_CHOICES:
-            _, found = self.search(queries, 11, ef=ef)
+            _, found = self.search(queries, 10, ef=ef)
             hits = sum(len(t & set(row.tolist())) for t, row in zip(truth, found))
             if hits / sum(len(t) for t in truth) >= RECALL_TARGET:
                 return ef
@@ -87,10 +94,15 @@ class HNSW:
     def faiss(self):
         return faiss_module()
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Add `vectors` (N, D) with their `ids`, or only the `rows` (a mask) of them."""
+        ids = np.asarray(ids, np.int64)
         for start in range(0, len(ids), 65536):  # in pieces: no second copy of a large array
-            self.index.add(np.ascontiguousarray(vectors[start : start + 65536], dtype=np.float32))
-        self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
+            part = slice(start, start + 65536)
+            chosen = vectors[part] if rows is None else vectors[part][rows[part]]
+            if len(chosen):
+                self.index.add(np.ascontiguousarray(chosen, dtype=np.float32))
+        self.ids = np.concatenate([self.ids, ids if rows is None else ids[rows]])
 
     def keep_only(self, live: np.ndarray) -> None:
         """Never find the items of the graph that are not in `live` (sorted ids): they were removed."""
