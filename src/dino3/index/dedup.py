@@ -18,8 +18,8 @@ from ..errors import UsageError
 NEIGHBOURS = 16  # K above
 # Candidates each dedup search keeps (HNSW's efSearch): far fewer than a query's calibrated setting,
 # which must find all ten nearest neighbours. A near-duplicate is much closer than any other
-# neighbour, and a greedy walk reaches it early. Measured (1M x 384 clustered vectors with 10,000
-# planted copies): 144 s finding 99.1% of the copies at 32, where the calibrated 512 ran over 13 min.
+# neighbour, and a greedy walk reaches it early. benchmarks/index.py, 1M x 384 with 10,000 planted
+# copies: 197 s finding 99.2% of them at 32, where the calibrated setting (512 then) ran over 13 min.
 DEDUP_EF = 32
 HISTOGRAM_EDGES = (-1.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
 
