@@ -288,3 +288,60 @@ def test_decoding_is_done_off_the_event_loop(server):
         assert slow.result().status_code in (200, 413)
     assert quick < 1.0
     assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
+
+
+class _CountingModel:
+    """Stands in for a model in the batcher: records each forward's batch size."""
+
+    device, dtype = "cpu", None
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, pixels):
+        from types import SimpleNamespace
+
+        self.batches.append(len(pixels))
+        tokens = pixels.mean(dim=(2, 3))[:, None, :]  # (B, 1, 3)
+        return SimpleNamespace(cls_token=tokens[:, 0], patch_tokens=tokens, grid_size=(1, 1))
+
+
+def test_the_batcher_waits_only_for_images_on_their_way():
+    import asyncio
+
+    import torch
+
+    from dino3.serve.batcher import Batcher
+
+    model = _CountingModel()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=3000)
+    image = torch.ones(3, 4, 4)
+
+    async def scenario():
+        # a lone request: nothing else is being decoded, so no waiting out the 3 s for companions
+        started = time.perf_counter()
+        batcher.expect(1)
+        await batcher.compute([image], "cls", expected=1)
+        alone = time.perf_counter() - started
+        # two requests decoding at once: the first one in the queue waits for the second
+        batcher.expect(2)
+        first = asyncio.ensure_future(batcher.compute([image], "cls", expected=1))
+        await asyncio.sleep(0.3)
+        assert not first.done()
+        await batcher.compute([image * 2], "cls", expected=1)
+        await first
+        # an announced image that fails to decode: the waiting one goes at once
+        batcher.expect(2)
+        started = time.perf_counter()
+        waiting = asyncio.ensure_future(batcher.compute([image], "cls", expected=1))
+        await asyncio.sleep(0.05)
+        batcher.expect(-1)
+        await waiting
+        return alone, time.perf_counter() - started
+
+    try:
+        alone, withdrawn = asyncio.run(scenario())
+    finally:
+        batcher.stop()
+    assert alone < 1.0 and withdrawn < 1.0
+    assert model.batches == [1, 2, 1]

@@ -2,7 +2,9 @@
 
 Requests put their decoded images (pixel tensors) in one bounded queue; a single worker thread takes
 the first waiting image, then everything that arrives within `max_wait_ms` (up to `max_batch`),
-runs the images of one size as one forward, and hands each image its own pooled features. The
+runs the images of one size as one forward, and hands each image its own pooled features. It waits
+only while more images are on their way (requests announce the images they are decoding): a lone
+request does not sit out max_wait_ms for companions that cannot come. The
 queue's bound is the server's back-pressure: a request that does not fit is refused at once
 (QueueFull: the service answers 429), never queued without limit. A request whose client has gone
 still gets its images computed with the rest; nobody waits for it.
@@ -55,6 +57,7 @@ class Batcher:
         self.max_queue = max_queue
         self.on_batch = on_batch  # called with (batch size, seconds) after each forward
         self.jobs: list[Job] = []
+        self.expected = 0  # images being decoded for this queue now: worth waiting for
         self.condition = threading.Condition()
         self.stopping = False
         self.seconds_per_image = 0.05  # a running estimate, for Retry-After
@@ -65,10 +68,18 @@ class Batcher:
     def depth(self) -> int:
         return len(self.jobs)
 
-    async def compute(self, images: list[torch.Tensor], pool: str) -> list[torch.Tensor]:
-        """Each image's pooled features, computed with whatever else is queued."""
+    def expect(self, count: int) -> None:
+        """`count` images are being decoded for this queue (negative: they will not come after all)."""
+        with self.condition:
+            self.expected = max(0, self.expected + count)
+            self.condition.notify()
+
+    async def compute(self, images: list[torch.Tensor], pool: str, expected: int = 0) -> list[torch.Tensor]:
+        """Each image's pooled features, computed with whatever else is queued; `expected`: how many
+        of these images were announced with expect()."""
         jobs = [Job(pixels, pool) for pixels in images]
         with self.condition:
+            self.expected = max(0, self.expected - expected)
             if self.stopping:
                 raise QueueFull(1.0)
             if len(self.jobs) + len(jobs) > self.max_queue:
@@ -92,7 +103,7 @@ class Batcher:
                     return []
                 self.condition.wait(0.5)
             deadline = self.jobs[0].queued + self.max_wait
-            while len(self.jobs) < self.max_batch and not self.stopping:
+            while len(self.jobs) < self.max_batch and self.expected > 0 and not self.stopping:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break

@@ -168,13 +168,18 @@ class Service:
         def decode(data: bytes):
             return processor.pixels(data, memory=self.memory, max_pixels=self.settings.max_pixels)
 
-        tasks = [loop.run_in_executor(self.decoders, decode, data) for data in blobs]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for name, result in zip(names, results):
-            if isinstance(result, ImageTooLargeError):
-                raise ApiError(413, f"{name}: {_reason(result)}", name)
-            if isinstance(result, Exception):
-                raise ApiError(400, f"{name}: {_reason(result)}", name)
+        self.batcher.expect(len(blobs))  # the batcher waits for them (features() takes them in)
+        try:
+            tasks = [loop.run_in_executor(self.decoders, decode, data) for data in blobs]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for name, result in zip(names, results):
+                if isinstance(result, ImageTooLargeError):
+                    raise ApiError(413, f"{name}: {_reason(result)}", name)
+                if isinstance(result, Exception):
+                    raise ApiError(400, f"{name}: {_reason(result)}", name)
+        except BaseException:  # a bad image, a client gone: they will not come
+            self.batcher.expect(-len(blobs))
+            raise
         return results
 
     async def images(self, items: list[Any]) -> tuple[list[bytes], list[str]]:
@@ -185,8 +190,9 @@ class Service:
         return list(blobs), names
 
     async def features(self, pixels: list, pool: str):
+        """The features of what pixels() decoded (and announced), right after it."""
         try:
-            return await self.batcher.compute(pixels, pool)
+            return await self.batcher.compute(pixels, pool, expected=len(pixels))
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(int(e.retry_after + 0.999))}) from None
 
