@@ -27,7 +27,12 @@ def add_commands(commands) -> None:
     add_runtime_arguments(serve)
     serve.add_argument("--index", metavar="DIR", help="serve this index (built with the same model): /v1/search")
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward at most (default: 32)")
-    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="wait for more images this long (default: 10)")
+    serve.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="wait this long for more images while others are being decoded (default: 10)",
+    )
     serve.add_argument("--max-queue", type=positive_int, default=256, help="images waiting at most; then 429")
     serve.add_argument("--max-images", type=positive_int, default=64, help="images per request at most; then 413")
     serve.add_argument("--max-body-mb", type=positive_int, default=32, help="request body at most, MiB; then 413")
