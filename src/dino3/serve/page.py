@@ -8,6 +8,7 @@ text, never as HTML.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from importlib import resources
@@ -67,9 +68,13 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
         blobs, names = await service.images([payload.input])
         pixels = await service.pixels(blobs, names, processor)
         (grid,) = await service.features(pixels, "patches")  # (h, w, D)
-        rgb = pca_rgb(grid.float())  # (h, w, 3) in [0, 1]
         height, width = pixels[0].shape[-2:]
-        picture = colour_map(rgb, (int(height), int(width)))  # each patch a block of whole pixels
+
+        def render():  # off the event loop, on a decoding thread
+            rgb = pca_rgb(grid.float())  # (h, w, 3) in [0, 1]
+            return colour_map(rgb, (int(height), int(width)))  # each patch a block of whole pixels
+
+        picture = await asyncio.get_running_loop().run_in_executor(service.decoders, render)
         return {"object": "pca", "grid": list(grid.shape[:2]), "image": _png_data_url(picture)}
 
 

@@ -99,14 +99,14 @@ class Service:
         self.extras: dict[str, Any] = {}  # what other rooms attach (an index, ...)
         self.public_routes = {"/healthz", "/readyz"}  # open without the API key
 
-    def warm_up(self) -> None:
-        """One forward at the processor's size, so that the first request does not pay for it."""
+    async def warm_up(self) -> None:
+        """One forward at the processor's size, on the model's thread, so that the first request does
+        not pay for it."""
         import torch
 
         size = self.processor.size if isinstance(self.processor.size, dict) else {}
         height, width = size.get("height") or 224, size.get("width") or 224
-        with torch.inference_mode():
-            self.model(torch.zeros(1, 3, height, width, dtype=self.model.dtype, device=self.model.device))
+        await self.batcher.compute([torch.zeros(3, height, width)], "cls")
         self.ready = True
 
     def close(self) -> None:
@@ -277,7 +277,7 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
 
     async def lifespan(app):
         if warm:
-            await asyncio.get_running_loop().run_in_executor(None, service.warm_up)
+            await service.warm_up()
         else:
             service.ready = True
         yield
