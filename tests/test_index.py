@@ -299,22 +299,26 @@ def test_sigkill_while_embedding_an_add(model_folder, photos, tmp_path):
     before = snapshot(index_dir)
     many = folder / "many"
     many.mkdir()
-    for i in range(64):
-        shutil.copy(PHOTOS / "horse.png", many / f"{i:02d}.png")
-        Image.open(many / f"{i:02d}.png").rotate(i * 5).save(many / f"{i:02d}.png")  # different bytes each
+    for i in range(128):
+        shutil.copy(PHOTOS / "horse.png", many / f"{i:03d}.png")
+        Image.open(many / f"{i:03d}.png").rotate(i * 2.5).save(many / f"{i:03d}.png")  # different bytes each
     command = [sys.executable, "-m", "dino3.cli", "index", "add", str(folder), "--index", str(index_dir)]
     process = subprocess.Popen([*command, "-q", "--batch-size", "2"], stderr=subprocess.PIPE)
-    partial = index_dir / store.WORK / "add.npz.partial"
+    # The embedding job takes its lock first (then loads the model) and writes its first chunk only
+    # after 256 images (more than these 128): its lock, then a moment, says it is embedding.
+    lock = index_dir / store.WORK / "add.npz.lock"
     deadline = time.time() + 120
-    while not partial.exists() and time.time() < deadline and process.poll() is None:
+    while not lock.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
+    time.sleep(1.5)
+    running = process.poll() is None
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert partial.exists(), "the add finished before it could be interrupted"
+    assert running, "the add finished before it could be interrupted"
     assert_same_index(snapshot(index_dir), before, atol=0)
     assert dino3.index.open(index_dir).search(str(folder / "chelsea.png"), k=1)[0]["neighbors"][0]["score"] > 0.999
     assert main(["index", "add", str(folder), "--index", str(index_dir), "-q"]) == 0
-    assert len(dino3.index.open(index_dir)) == 17 + 64
+    assert len(dino3.index.open(index_dir)) == 17 + 128
 
 
 # -- embeddings files, the approximate index and its upkeep --------------------------------------------------
