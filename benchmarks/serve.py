@@ -82,12 +82,6 @@ def load_level(url: str, bodies: list[dict], concurrency: int, seconds: float, l
     }
 
 
-def model_processor(model):
-    import dino3
-
-    return dino3.DINOv3ViTImageProcessor.for_model(model).pixels
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
@@ -114,7 +108,7 @@ def main() -> None:
         # one forward at batch 1, first: before any other thread of this process has run torch (see
         # benchmarks/threads.py); then the in-process pipeline on the same images
         model = dino3.load(checkpoint)
-        x = torch.stack([model_processor(model)(str(paths[0]))])
+        x = dino3.DINOv3ViTImageProcessor.for_model(model).pixels(str(paths[0]))[None]  # (1, 3, 224, 224)
         with torch.inference_mode():
             model(x)
             start = time.perf_counter()

@@ -310,6 +310,7 @@ def test_sigkill_while_embedding_an_add(model_folder, photos, tmp_path):
     deadline = time.time() + 120
     while not lock.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
+    assert lock.exists(), "the add never started its embedding job"
     time.sleep(1.5)
     running = process.poll() is None
     process.send_signal(signal.SIGKILL)

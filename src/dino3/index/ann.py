@@ -69,7 +69,7 @@ class HNSW:
         samples = min(CALIBRATION_QUERIES, count // 10)
         if samples >= 10:
             held[np.random.default_rng(seed).choice(count, samples, replace=False)] = True
-        hnsw.add(vectors, ids, ~held)
+        hnsw.add(vectors, ids, ~held if held.any() else None)  # a mask copies; none to hold out: no copy
         if held.any():
             hnsw.ef_search = hnsw.calibrate(vectors, ids, held)
             hnsw.add(vectors, ids, held)
