@@ -94,3 +94,16 @@ def test_engine_batches_by_size_and_reports_bad_images(tmp_path):
     assert errors[0][0] == 1 and isinstance(errors[0][2], ImageError)
     with pytest.raises(ImageError, match="bad.jpg"):
         list(iter_batches(sources, processor, batch_size=2, workers=0))
+
+
+def test_the_decoding_threads_have_ended_when_the_batches_have():
+    """A daemon thread still freeing its last tensor as the interpreter exits is killed inside
+    torch's C++, which aborts the process (exit 134 after a complete run): the pipeline waits for
+    its threads."""
+    import threading
+
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    for _ in range(3):
+        batches = list(iter_batches(photos * 3, DINOv3ViTImageProcessor(), batch_size=4, workers=2))
+        assert sum(len(b.indices) for b in batches) == 3 * len(photos)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("dino3-decode")]

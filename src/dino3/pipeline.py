@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,11 +30,13 @@ from typing import Any
 import torch
 
 from . import images as _images
+from ._openmp import single_threaded
 from .errors import ImageError, UsageError
 from .features import POOLS, extract
 from .processing import DINOv3ViTImageProcessor
 
 TASK = "image-feature-extraction"
+SHUTDOWN_SECONDS = 10.0  # how long a finished (or interrupted) pipeline waits for its threads to end
 
 
 @dataclass
@@ -141,6 +144,7 @@ class _DaemonPool:
         return future
 
     def _run(self) -> None:
+        single_threaded()  # the consumer's model keeps the only OpenMP team (see _openmp)
         while True:
             task = self.tasks.get()
             if task is None:
@@ -163,6 +167,11 @@ class _DaemonPool:
                 task[0].cancel()
         for _ in self.threads:
             self.tasks.put(None)
+        # Wait (a bounded while) for them to end: a daemon thread still freeing its last tensor when
+        # the interpreter exits is killed inside torch's C++, which aborts the process (exit 134).
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class FeatureExtractionPipeline:

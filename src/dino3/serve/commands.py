@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..errors import UsageError
 
         raise UsageError("dino3 serve needs FastAPI and uvicorn: pip install 'dino3[serve]'") from None
+    from .._openmp import on_passing_thread
     from ..api import load
     from .app import create_app
     from .service import ServeSettings
@@ -72,7 +73,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         calibration = expand_inputs([args.calibration]).paths if args.calibration else None
         options.update(backend=args.backend, precision=args.precision, calibration=calibration)
-    model = load(args.model, **options)
+    # Loaded on a thread that ends: the OpenMP team it builds goes with it, and the model's thread
+    # (the batcher's) keeps the only one, so its forwards run at full speed (see dino3._openmp).
+    model = on_passing_thread(load, args.model, **options)
     settings = ServeSettings(
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

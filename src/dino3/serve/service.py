@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .._openmp import single_threaded
 from .._version import __version__
 from ..errors import ImageError, ImageTooLargeError
 from ..images import MAX_PIXELS, MemoryBudget, download
@@ -88,7 +89,9 @@ class Service:
         self.settings = settings
         self.processor = processor or DINOv3ViTImageProcessor.for_model(model)
         self.name = settings.model_name or str(getattr(model, "name_or_path", None) or "dino3")
-        self.decoders = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dino3-serve-decode")
+        self.decoders = ThreadPoolExecutor(  # one-thread torch ops: the model keeps the only OpenMP team
+            settings.decode_threads, thread_name_prefix="dino3-serve-decode", initializer=single_threaded
+        )
         self.memory = MemoryBudget(max(settings.max_pixels, MAX_PIXELS // 4))
         self.metrics = Metrics()
         self.batcher = Batcher(
@@ -106,7 +109,9 @@ class Service:
 
         size = self.processor.size if isinstance(self.processor.size, dict) else {}
         height, width = size.get("height") or 224, size.get("width") or 224
-        await self.batcher.compute([torch.zeros(3, height, width)], "cls")
+        # Made by numpy: a torch op this large would build an OpenMP team on the event loop's thread.
+        pixels = torch.from_numpy(np.zeros((3, height, width), dtype=np.float32))
+        await self.batcher.compute([pixels], "cls")
         self.ready = True
 
     def close(self) -> None:

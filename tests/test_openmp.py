@@ -1,0 +1,109 @@
+"""One OpenMP team per process: the server and the embed pipeline leave the model's thread the only
+thread with a team, so that libgomp keeps spin-waiting between the forward's parallel regions
+(benchmarks/threads.py: a forward beside a second team takes a third to a half longer).
+
+An OpenMP team's helper threads are native threads that Python does not know: the tests count them
+in a fresh process (Linux: /proc/self/task) with OpenMP at two threads, where each team has one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import dino3
+from helpers import randomize_
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc (Linux)")
+
+PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.jpg"))[:3]
+SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
+
+COUNTING = """
+import os, sys, threading, time
+import numpy, torch
+
+def team_threads():  # native threads beyond those at start: OpenMP helpers
+    time.sleep(0.5)  # threads that are ending (a passing thread's team) are gone by then
+    return len(os.listdir("/proc/self/task")) - threading.active_count() - BASE
+
+BASE = 0
+BASE = team_threads()
+"""
+
+
+def count_teams(script: str, checkpoint: Path) -> list[int]:
+    """What the script prints: counts of OpenMP helper threads."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    code = textwrap.dedent(COUNTING) + textwrap.dedent(script)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint), *map(str, PHOTOS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [int(word) for word in run.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
+    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def test_the_server_keeps_one_team_its_batchers(checkpoint):
+    pytest.importorskip("fastapi")
+    script = """
+    import asyncio
+    import dino3
+    from dino3._openmp import on_passing_thread
+    from dino3.serve.service import ServeSettings, Service
+
+    model = on_passing_thread(dino3.load, sys.argv[1])  # as `dino3 serve` loads it
+    service = Service(model, ServeSettings())
+    blobs = [open(path, "rb").read() for path in sys.argv[2:]]
+
+    async def serve():
+        await service.warm_up()
+        for _ in range(2):
+            pixels = await service.pixels(blobs, [f"input[{i}]" for i in range(len(blobs))])
+            await service.features(pixels, "cls")
+
+    asyncio.run(serve())
+    print(team_threads())
+    """
+    assert count_teams(script, checkpoint) == [1]
+
+
+def test_the_embed_pipeline_keeps_one_team_its_consumers(checkpoint):
+    script = """
+    import dino3
+    from dino3.pipeline import iter_batches
+
+    model = dino3.load(sys.argv[1])
+    processor = dino3.DINOv3ViTImageProcessor.for_model(model)
+    counts = []
+    with torch.inference_mode():
+        for batch in iter_batches(sys.argv[2:] * 4, processor, batch_size=2, workers=2):
+            model(batch.pixel_values)
+            counts.append(team_threads())  # while the decoding threads live
+    print(*counts)
+    """
+    counts = count_teams(script, checkpoint)
+    assert set(counts) == {1}, counts
+
+
+def test_a_passing_thread_hands_back_its_result_or_its_error():
+    from dino3._openmp import on_passing_thread
+
+    assert on_passing_thread(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+    with pytest.raises(ZeroDivisionError):
+        on_passing_thread(lambda: 1 / 0)
