@@ -113,6 +113,7 @@ class _Embedder:
 
         import torch
 
+        from .._openmp import on_passing_thread
         from ..api import load
 
         # This process is the actor's own; Ray starts it with OMP_NUM_THREADS=1 (one thread per CPU
@@ -120,7 +121,9 @@ class _Embedder:
         # only part of the time. Like the local job, let the model use the node's cores (shared).
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, actors)))
         self.torch = torch
-        self.model = load(model, **load_options)
+        # Ray Data calls the actor on another thread than this one: loaded here, the model would
+        # leave this thread an OpenMP team, and the forwards would run beside it, slower (_openmp).
+        self.model = on_passing_thread(load, model, **load_options)
         self.pool, self.layers, self.meta = pool, layers, meta
         self.size = size  # values per image when every image has as many (then a fixed-size list column)
 
