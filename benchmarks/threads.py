@@ -10,6 +10,8 @@ its decoding threads. This script times one batch-1 ViT-S/16 forward (random wei
 situations that decide it: on the main thread alone; beside a live thread that has run torch
 (its own team); beside a live thread whose OpenMP regions were limited to one thread
 (omp_set_num_threads(1) in that thread, through the loaded OpenMP library); and on a second thread.
+Last, in a fresh process whose main thread never runs torch (as `dino3 serve` runs now): on a second
+thread, the model loaded on a thread that ended, alone and beside two limited decoding threads.
 Linux only (it finds the OpenMP library in /proc/self/maps).
 """
 
@@ -17,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import save_section
@@ -87,14 +93,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--save", action="store_true", help="put the table in benchmarks/RESULTS.md")
+    parser.add_argument("--fresh", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # the child process's rows
     args = parser.parse_args()
 
     import dino3
     from dino3.cli import main as cli
 
+    if args.fresh:
+        fresh_process(args.fresh, args.reps)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cli(["init-random", "vits16", str(Path(tmp) / "vits16")])
         model = dino3.load(Path(tmp) / "vits16")
+        command = [sys.executable, __file__, "--fresh", str(Path(tmp) / "vits16"), "--reps", str(args.reps)]
+        fresh = json.loads(subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout)
     pixels = torch.randn(1, 3, 224, 224)
     omp = openmp_library()
     rows = [("main thread, alone", forward_ms(model, pixels, args.reps))]
@@ -104,6 +116,7 @@ def main() -> None:
         rows.append((f"a second thread, beside it ({name})", forward_ms(model, pixels, args.reps, on_thread=True)))
         decoder.close()
     rows.append(("main thread, alone again", forward_ms(model, pixels, args.reps)))
+    rows += fresh  # as `dino3 serve` runs now
 
     lines = [
         f"One batch-1 ViT-S/16 forward, 224 px, median of {args.reps} ({platform.machine()}, torch "
@@ -117,6 +130,23 @@ def main() -> None:
     print(text)
     if args.save:
         save_section("OpenMP teams and the server's forward", text)
+
+
+def fresh_process(checkpoint: str, reps: int) -> None:
+    """In a process whose main thread never runs torch, as `dino3 serve` now is: the model loaded on
+    a thread that ends, the forwards on a second thread; prints the rows as JSON."""
+    import dino3
+    from dino3._openmp import on_passing_thread
+
+    model = on_passing_thread(dino3.load, checkpoint)
+    pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32))
+    rows = [("a second thread, the model loaded on a thread that ended", forward_ms(model, pixels, reps, True))]
+    decoders = [Decoder(True, openmp_library()) for _ in range(2)]
+    name = "the same, beside two live decoding threads (regions limited to one thread)"
+    rows.append((name, forward_ms(model, pixels, reps, on_thread=True)))
+    for decoder in decoders:
+        decoder.close()
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
