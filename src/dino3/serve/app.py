@@ -2,6 +2,10 @@
 the similarity search (search.py).
 
     app = create_app(dino3.load("vits16"), ServeSettings(), index=dino3.index.open("photos.index"))
+
+The forwards run on the batcher's thread. On a CPU, a thread that ran torch (loading the model on the
+main thread does) keeps an OpenMP team that slows them by a third or more where cores are few
+(benchmarks/threads.py); `dino3 serve` therefore loads its model on a thread that ends.
 """
 
 from __future__ import annotations
