@@ -37,3 +37,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
+
+
+def save_small_vit(folder, seed: int = 0):
+    """A small ViT with random weights and the default processor, saved the way a user's folder is."""
+    import dino3
+
+    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL)), seed=seed).save_pretrained(folder)
+    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
+    return folder

@@ -15,13 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import dino3
-from helpers import randomize_
-
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc (Linux)")
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.jpg"))[:3]
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
 
 COUNTING = """
 import os, sys, threading, time
@@ -49,14 +45,6 @@ def count_teams(script: str, checkpoint: Path) -> list[int]:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return [int(word) for word in run.stdout.split()]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
-    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
-    return folder
 
 
 def test_the_server_keeps_one_team_its_batchers(checkpoint):

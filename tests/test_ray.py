@@ -18,13 +18,11 @@ import pytest
 
 import dino3
 from dino3.cli import main
-from helpers import randomize_
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "images"
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +30,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
-    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
-    return folder
 
 
 def inputs(folder: Path, count: int) -> Path:

@@ -31,20 +31,11 @@ from dino3 import CheckpointError, ConfigError, ImageError
 from dino3.cli import main
 from dino3.embed import read_embeddings
 from dino3.embed.store import RunLock
-from helpers import randomize_
+from helpers import SMALL, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "images"
 NAMES = ["chelsea.png", "rocket.jpg", "coffee.png", "camera.png", "horse.png"]
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
-    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
-    return folder
 
 
 def embed(*args: str) -> int:

@@ -28,7 +28,6 @@ import pytest
 
 import dino3
 from dino3.cli import main
-from helpers import randomize_
 
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
@@ -36,15 +35,6 @@ import uvicorn  # noqa: E402
 from dino3.serve import ServeSettings, create_app  # noqa: E402
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
-SMALL = dict(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2, num_register_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
-    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
-    return folder
 
 
 class Server:

@@ -18,24 +18,16 @@ import torch
 import dino3
 import dino3.index
 from dino3.errors import UsageError
-from helpers import randomize_
+from helpers import SMALL, randomize_
 
 pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
 from dino3.serve import ServeSettings, create_app  # noqa: E402
-from test_serve import SMALL, Server, data_url  # noqa: E402
+from test_serve import Server, data_url  # noqa: E402
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
 BROWSER_FLAGS = ["--no-sandbox", "--disable-dev-shm-usage"]  # as root, in a container with a small /dev/shm
 HOSTILE = '<img src=x onerror="document.title=1">.png'  # a legal file name on Linux
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL))).save_pretrained(folder)
-    dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
