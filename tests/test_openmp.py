@@ -95,3 +95,26 @@ def test_a_passing_thread_hands_back_its_result_or_its_error():
     assert on_passing_thread(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
     with pytest.raises(ZeroDivisionError):
         on_passing_thread(lambda: 1 / 0)
+
+
+def test_helper_threads_keep_their_threads_where_a_gpu_runs_the_model(monkeypatch):
+    """A GPU's forwards use no OpenMP team: there, preprocessing keeps its multi-threaded ops."""
+    import threading
+
+    import torch
+
+    from dino3._openmp import helper_thread
+
+    counts = {}
+
+    def probe(name: str) -> None:
+        helper_thread()
+        counts[name] = torch.get_num_threads()
+
+    for name, cuda in (("cpu", False), ("gpu", True)):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda cuda=cuda: cuda)
+        thread = threading.Thread(target=probe, args=(name,))
+        thread.start()
+        thread.join()
+    assert counts["cpu"] == 1
+    assert counts["gpu"] == torch.get_num_threads()  # as every thread gets it (2 here, from conftest)

@@ -4,9 +4,10 @@ PyTorch's CPU kernels run their parallel regions on an OpenMP team that belongs 
 thread; every thread that runs a large enough op gets a team of its own, parked until that thread
 ends. libgomp (the OpenMP of PyTorch's Linux wheels) stops spin-waiting between parallel regions
 once it manages more threads than there are cores, and a forward is hundreds of short regions: a
-batch-1 ViT-S/16 forward takes a third to a half longer beside one other team (benchmarks/threads.py). So the
-threads that decode and preprocess images call `single_threaded()` first, and the server loads its
-model `on_passing_thread()`, so that the team the loading built ends with that thread.
+batch-1 ViT-S/16 forward takes a third to a half longer beside one other team
+(benchmarks/threads.py). So the threads that decode and preprocess images call `helper_thread()`
+first (one-thread torch ops while the model runs on the CPU), and the server loads its model
+`on_passing_thread()`, so that the team the loading built ends with that thread.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def single_threaded() -> None:
     library = _openmp_library()
     if library is not None:
         library.omp_set_num_threads(1)  # this thread's setting only (torch.set_num_threads is global)
+
+
+def helper_thread() -> None:
+    """Set up a thread that decodes or preprocesses beside a model: single_threaded(), unless this
+    process drives a GPU (CUDA initialised), whose forwards use no OpenMP team, so that there the
+    preprocessing keeps its multi-threaded ops."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        single_threaded()
 
 
 def on_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import images as _images
-from ._openmp import single_threaded
+from ._openmp import helper_thread
 from .errors import ImageError, UsageError
 from .features import POOLS, extract
 from .processing import DINOv3ViTImageProcessor
@@ -144,7 +144,7 @@ class _DaemonPool:
         return future
 
     def _run(self) -> None:
-        single_threaded()  # the consumer's model keeps the only OpenMP team (see _openmp)
+        helper_thread()  # the consumer's model keeps the only OpenMP team (see _openmp)
         while True:
             task = self.tasks.get()
             if task is None:

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._openmp import single_threaded
+from .._openmp import helper_thread
 from .._version import __version__
 from ..errors import ImageError, ImageTooLargeError
 from ..images import MAX_PIXELS, MemoryBudget, download
@@ -90,7 +90,7 @@ class Service:
         self.processor = processor or DINOv3ViTImageProcessor.for_model(model)
         self.name = settings.model_name or str(getattr(model, "name_or_path", None) or "dino3")
         self.decoders = ThreadPoolExecutor(  # one-thread torch ops: the model keeps the only OpenMP team
-            settings.decode_threads, thread_name_prefix="dino3-serve-decode", initializer=single_threaded
+            settings.decode_threads, thread_name_prefix="dino3-serve-decode", initializer=helper_thread
         )
         self.memory = MemoryBudget(max(settings.max_pixels, MAX_PIXELS // 4))
         self.metrics = Metrics()
