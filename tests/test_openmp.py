@@ -47,7 +47,7 @@ def count_teams(script: str, checkpoint: Path) -> list[int]:
     return [int(word) for word in run.stdout.split()]
 
 
-def test_the_server_keeps_one_team_its_batchers(checkpoint):
+def test_the_server_keeps_one_team_on_its_model_thread(checkpoint):
     pytest.importorskip("fastapi")
     script = """
     import asyncio
@@ -71,7 +71,7 @@ def test_the_server_keeps_one_team_its_batchers(checkpoint):
     assert count_teams(script, checkpoint) == [1]
 
 
-def test_the_embed_pipeline_keeps_one_team_its_consumers(checkpoint):
+def test_the_embed_pipeline_keeps_one_team_on_its_consumer_thread(checkpoint):
     script = """
     import dino3
     from dino3.pipeline import iter_batches
@@ -103,6 +103,9 @@ def test_helper_threads_keep_their_threads_where_a_gpu_runs_the_model(monkeypatc
 
     import torch
 
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread here: single- and multi-threaded ops look alike")
+
     from dino3._openmp import helper_thread
 
     counts = {}
@@ -117,4 +120,4 @@ def test_helper_threads_keep_their_threads_where_a_gpu_runs_the_model(monkeypatc
         thread.start()
         thread.join()
     assert counts["cpu"] == 1
-    assert counts["gpu"] == torch.get_num_threads()  # as every thread gets it (2 here, from conftest)
+    assert counts["gpu"] == torch.get_num_threads()  # as every thread gets it (conftest: 2 or more)

@@ -75,7 +75,8 @@ def _openmp_library() -> ctypes.CDLL | None:
     if not found:
         return None
     torch_dir = os.path.dirname(torch.__file__)
-    path = sorted(found, key=lambda p: (not p.startswith(torch_dir), p))[0]  # torch's own copy first
+    # torch's own copy first; then one that no other wheel bundled (FAISS brings a copy in faiss_cpu.libs/)
+    path = sorted(found, key=lambda p: (not p.startswith(torch_dir), ".libs/" in p, p))[0]
     try:
         return ctypes.CDLL(path)
     except OSError:

@@ -89,7 +89,7 @@ class Service:
         self.settings = settings
         self.processor = processor or DINOv3ViTImageProcessor.for_model(model)
         self.name = settings.model_name or str(getattr(model, "name_or_path", None) or "dino3")
-        self.decoders = ThreadPoolExecutor(  # one-thread torch ops: the model keeps the only OpenMP team
+        self.decoders = ThreadPoolExecutor(  # one-thread torch ops on a CPU: the model keeps the only team
             settings.decode_threads, thread_name_prefix="dino3-serve-decode", initializer=helper_thread
         )
         self.memory = MemoryBudget(max(settings.max_pixels, MAX_PIXELS // 4))
