@@ -49,3 +49,43 @@ def save_small_vit(folder, seed: int = 0):
     randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL)), seed=seed).save_pretrained(folder)
     dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
     return folder
+
+
+# -- CPUs of the other kind, simulated -----------------------------------------------------------------
+# dino3.system.cpu() is the one place every path asks what this CPU can do; patching it says "no" (or
+# "yes") to a capability. Setting ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 in a fresh
+# process (AVX2_ENV) goes further: PyTorch and oneDNN then really run as on an AVX2-only CPU.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def simulated_cpu(kind: str):
+    """A dino3.system.CPU of one kind: "avx2" (no AVX-512, no bfloat16 anywhere), "avx512" (AVX-512
+    without bfloat16 units: oneDNN emulates bfloat16), "avx512-bf16" (AVX512-BF16 and AMX)."""
+    from dino3.system import CPU
+
+    base = {"avx2", "fma"}
+    kinds = {
+        "avx2": (base, "AVX2", False),
+        "avx512": (base | {"avx512f", "avx512bw", "avx512_vnni"}, "AVX512", True),
+        "avx512-bf16": (base | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16"}, "AVX512", True),
+    }
+    features, isa, onednn_bf16 = kinds[kind]
+    return CPU(f"simulated {kind}", "x86_64", frozenset(features), isa, True, onednn_bf16)
+
+
+def assert_same_features(a, b) -> None:
+    """Features of the same images computed in two runs: bitwise equal where the linear layers run on
+    oneDNN (AVX-512), within float rounding where they run on MKL (AVX2: MKL's GEMM rounds according
+    to the memory alignment of its operands and the batch's size, so two runs may differ in the last
+    bits; MKL_CBWR would pin it, process-wide, which dino3 leaves to the user)."""
+    import numpy as np
+    import torch
+
+    from dino3 import system
+
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if system.linear_kernel(torch.float32) == "onednn":
+        assert np.array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

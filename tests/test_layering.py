@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dino3"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never higher ones.
 LAYERS = [
-    ["dino3._version", "dino3.errors", "dino3._io", "dino3._openmp"],
+    ["dino3._version", "dino3.errors", "dino3._io", "dino3._openmp", "dino3.system"],
     ["dino3.config"],
     ["dino3.presets"],
     ["dino3.weights"],

@@ -47,12 +47,18 @@ def test_gradients_use_the_autograd_path():
 
 
 def test_onednn_is_used_only_when_no_gradient_is_needed(monkeypatch):
-    assert layers._HAS_ONEDNN, "this PyTorch build has no oneDNN (mkldnn): the fast CPU path cannot be tested"
+    from dino3 import system
+    from helpers import simulated_cpu
+
+    assert system.cpu().onednn, "this PyTorch build has no oneDNN (mkldnn): the fast CPU path cannot be tested"
+    monkeypatch.setattr(system, "cpu", lambda: simulated_cpu("avx512-bf16"))  # where oneDNN is the choice
+    monkeypatch.delenv("DINO3_LINEAR", raising=False)
+    monkeypatch.delenv("DINO3_ONEDNN", raising=False)
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     assert layers._onednn_ok(x, w)
     assert not layers._onednn_ok(x, w.requires_grad_())
     with torch.no_grad():
         assert layers._onednn_ok(x, w)
-    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)  # what DINO3_ONEDNN=0 sets
+    monkeypatch.setenv("DINO3_ONEDNN", "0")
     with torch.no_grad():
         assert not layers._onednn_ok(x, w)

@@ -19,6 +19,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .weights.formats import LAYOUT_NAMES
     from .weights.hub import HubOptions, resolve, weights_summary
 
+    if args.system:
+        import json
+
+        from .system import format_report, report
+
+        facts = report()
+        print(json.dumps(facts, indent=2) if args.json else format_report(facts))
+        return EXIT_OK
     if args.model is None:
         print("known models (dino3 info NAME for one):")
         for p in all_presets():
@@ -126,6 +134,13 @@ def _layouts() -> tuple[str, ...]:
 def add_commands(commands: Any) -> None:
     info = commands.add_parser("info", help="describe a model (architecture, size, weights) without loading it")
     info.add_argument("model", nargs="?", help="preset name, hub id, checkpoint folder or weights file; none: list")
+    info.add_argument(
+        "--system",
+        action="store_true",
+        help="describe this machine instead: CPU features, torch and oneDNN, threads, which dtypes and backends are "
+        "fast or emulated here, the extras installed, GPUs (paste it into a bug report)",
+    )
+    info.add_argument("--json", action="store_true", help="with --system: print it as JSON")
     info.set_defaults(run=cmd_info)
 
     export = commands.add_parser(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import system
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -31,11 +32,11 @@ ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # -- linear layers through oneDNN on the CPU ---------------------------------------------------------
 # PyTorch sends fp32 F.linear on the CPU to MKL's GEMM plus a separate bias copy and activation pass.
 # oneDNN's matmul with the bias and activation fused as post-ops computes the same thing (the same
-# products and sums, in another accumulation order: float rounding apart, the numbers are equal) and
-# measures about 2x faster in fp32 on this project's AMD EPYC CPUs (benchmarks/RESULTS.md). It has no
-# autograd formula, so it is only used when no gradient is needed; set DINO3_ONEDNN=0 to turn it off.
-# It is chosen per call: no process-wide setting is read or changed.
-ONEDNN_LINEAR = os.environ.get("DINO3_ONEDNN", "1") != "0"
+# products and sums, in another accumulation order: float rounding apart, the numbers are equal). Which
+# of the two is faster depends on the CPU (oneDNN on AVX-512, MKL on AVX2) and whether it runs at all
+# on the dtype (oneDNN refuses bfloat16 without AVX-512): dino3.system.linear_kernel decides, per dtype,
+# for every call (DINO3_LINEAR overrides it). oneDNN's op has no autograd formula, so it is only used
+# when no gradient is needed. No process-wide setting is read or changed.
 _ONEDNN_POST_OPS = {
     None: ("none", ""),
     "gelu": ("gelu", "none"),  # exact (erf) GELU
@@ -48,19 +49,15 @@ _ONEDNN_POST_OPS = {
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        ONEDNN_LINEAR
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()  # export and torch.compile see plain F.linear
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype
         and weight.layout == torch.strided
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()  # export and torch.compile see plain F.linear
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and _HAS_ONEDNN
+        and system.linear_kernel(x.dtype) == "onednn"
     )
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import system
 from ..config import CONFIG_NAME, _Config
 from ..errors import CheckpointError, ConfigError
 from ..presets import Preset, get_preset, preset_for_meta_file
@@ -315,6 +316,9 @@ def load_pretrained(
         from ..quantization import quantize as quantize_model
 
         quantize_model(model, quantize)
+    note = system.precision_note(model.dtype, model.device)
+    if note is not None:
+        system.say_once(note)
     model.preset = found.preset
     model.name_or_path = str(name_or_path)
     model.source_layout = layout

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import system
 from ..config import _Config
 from ..errors import BackendError
 from .persize import PerSize
@@ -31,7 +32,7 @@ def compile_openvino(onnx_path: Path, precision: str, config: _Config, calibrati
     blobs = onnx_path.parent / f"openvino-{precision}"
     blobs.mkdir(exist_ok=True)
     core.set_property({"CACHE_DIR": str(blobs), "CACHE_MODE": "OPTIMIZE_SIZE"})
-    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == "bf16" and "bf16" not in system.openvino_precisions():
         raise BackendError("this CPU has no bfloat16 support in OpenVINO (needs AVX512-BF16 or AMX); use f32 or int8")
     source = str(onnx_path)
     if precision == "int8":
