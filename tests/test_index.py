@@ -27,7 +27,8 @@ import dino3.index
 from dino3.cli import main
 from dino3.errors import BadIndexError, ImageError, RunLockedError, UsageError
 from dino3.index import index as index_module
-from dino3.index import store
+from dino3.index import maintenance, store
+from dino3.recipe import DECIDING
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "examples" / "images"
@@ -244,14 +245,14 @@ def test_add_refuses_an_index_whose_files_all_vanished(built, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 import dino3.index
-from dino3.index import index as index_module, store
+from dino3.index import store, update as update_module
 point = sys.argv[3]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 if point == "in-transaction":  # after the rows were deleted and inserted, before the commit
     store.update_stats = die
 elif point == "after-commit":  # committed; the vector files not yet merged, garbage not yet collected
-    index_module._maintain = die
+    update_module.maintain = die
 dino3.index.open(sys.argv[1]).add([sys.argv[2]], progress=False)
 """
 
@@ -348,7 +349,7 @@ def synthetic(folder: Path, count: int, dim: int, settings: dict, seed: int = 0,
         path.write_bytes(f"{seed} {i}".encode())
         paths.append(str(path))
     out = folder.with_suffix(".npz")
-    meta = {key: settings[key] for key in index_module.DECIDING if key in settings}
+    meta = {key: settings[key] for key in DECIDING if key in settings}
     dino3.embed.write_embeddings(
         out, paths, list(vectors.astype(np.float32)), [(14, 14)] * count, {**meta, "model": settings["model"]}
     )
@@ -359,10 +360,10 @@ def synthetic(folder: Path, count: int, dim: int, settings: dict, seed: int = 0,
 def small_limits(monkeypatch):
     """Keep an approximate index from 1,000 vectors on, merge vector files from the third on, and
     search up to 10% of the images exactly beside the graph before they join it."""
-    monkeypatch.setattr(index_module, "EXACT_LIMIT", 64 * 999)
+    monkeypatch.setattr(maintenance, "EXACT_LIMIT", 64 * 999)
     monkeypatch.setattr(index_module, "DEDUP_EXACT_LIMIT", 100)
-    monkeypatch.setattr(index_module, "MAX_SEGMENTS", 2)
-    monkeypatch.setattr(index_module, "RECENT_FRACTION", 0.1)
+    monkeypatch.setattr(maintenance, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(maintenance, "RECENT_FRACTION", 0.1)
 
 
 def recall_at_10(index, queries) -> float:
@@ -480,7 +481,7 @@ def test_another_model_is_refused_with_the_reason(built, photos, tmp_path, capsy
     other = tmp_path / "other-model"
     assert main(["init-random", "vits16", str(other), "--seed", "1"]) == 0
     index = dino3.index.open(built)
-    with pytest.raises(UsageError, match="(?s)built with another model.*computes other numbers"):
+    with pytest.raises(UsageError, match="(?s)made with another model.*compute other numbers"):
         index.search(str(photos / "rocket.jpg"), k=1, model=dino3.load(other))
     small = dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128))
     with pytest.raises(UsageError, match="hidden_size: 384 -> 64"):
@@ -501,7 +502,7 @@ def test_another_model_is_refused_with_the_reason(built, photos, tmp_path, capsy
             main([*command, "--index", str(folder), "-q"])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert "built with another model" in err and "computes other numbers" in err
+        assert "made with another model" in err and "compute other numbers" in err
 
 
 def set_recorded_model(folder: Path, model: str) -> None:

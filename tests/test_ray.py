@@ -1,9 +1,11 @@
 """`dino3 embed --engine ray` and dino3.ray.embed on a local Ray (started here, 2 CPUs, and stopped):
-the rows equal the local job's; broken files are named; a killed driver resumes; a killed worker is
-replaced and the output is whole; and every mistake is a clear error."""
+the rows equal the local job's; the output folder is a Parquet dataset that the field's readers read
+as it is, failures never among its rows; broken files are named; a killed driver resumes; a killed
+worker is replaced and the output is whole; and every mistake is a clear error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -51,16 +53,45 @@ def test_rows_equal_the_local_job_and_failures_are_named(local_ray, checkpoint, 
     )
     a, b = dino3.embed.read_embeddings(distributed), dino3.embed.read_embeddings(local)
     assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
-    import pyarrow.parquet as pq
-
-    failures = pq.read_table(distributed / "failures.parquet").to_pylist()
-    assert [Path(f["path"]).name for f in failures] == ["broken.jpg"] and "broken.jpg" in failures[0]["reason"]
-    table = pq.read_table(next((distributed / "shard-00000").glob("*.parquet")))
-    assert str(table.schema.field("features").type).startswith("fixed_size_list")
-    assert b"dino3" in table.schema.metadata
+    assert a.meta["model_fingerprint"] == b.meta["model_fingerprint"] and a.meta["recipe"] == b.meta["recipe"]
+    failures = (tmp_path / "ray.failures.tsv").read_text().splitlines()
+    assert len(failures) == 1 and Path(failures[0].split("\t")[0]).name == "broken.jpg"
+    assert "broken.jpg" in failures[0].split("\t")[1]
     ds = dino3.ray.embed([str(p) for p in sorted(folder.glob("0*"))][:3], str(checkpoint), pool="cls+mean")
     rows = ds.take_all()
     assert len(rows) == 3 and np.abs(np.asarray(rows[0]["features"]) - b.features[0]).max() <= 1e-5
+
+
+def test_the_output_folder_is_a_dataset_every_reader_reads(local_ray, checkpoint, tmp_path):
+    """The bug this pins: pandas, pyarrow and polars failed on the folder's manifest.json, and
+    failures.parquet (another schema) sat among the data, so Ray Data returned the failed paths with
+    null features and DuckDB's and polars' globs failed. Each reader gets exactly the good rows."""
+    import duckdb
+    import pandas
+    import polars
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    folder = inputs(tmp_path / "in", 6)
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "ray"
+    common = ["-m", str(checkpoint), "-q", "--engine", "ray", "--ray-shard-size", "4"]
+    assert main(["embed", str(folder), "-o", str(out), *common]) == 3
+    good = sorted(str(p) for p in folder.glob("0*"))
+    frame = pandas.read_parquet(out)
+    assert sorted(frame["path"]) == good
+    assert sorted(pads.dataset(out).to_table().column("path").to_pylist()) == good
+    assert sorted(pq.read_table(out).column("path").to_pylist()) == good
+    assert sorted(polars.read_parquet(out)["path"].to_list()) == good
+    assert sorted(polars.read_parquet(f"{out}/*.parquet")["path"].to_list()) == good
+    assert sorted(r["path"] for r in ray.data.read_parquet(str(out)).take_all()) == good
+    rows = duckdb.sql(f"SELECT path, features FROM read_parquet('{out}/*.parquet')").fetchall()
+    assert sorted(r[0] for r in rows) == good
+    same = duckdb.sql(
+        f"SELECT min(list_cosine_similarity(features, features)) FROM read_parquet('{out}/*.parquet')"
+    ).fetchall()[0][0]
+    assert abs(same - 1) < 1e-5
+    assert all(name.startswith("shard-") and name.endswith(".parquet") for name in os.listdir(out))
 
 
 def test_a_killed_worker_is_replaced_and_the_output_is_whole(local_ray, checkpoint, tmp_path):
@@ -108,11 +139,11 @@ def test_resume_after_the_driver_is_killed(checkpoint, tmp_path):
     # machine would, instead of leaving that Ray's workers busy beside the tests that come next
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (out / "shard-00000" / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
+    while not (out / "shard-00000.parquet").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = sorted(p.name for p in out.glob("shard-*"))
+    done = sorted(p.name for p in out.glob("shard-*.parquet"))
     assert done and len(done) < 4, done
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -137,7 +168,7 @@ def test_mistakes_get_clear_errors(local_ray, checkpoint, tmp_path, capsys):
         main(["embed", str(table), "-o", str(out), *args])
     with pytest.raises(SystemExit) as e:  # resuming another job's folder
         main(["embed", str(table), "-o", str(out), *args, "--resume", "--pool", "mean"])
-    assert "holds another job's shards" in capsys.readouterr().err
+    assert "pool" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["embed", str(table), "-o", str(tmp_path / "f.npz"), *args, "--shard", "0/2"])
     if ray.is_initialized():
@@ -147,3 +178,48 @@ def test_mistakes_get_clear_errors(local_ray, checkpoint, tmp_path, capsys):
         assert status == 1 and "cannot reach the Ray cluster" in capsys.readouterr().err
     finally:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+def test_overwrite_never_empties_a_folder_that_is_not_a_dino3_output(local_ray, checkpoint, tmp_path, capsys):
+    """The bug this pins: --overwrite deleted any non-empty folder given as -o (precious.txt and sub/
+    were gone before Ray started). Only a dino3 output's own files are replaced."""
+    folder = inputs(tmp_path / "in", 2)
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(folder), "-o", str(out), "-m", str(checkpoint), "-q", "--engine", "ray", "--overwrite"])
+    assert e.value.code == 2 and "holds no dino3 embeddings dataset" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me" and (out / "sub").is_dir()
+
+
+def test_resume_is_refused_when_the_weights_changed(local_ray, checkpoint, tmp_path, capsys):
+    """The bug this pins: resuming after the weights at the same model path changed gave exit 0 and
+    shards from two models, every shard's metadata naming the same one."""
+    from helpers import save_small_vit
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    folder = inputs(tmp_path / "in", 4)
+    out = tmp_path / "ray"
+    args = ["-m", str(model), "-q", "--engine", "ray", "--ray-shard-size", "2"]
+    assert main(["embed", str(folder), "-o", str(out), *args]) == 0
+    manifest = json.loads((tmp_path / "ray.manifest.json").read_text())
+    del manifest["shards"]["1"]  # as if the job had been killed after its first shard
+    (tmp_path / "ray.manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(model)
+    save_small_vit(model, seed=7)  # new weights where the old ones were
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(folder), "-o", str(out), *args, "--resume"])
+    assert e.value.code == 2 and "weights" in capsys.readouterr().err
+
+
+def test_two_jobs_on_one_output_are_refused(checkpoint, tmp_path):
+    """The lock the local job has: a second job on the same folder is refused at once."""
+    from dino3.embed.store import RunLock
+    from dino3.errors import RunLockedError
+
+    folder = inputs(tmp_path / "in", 2)
+    out = tmp_path / "ray"
+    with RunLock(out), pytest.raises(RunLockedError):
+        dino3.embed.run([str(folder)], str(checkpoint), out, engine="ray", progress=False)

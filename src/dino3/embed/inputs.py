@@ -1,10 +1,15 @@
-"""What a job's inputs name: files, folders, globs, list files and URLs -> the image paths, in order.
+"""What a job's inputs name: files, folders, globs, list files, tables, URLs and object storage -> the
+image paths, in order. Both engines of the embed job (local and Ray) take their inputs from here.
 
 Folders are searched recursively (symbolic links to folders followed, each real folder once) for
 files with an image suffix; list files (.txt, .lst, .list) hold one path or URL per line, relative
-to the list file. Order: as given, folders and globs sorted. What is found but cannot be an input (a
-dangling link, a pipe, a name that is not UTF-8) is listed in `skipped` with the reason, never
-dropped without a word; a path or pattern that names nothing is a UsageError before any work starts.
+to the list file; tables (.parquet, .csv) hold them in a `path` (or `uri`, `url`) column; object
+storage (s3://, gs://, ... through pyarrow's file systems) is listed like a folder. Local paths come
+out absolute, so that an output names its images from any working folder and a resumed job from
+another folder cannot mix two sets of images. Order: as given, folders and globs sorted. What is
+found but cannot be an input (a dangling link, a pipe, a name that is not UTF-8) is listed in
+`skipped` with the reason, never dropped without a word; a path or pattern that names nothing is a
+UsageError before any work starts.
 
 Videos (.mp4 .mov .avi .webm .mkv) are inputs when `video` says which frames to take: each becomes
 its frames' names (`clip.mp4#t=12.480`, see dino3.video), listed from the file's packets; a video
@@ -25,7 +30,9 @@ from ..video import VIDEO_SUFFIXES, Sampling, is_video, list_frames
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
+TABLE_SUFFIXES = {".parquet", ".csv"}
 URL_PREFIXES = ("http://", "https://")
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")  # object storage, through pyarrow
 
 
 @dataclass
@@ -53,15 +60,21 @@ def expand_inputs(items: list[str], suffixes: set[str] = IMAGE_SUFFIXES, video: 
         if item.startswith(URL_PREFIXES):
             found.paths.append(item)
             continue
-        path = Path(item).expanduser()
+        if item.startswith(URI_SCHEMES):
+            found.paths.extend(_list_uri(item, suffixes))
+            continue
+        path = Path(os.path.abspath(os.path.expanduser(item)))
         if path.is_dir():
             _walk(path, suffixes, found, video)
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             _read_list(path, found, video)
+        elif path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+            for name in read_table_inputs(path):
+                _add_listed(name, path.parent, found, video)
         elif path.exists() or path.is_symlink():
             _add_file(path, found, video)
         elif glob.has_magic(item):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            matches = sorted(os.path.abspath(m) for m in glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
                 raise UsageError(f"{item}: the pattern matches no file")
             for match in matches:
@@ -136,13 +149,59 @@ def _read_list(path: Path, found: Inputs, video: Sampling | None = None) -> None
         raise UsageError(f"{path}: a list file must be UTF-8 text ({e.reason} at byte {e.start})") from None
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name = line if line.startswith(URL_PREFIXES) or os.path.isabs(line) else str(path.parent / line)
-        if video is not None and is_video(name) and os.path.isfile(name):
-            _add_video(name, found, video)
-        else:
-            found.paths.append(name)
+        if line and not line.startswith("#"):
+            _add_listed(line, path.parent, found, video)
+
+
+def _add_listed(name: str, base: Path, found: Inputs, video: Sampling | None) -> None:
+    """A name from a list file or table: a URL or URI as it is, a path relative to the list's folder."""
+    if not name.startswith(URL_PREFIXES + URI_SCHEMES):
+        name = os.path.abspath(base / name)
+    if video is not None and is_video(name) and os.path.isfile(name):
+        _add_video(name, found, video)
+    else:
+        found.paths.append(name)
+
+
+def read_table_inputs(path: str | os.PathLike) -> list[str]:
+    """The `path` (or `uri`, `url`) column of a Parquet or CSV table of inputs."""
+    try:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"{path}: reading a table of inputs needs pyarrow: pip install 'dino3[parquet]'") from None
+    try:
+        table = pq.read_table(path) if str(path).endswith(".parquet") else pacsv.read_csv(path)
+    except Exception as e:  # noqa: BLE001  (pyarrow raises its own kinds)
+        raise UsageError(f"{path}: not a readable table of inputs ({type(e).__name__}: {e})") from None
+    for name in ("path", "uri", "url"):
+        if name in table.column_names:
+            return [str(v) for v in table.column(name).to_pylist() if v]
+    raise UsageError(f"{path}: the table has no path column (found {table.column_names}); name it 'path'")
+
+
+def _list_uri(uri: str, suffixes: set[str]) -> list[str]:
+    """An object-storage URI: itself if it names an object, else the images under it as a prefix."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise UsageError(f"{uri}: object storage is read through pyarrow: pip install 'dino3[parquet]'") from None
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(inner)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{uri}: cannot be listed ({type(e).__name__}: {e})") from None
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound:
+        raise UsageError(f"{uri}: no such object or prefix")
+    scheme = uri.split("://", 1)[0] + "://"
+    files = filesystem.get_file_info(pafs.FileSelector(inner, recursive=True))
+    return sorted(scheme + f.path for f in files if f.type == pafs.FileType.File and _suffix(f.path) in suffixes)
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
 
 
 def _is_utf8(text: str) -> bool:

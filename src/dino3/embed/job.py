@@ -1,17 +1,23 @@
-"""The embed job as a library: many images -> one embeddings file, resumable, never losing work.
+"""The embed job as a library: many images -> one embeddings output, resumable, never losing work.
 
     result = dino3.embed.run(["photos/"], model="vits16", output="features.npz", pool="cls+mean")
+    result = dino3.embed.run(["s3://bucket/photos/"], recipe=recipe, output="features/", engine="ray")
 
-Every option is checked before any state is created and before the model is loaded; the output is
-locked for the job's lifetime; progress is saved every `checkpoint_every` images (see store.py), so
-that `resume=True` continues an interrupted job and writes the same file an uninterrupted one would
-have; an image that cannot be embedded is listed with its reason and the job goes on.
+One runner, two engines. Both take their inputs from one lister (inputs.py), make their features by
+one recipe (dino3.recipe: checked before any state is created and before the model is loaded), record
+the recipe's description in the output, lock the output for the job's lifetime, refuse to resume when
+anything that decides the numbers changed, and list each image that could not be embedded, with its
+reason, while the job goes on.
+
+- "local": this machine; one file (.npz, .npy, .safetensors, .parquet; writers.py). Progress is saved
+  every `checkpoint_every` images (store.py), so that `resume=True` continues an interrupted job and
+  writes the file an uninterrupted one would have.
+- "ray": Ray Data (dino3.integrations.ray, many machines); a folder that is a Parquet dataset, saved
+  shard by shard (ray_job.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
@@ -20,16 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .._io import atomic_write_text, escape_field
 from .._version import __version__
 from ..errors import UsageError
-from ..features import Layers, check_layers, check_pool, extract, parse_layers
+from ..features import Layers
+from ..recipe import Recipe, digest, model_name
 from ..video import Sampling, frame_sources
 from .inputs import Inputs, expand_inputs
 from .store import Chunk, RunLock, Store, input_stat
-from .writers import check_output, sidecars, write_embeddings
+from .writers import check_output, sidecars, write_embeddings, write_failures
 
 
 @dataclass
@@ -41,6 +45,21 @@ class EmbedResult:
     seconds: float
     ignored: int  # files in the folders without an image suffix
     notes: list[str] = field(default_factory=list)
+    startup_seconds: float = 0.0  # the Ray engine's start-up (connecting or starting Ray)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how the Ray engine runs (`engine="ray"`)."""
+
+    address: str | None = None  # a cluster's address; None: a local Ray
+    concurrency: int | None = None  # model actors (default 1)
+    shard_size: int = 1024  # images per shard: the unit of resumption
+    threads: int | None = None  # torch threads of each model actor
+    num_gpus: float | None = None  # per actor; None: 1 where the cluster has GPUs
+
+
+ENGINES = ("local", "ray")
 
 
 def _positive(name: str, value: Any, zero_ok: bool = False) -> int:
@@ -52,9 +71,11 @@ def _positive(name: str, value: Any, zero_ok: bool = False) -> int:
 
 def run(
     inputs: Sequence[str] | Inputs,
-    model: str | os.PathLike,
-    output: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
     *,
+    recipe: Recipe | None = None,
+    engine: str = "local",
     pool: str = "cls",
     layers: Layers | str = None,
     size: int = 224,
@@ -79,59 +100,85 @@ def run(
     shard: tuple[int, int] | str | None = None,
     load: Callable[..., Any] | None = None,
     video: Sampling | None = None,
+    ray: RayOptions | None = None,
 ) -> EmbedResult:
-    """Embed images into one file; see the module docstring and `dino3 embed --help`. Videos among
-    the inputs give their frames, as `video` samples them (default: every frame)."""
-    from ..api import load as default_load
-    from ..errors import BackendError
-    from ..models.pretrained import resolve_device, resolve_dtype
-    from ..processing import MAX_SIDE, DINOv3ViTImageProcessor
-    from ..quantization import check_mode
-    from ..runtime import check_backend
-
+    """Embed images into one output; see the module docstring and `dino3 embed --help`. How the
+    features are made is `recipe` (a dino3.recipe.Recipe), or the model and options given here.
+    engine="local" writes one file (.npz, .npy, .safetensors, .parquet) on this machine; engine="ray"
+    a folder that is a Parquet dataset, on Ray Data (`ray` says where and how). Videos among the
+    inputs give their frames, as `video` samples them (local engine; default: every frame)."""
     # -- everything the job needs is checked before anything is created or loaded ---------------------
-    try:
-        check_pool(pool)
-        layers = parse_layers(layers) if isinstance(layers, str) else layers
-        _positive("batch_size", batch_size)
-        _positive("workers", workers, zero_ok=True)
-        _positive("checkpoint_every", checkpoint_every)
-        precision = check_backend(backend, precision, calibration)
-        if backend != "torch" and (dtype not in (None, "float32") or quantize is not None):
-            raise UsageError(
-                "with a runtime backend, choose the precision with precision= (--precision f32, bf16, int8)"
-            )
-        if backend != "torch" and layers is not None:
-            raise UsageError("layers need the torch backend (the exported graph returns the final tokens)")
-        dtype = resolve_dtype(dtype, allow_auto=False)
-        resolve_device(device)
-        if quantize is not None:
-            check_mode(quantize)
-        if keep_aspect is None and (target is not None or fit is not None):
-            raise UsageError("target and fit apply with keep_aspect ('shorter' or 'longer'); give keep_aspect too")
-        processing = {"jpeg_draft": jpeg_draft, "max_side": max_side or MAX_SIDE}
-        if keep_aspect is not None:
-            processing.update(keep_aspect=keep_aspect, target_size=target, fit=fit or "crop")
-        else:
-            processing["size"] = {"height": size, "width": size}
-        DINOv3ViTImageProcessor(**processing)  # validates sizes (ConfigError) before any work
-        shard = parse_shard(shard)
-        if video is not None and not isinstance(video, Sampling):
-            raise UsageError(f"video must be a dino3.video.Sampling, got {type(video).__name__}")
-    except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
-        raise UsageError(str(e)) from None
-    output = check_output(output, may_be_ragged=pool == "patches" and keep_aspect is not None)
-    store_folder = output.with_name(output.name + ".partial")
+    if engine not in ENGINES:
+        raise UsageError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if recipe is None:
+        if model is None:
+            raise UsageError("give the model (or a recipe)")
+        if calibration is not None:
+            calibration = expand_inputs([os.fspath(c) for c in calibration]).paths
+        recipe = Recipe(
+            os.fspath(model),
+            pool=pool,
+            layers=layers,
+            size=size,
+            keep_aspect=keep_aspect,
+            target=target,
+            fit=fit,
+            max_side=max_side,
+            jpeg_draft=jpeg_draft,
+            dtype=dtype,
+            quantize=quantize,
+            backend=backend,
+            precision=precision,
+            calibration=calibration,
+        )
+    elif model is not None and model_name(model) != recipe.model:
+        raise UsageError(f"model {model} and the recipe's model {recipe.model} differ; give one of them")
+    if output is None:
+        raise UsageError("give the output")
+    _positive("batch_size", batch_size)
+    _positive("workers", workers, zero_ok=True)
+    _positive("checkpoint_every", checkpoint_every)
+    if device is not None:
+        from ..models.pretrained import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if video is not None and not isinstance(video, Sampling):
+        raise UsageError(f"video must be a dino3.video.Sampling, got {type(video).__name__}")
     if resume and overwrite:
         raise UsageError("resume and overwrite contradict each other; choose one")
+    if engine == "ray":
+        if shard is not None or device is not None or video is not None:
+            raise UsageError("shard, device and video sampling are for the local engine (Ray places and splits work)")
+        from .ray_job import run_on_ray
+
+        done = run_on_ray(
+            inputs, recipe, output, ray or RayOptions(), batch_size, resume, overwrite, check_hash, progress, load
+        )
+        folder, count, failures, seconds, ignored, notes, startup = done
+        return EmbedResult(folder, count, count, failures, seconds, ignored, notes, startup_seconds=startup)
+    if ray is not None:
+        raise UsageError("ray options are for engine='ray'")
+    return _run_local(
+        inputs, recipe, output, device, batch_size, workers, checkpoint_every, resume, overwrite, check_hash,
+        progress, parse_shard(shard), load, video,
+    )  # fmt: skip
+
+
+def _run_local(
+    inputs, recipe, output, device, batch_size, workers, checkpoint_every, resume, overwrite, check_hash, progress,
+    shard, load, video,
+) -> EmbedResult:  # fmt: skip
+    output = check_output(output, may_be_ragged=recipe.ragged)
+    store_folder = output.with_name(output.name + ".partial")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} exists; pass --overwrite to replace it")
     if store_folder.exists() and not (resume or overwrite):
         raise UsageError(
             f"{store_folder} holds an interrupted run: pass --resume to continue it, or --overwrite to start over"
         )
-    if calibration is not None:
-        calibration = expand_inputs(list(calibration)).paths
     found = inputs if isinstance(inputs, Inputs) else expand_inputs(list(inputs), video=video or Sampling())
     if not found.paths:
         raise UsageError(found.none_found())
@@ -141,7 +188,7 @@ def run(
         total = len(found.paths)
         begin, end = index * total // count, (index + 1) * total // count
         shard_meta = {"index": index, "count": count, "begin": begin, "end": end, "total": total}
-        shard_meta["inputs_sha256"] = _digest(found.paths)
+        shard_meta["inputs_sha256"] = digest(found.paths)
         paths = found.paths[begin:end]
         found = Inputs(paths, found.skipped if index == 0 else [], found.ignored if index == 0 else 0)
         if not paths:
@@ -150,31 +197,11 @@ def run(
     started = time.perf_counter()
     with RunLock(output):
         # -- the model (a typo or a missing extra fails here, and leaves nothing behind) ------------------
-        load = load or default_load
-        options: dict[str, Any] = {"check_hash": check_hash}
-        if backend == "torch":
-            options.update(dtype=dtype, device=device, quantize=quantize)
-        else:
-            options.update(backend=backend, precision=precision, calibration=calibration)
-        loaded = load(model, **options)
-        layers = check_layers(layers, loaded)
-        processor = DINOv3ViTImageProcessor.for_model(loaded, **processing)
-        settings = {
-            "model": model_name(model),
-            "model_identity": model_identity(loaded),
-            "model_fingerprint": model_fingerprint(loaded),
-            "pool": pool,
-            "layers": layers,
-            "dtype": str(dtype).removeprefix("torch."),
-            "quantize": quantize,
-            "backend": backend,
-            "precision": precision if backend != "torch" else None,
-            "calibration": _digest([str(c) for c in calibration]) if calibration else None,
-            "processor": processor.to_dict(),
-        }
+        made = recipe.load(device=device, check_hash=check_hash, load=load)
+        settings = made.describe()
         if shard_meta is not None:
             settings["shard"] = shard_meta
-        store = Store(output, {**settings, "inputs_sha256": _digest(paths), "count": len(paths)})
+        store = Store(output, {**settings, "inputs_sha256": digest(paths), "count": len(paths)})
         notes: list[str] = []
         chunks: list[Chunk] = []
         if overwrite:
@@ -187,10 +214,10 @@ def run(
         done = set().union(*(c.covered for c in chunks)) if chunks else set()
         todo = [i for i in range(len(paths)) if i not in done]
         chunk_size = max(1, checkpoint_every // batch_size) * batch_size
-        bar = _progress(len(paths), len(paths) - len(todo), progress)
+        bar = progress_bar(len(paths), len(paths) - len(todo), progress)
         computed = 0
         try:
-            for chunk in _embed(loaded, processor, paths, todo, pool, layers, batch_size, workers, chunk_size, bar):
+            for chunk in _embed(made, paths, todo, batch_size, workers, chunk_size, bar):
                 store.save(chunk)
                 chunks.append(chunk)
                 computed += len(chunk.indices)
@@ -210,17 +237,12 @@ def run(
         )
         failed = sorted(failures)
         report = [(paths[i], reason) for i, reason in failed] + list(found.skipped)
-        failures_file = sidecars(output)[0]
-        if report:
-            lines = "".join(f"{escape_field(p)}\t{escape_field(r)}\n" for p, r in report)
-            atomic_write_text(failures_file, lines)
-        elif failures_file.exists():
-            failures_file.unlink()  # from an earlier run: this one has no failures
+        write_failures(sidecars(output)[0], report)
         store.clear()
     return EmbedResult(output, len(order), computed, report, time.perf_counter() - started, found.ignored, notes)
 
 
-def _embed(model, processor, paths, todo, pool, layers, batch_size, workers, chunk_size, bar):
+def _embed(made, paths, todo, batch_size, workers, chunk_size, bar):
     """The inputs `todo` through one stream of batches (the decoding never pauses between chunks),
     given back as chunks of about chunk_size images each, to be saved as they come."""
     from ..pipeline import iter_batches
@@ -237,8 +259,8 @@ def _embed(model, processor, paths, todo, pool, layers, batch_size, workers, chu
         bar.update(1)
 
     with frame_sources([paths[i] for i in todo]) as sources:  # video frames are decoded as they are read
-        for batch in iter_batches(sources, processor, batch_size, workers, on_error=failed):
-            values, grid = extract(model, batch.pixel_values, pool, layers)
+        for batch in iter_batches(sources, made.processor, batch_size, workers, on_error=failed):
+            values, grid = made.features(batch.pixel_values)
             values = values.float().cpu().numpy()
             for row, position in enumerate(batch.indices):
                 index = todo[position]
@@ -270,63 +292,6 @@ def parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def model_identity(model: Any) -> dict[str, Any]:
-    """What says which weights and architecture a loaded model has: its config and the size and
-    modification time of each weight file (new weights in the same folder count as another model)."""
-    files = []
-    for file in getattr(model, "weight_files", None) or []:
-        size, mtime = input_stat(file)
-        files.append([os.path.realpath(file), size, mtime])
-    return {
-        "config": model.config.to_dict(),
-        "weight_files": files,
-        "quantization": getattr(model, "quantization", None),
-    }
-
-
-def model_name(model: Any) -> str:
-    """How a model is recorded: a local folder or file by its absolute path (so that the record still
-    names it from another working folder), a preset or hub id as given."""
-    text = os.fspath(model) if isinstance(model, (str, os.PathLike)) else str(model)
-    local = Path(text).expanduser()
-    return str(local.resolve()) if local.exists() else text
-
-
-FINGERPRINT_SIZE = 32  # values kept of each patch's features
-FINGERPRINT_COSINE = 0.99  # the least cosine of the same weights' fingerprints (bf16, int8, runtimes pass)
-
-
-def model_fingerprint(model: Any) -> list[float]:
-    """What the model computes, in a few numbers: the first values of each patch's last-layer
-    features for a fixed 64 x 64 input (the patches, not the CLS token: models that differ little in
-    their pooled output still differ there). The same weights give the same numbers wherever the
-    files lie (a copied, moved or touched folder is the same model); other weights give others.
-    Compare with same_fingerprint."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 64, 64, generator=generator)  # 64: a multiple of 16 (ViT) and 32 (ConvNeXt)
-    with torch.inference_mode():
-        grid, _ = extract(model, pixels, "patches")  # (1, h, w, D)
-    values = grid.reshape(-1, grid.shape[-1])[:, :FINGERPRINT_SIZE].float().cpu().reshape(-1)
-    return [round(float(v), 5) for v in values]
-
-
-def same_fingerprint(recorded: Sequence[float], found: Sequence[float]) -> bool:
-    """Whether two fingerprints come from the same weights: cosine >= FINGERPRINT_COSINE, which the
-    same weights reach in another dtype, quantized, compiled or on another device, and other weights
-    do not (the same test as the foreground classifier's, dino3.dense.model_probe)."""
-    a, b = np.asarray(recorded, dtype=np.float64), np.asarray(found, dtype=np.float64)
-    if a.shape != b.shape or not np.isfinite(a).all() or not np.isfinite(b).all():
-        return False
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return norms > 0 and float(a @ b) / norms >= FINGERPRINT_COSINE
-
-
-def _digest(items: list[str]) -> str:
-    return hashlib.sha256(json.dumps(items).encode("utf-8", "surrogateescape")).hexdigest()
-
-
 class _NoProgress:
     def update(self, n: int) -> None:
         pass
@@ -335,11 +300,11 @@ class _NoProgress:
         pass
 
 
-def _progress(total: int, done: int, show: bool):
+def progress_bar(total: int, done: int, show: bool, what: str = "embedding"):
     if not show:
         return _NoProgress()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
         return _NoProgress()
-    return tqdm(total=total, initial=done, unit="img", desc="embedding", file=sys.stderr, smoothing=0.1)
+    return tqdm(total=total, initial=done, unit="img", desc=what, file=sys.stderr, smoothing=0.1)

@@ -8,8 +8,10 @@ patch grid, and the settings that made them (`meta`):
 - `.npy`: the features array, with `NAME.paths.txt` (one path per line; backslash, tab and newline
   escaped as \\\\, \\t, \\n) and `NAME.meta.json` beside it;
 - `.safetensors`: tensors `features`, `grid_sizes` (and `offsets`), paths and meta in the metadata;
-- `.parquet`: one row per image: `path`, `features` (flat float32 list), `shape`, `grid_h`, `grid_w`;
-  meta in the schema metadata.
+- `.parquet`: one row per image: `path`, `features` (the flat float32 values: a fixed-size list when
+  every image has as many, as DuckDB's array functions and Arrow's tensors want; a list otherwise),
+  `shape`, `grid_h`, `grid_w`; meta in the schema metadata ("dino3"). The Ray engine writes the same
+  schema, in a folder of such files (`PARQUET_SCHEMA`; read_embeddings reads a file or a folder).
 
 Patch grids of different sizes (the aspect-preserving mode) are stored as the rows of all images one
 after the other, `offsets[i]:offsets[i+1]` being image i's. Nothing is pickled; every file is
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,43 @@ from .._io import atomic_path, atomic_write_text, escape_field, unescape_field
 from ..errors import UsageError
 
 OUTPUT_SUFFIXES = (".npz", ".npy", ".safetensors", ".parquet")
+
+# The Ray engine's output: a folder of Parquet files and nothing else (polars refuses a folder that
+# holds any other file, hidden or not), with its manifest and failures beside it (ray_job.py).
+DATASET_FORMAT = "dino3-embeddings-dataset"
+SHARD_FILE = re.compile(r"shard-(\d{5})\.parquet")
+
+
+def shard_file(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def manifest_path(folder: Path) -> Path:
+    """Where a Ray engine output folder's manifest lies: beside it, `OUT.manifest.json`."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".manifest.json")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a Ray engine output folder, or a UsageError that says what the folder is not."""
+    path = manifest_path(folder)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(
+            f"{folder}: a folder, but no dino3 embeddings dataset (there is no {path.name} beside it)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({e}); embed again with --overwrite") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT or "dino3" not in manifest:
+        raise UsageError(f"{path} is not a dino3 embeddings dataset's manifest")
+    return manifest
+
+
+def dataset_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The Parquet files of the shards done, in input order."""
+    done = sorted(int(k) for k in manifest["shards"])
+    return [str(Path(folder) / shard_file(k)) for k in done if manifest["shards"][str(k)]["rows"]]
 
 
 @dataclass
@@ -79,10 +119,21 @@ def check_output(path: str | os.PathLike, may_be_ragged: bool = False) -> Path:
 
 
 def sidecars(path: str | os.PathLike) -> list[Path]:
-    """The files beside an output that belong to it."""
+    """The files beside an output that belong to it (the failures first)."""
     path = Path(path)
     names = [".failures.tsv"] + ([".paths.txt", ".meta.json"] if path.suffix.lower() == ".npy" else [])
+    if not path.suffix:  # a Ray engine output folder
+        names.append(".manifest.json")
     return [path.with_name(path.name + n) for n in names]
+
+
+def write_failures(path: Path, report: list[tuple[str, str]]) -> None:
+    """The inputs that could not be embedded, a `path<TAB>reason` line each (names escaped as in
+    .paths.txt); no file when there are none (one left by an earlier run is removed)."""
+    if report:
+        atomic_write_text(path, "".join(f"{escape_field(p)}\t{escape_field(r)}\n" for p, r in report))
+    elif path.exists():
+        path.unlink()
 
 
 def write_embeddings(
@@ -136,27 +187,60 @@ def write_embeddings(
         atomic_write_text(sidecars(path)[2], json.dumps({**meta, "grid_sizes": grid_sizes.tolist()}) + "\n")
 
 
-def _write_parquet(tmp: Path, paths, features, grid_sizes, meta) -> None:
+def parquet_table(paths: list[str], features: list[np.ndarray], grid_sizes: np.ndarray, meta: dict[str, Any]):
+    """The one Parquet schema of every engine's output (module docstring)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    sizes = {int(f.size) for f in features}
+    flat = np.concatenate([f.reshape(-1) for f in features]).astype(np.float32, copy=False) if features else None
+    if len(sizes) == 1:
+        column = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), sizes.pop())
+    else:
+        offsets = np.concatenate([[0], np.cumsum([f.size for f in features])]).astype(np.int32)
+        values = flat if flat is not None else np.zeros(0, np.float32)
+        column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.float32()))
     table = pa.table(
         {
             "path": pa.array(paths, pa.string()),
-            "features": pa.array([f.reshape(-1) for f in features], pa.list_(pa.float32())),
+            "features": column,
             "shape": pa.array([list(f.shape) for f in features], pa.list_(pa.int64())),
-            "grid_h": pa.array(grid_sizes[:, 0], pa.int64()),
-            "grid_w": pa.array(grid_sizes[:, 1], pa.int64()),
+            "grid_h": pa.array(np.asarray(grid_sizes).reshape(-1, 2)[:, 0], pa.int64()),
+            "grid_w": pa.array(np.asarray(grid_sizes).reshape(-1, 2)[:, 1], pa.int64()),
         }
     )
-    pq.write_table(table.replace_schema_metadata({"dino3": json.dumps(meta)}), tmp)
+    return table.replace_schema_metadata({"dino3": json.dumps(meta)})
+
+
+def _write_parquet(tmp: Path, paths, features, grid_sizes, meta) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(parquet_table(paths, features, grid_sizes, meta), tmp)
+
+
+def _from_table(table, meta: dict[str, Any]) -> Embeddings:
+    """Embeddings from rows of the Parquet schema."""
+    shapes = table.column("shape").to_pylist()
+    column = table.column("features").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    paths = table.column("path").to_pylist()
+    grids = np.stack([table.column("grid_h").to_numpy(), table.column("grid_w").to_numpy()], axis=1).reshape(-1, 2)
+    sizes = [int(np.prod(s)) for s in shapes]
+    if len({tuple(s) for s in shapes}) <= 1:  # one shape: one array
+        shape = tuple(shapes[0]) if shapes else (0,)
+        return Embeddings(paths, values.reshape(len(paths), *shape) if shapes else values, grids, meta)
+    offsets_values = np.concatenate([[0], np.cumsum(sizes)])
+    items = [values[a:b].reshape(s) for a, b, s in zip(offsets_values[:-1], offsets_values[1:], shapes)]
+    counts = [int(f.shape[0] * f.shape[1]) for f in items]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    array = np.concatenate([f.reshape(c, *f.shape[2:]) for f, c in zip(items, counts)])
+    return Embeddings(paths, array, grids, meta, offsets)
 
 
 def read_embeddings(path: str | os.PathLike) -> Embeddings:
     """An embeddings file written by `dino3 embed`, in any of its formats."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir() and list(path.glob("shard-*/*.parquet")):
+    if path.is_dir():
         return _read_parquet_folder(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such embeddings file")
@@ -195,45 +279,19 @@ def read_embeddings(path: str | os.PathLike) -> Embeddings:
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
-            shapes = table.column("shape").to_pylist()
-            flat = table.column("features").to_pylist()
-            features = [np.asarray(v, np.float32).reshape(s) for v, s in zip(flat, shapes)]
-            grids = np.stack([table.column("grid_h").to_numpy(), table.column("grid_w").to_numpy()], axis=1)
-            meta = json.loads((table.schema.metadata or {}).get(b"dino3", b"{}"))
-            ragged = len({f.shape for f in features}) > 1
-            if ragged:
-                counts = [int(f.shape[0] * f.shape[1]) for f in features]
-                offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-                array = np.concatenate([f.reshape(c, *f.shape[2:]) for f, c in zip(features, counts)])
-                return Embeddings(table.column("path").to_pylist(), array, grids, meta, offsets)
-            array = np.stack(features) if features else np.zeros((0,), np.float32)
-            return Embeddings(table.column("path").to_pylist(), array, grids, meta)
+            return _from_table(table, json.loads((table.schema.metadata or {}).get(b"dino3", b"{}")))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{path}: not a readable dino3 embeddings file ({type(e).__name__}: {e})") from None
     raise UsageError(f"{path}: the suffix must be one of {', '.join(OUTPUT_SUFFIXES)}")
 
 
 def _read_parquet_folder(folder: Path) -> Embeddings:
-    """The rows of a `dino3 embed --engine ray` folder (its shards, in order; failed rows left out)."""
+    """The rows of a `dino3 embed --engine ray` folder: its Parquet files, in input order."""
+    manifest = read_manifest(folder)
     import pyarrow.dataset as pads
 
-    files = sorted(str(f) for f in folder.glob("shard-*/*.parquet"))
-    table = pads.dataset(files, format="parquet").to_table()
-    errors = table.column("error").to_pylist()
-    keep = [i for i, e in enumerate(errors) if not e]
-    shapes = table.column("shape").to_pylist()
-    flat = table.column("features").to_pylist()
-    features = [np.asarray(flat[i], np.float32).reshape(shapes[i]) for i in keep]
-    grids = np.asarray([[table.column("grid_h")[i].as_py(), table.column("grid_w")[i].as_py()] for i in keep], np.int64)
-    meta = json.loads((pads.dataset(files[0], format="parquet").schema.metadata or {}).get(b"dino3", b"{}"))
-    paths = [table.column("path")[i].as_py() for i in keep]
-    if len({f.shape for f in features}) > 1:
-        counts = [int(f.shape[0] * f.shape[1]) for f in features]
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        array = np.concatenate([f.reshape(c, *f.shape[2:]) for f, c in zip(features, counts)])
-        return Embeddings(paths, array, grids.reshape(-1, 2), meta, offsets)
-    array = np.stack(features) if features else np.zeros((0,), np.float32)
-    return Embeddings(paths, array, grids.reshape(-1, 2), meta)
+    table = pads.dataset(dataset_files(folder, manifest), format="parquet").to_table()
+    return _from_table(table, manifest["dino3"])
 
 
 def read_shards(paths: list[str | os.PathLike]) -> Embeddings:

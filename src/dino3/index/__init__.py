@@ -8,14 +8,17 @@
     index.dedup(threshold=0.95)            # {"groups": [{"paths", "scores"}, ...], "histogram": ...}
     len(index)
 
-The command line: `dino3 index build|add|info`, `dino3 search`, `dino3 dedup` (see commands.py).
-The layout on disk is in store.py, the exact search in exact.py, the approximate one in ann.py.
+The command line: `dino3 index build|add|info`, `dino3 search`, `dino3 dedup` (dino3.cli.index).
+Reading, search and dedup are in index.py; building and adding in update.py; keeping the index fast
+after a change in maintenance.py; the layout on disk in store.py, the exact search in exact.py, the
+approximate one in ann.py, vector helpers in vectors.py.
 """
 
 from __future__ import annotations
 
-from .index import Index, Update, build
+from .index import Index
 from .index import open_index as open  # noqa: A001  (dino3.index.open(DIR), as the issue asks)
 from .store import Entry
+from .update import Update, build
 
 __all__ = ["Entry", "Index", "Update", "build", "open"]

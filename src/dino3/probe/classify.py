@@ -70,7 +70,8 @@ def features_for(
             )
         return Embedded(data.paths, features, data.meta or {})
     from ..api import load as default_load
-    from ..embed import model_fingerprint, model_identity
+    from ..recipe import fingerprint as model_fingerprint
+    from ..recipe import identity as model_identity
 
     name = resolve_model_name(model) if model is not None else probe.model_name
 

@@ -132,10 +132,11 @@ class Probe:
         """Images -> (N, D) features, as the probe's training embedded its images: the same model
         (checked), pooling and preprocessing, through the batched engine of `dino3 embed`."""
         from ..api import load
-        from ..embed import model_fingerprint, model_identity
         from ..features import extract
         from ..pipeline import iter_batches
         from ..processing import DINOv3ViTImageProcessor
+        from ..recipe import fingerprint as model_fingerprint
+        from ..recipe import identity as model_identity
 
         if model is None or isinstance(model, (str, os.PathLike)):
             name = str(model) if model is not None else self.model_name
@@ -160,7 +161,7 @@ class Probe:
         """Refuse a model other than the one the probe was made with, saying what differs. With the
         model's fingerprint (`dino3.embed.model_fingerprint`), its weights count by what they compute,
         wherever their files lie; without, by their files' sizes and modification times."""
-        from ..embed import same_fingerprint
+        from ..recipe import same_fingerprint
 
         recorded = self.settings.get("model_fingerprint")
         by_numbers = recorded is not None and fingerprint is not None

@@ -29,10 +29,12 @@ class SearchRequest(BaseModel):
 
 def attach_index(service: Service, index: Any) -> None:
     """Serve `index` beside the model: refused unless the model is the one the index was built with."""
-    from ..index.index import check_model
     from ..processing import DINOv3ViTImageProcessor
+    from ..recipe import Made, Recipe, check_model
 
-    check_model(service.model, index.settings, index.folder)  # a UsageError that names the difference
+    recipe = Recipe.from_meta(index.settings)
+    made = Made(recipe, service.model, recipe.processor_for(service.model))
+    check_model(index.settings, made, f"the index {index.folder}")  # a UsageError that names the difference
     service.extras["index"] = index
     service.extras["index_processor"] = DINOv3ViTImageProcessor.from_dict(index.settings["processor"])
 

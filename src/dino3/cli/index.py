@@ -21,7 +21,8 @@ EXIT_OK, EXIT_SOME_FAILED = 0, 3  # as dino3.cli
 
 def add_commands(subparsers) -> None:
     """Add `index`, `search` and `dedup` to the `dino3` command's subparsers."""
-    from ..arguments import (
+    from ..index.update import INDEX_POOLS
+    from .common import (
         add_batch_arguments,
         add_model_arguments,
         add_processing_arguments,
@@ -29,7 +30,6 @@ def add_commands(subparsers) -> None:
         positive_int,
         unit_interval,
     )
-    from .index import INDEX_POOLS
 
     raw = argparse.RawDescriptionHelpFormatter
     index = subparsers.add_parser(
@@ -138,7 +138,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from .index import build
+    from ..index.update import build
 
     _threads(args)
     update = build(
@@ -168,7 +168,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from .index import open_index
+    from ..index.index import open_index
 
     _threads(args)
     index = open_index(args.index)
@@ -197,7 +197,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from .index import open_index
+    from ..index.index import open_index
 
     index = open_index(args.index)
     try:
@@ -224,7 +224,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ..embed import expand_inputs
-    from .index import open_index
+    from ..index.index import open_index
 
     _threads(args)
     _check_outputs(args)
@@ -264,8 +264,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from .dedup import format_histogram
-    from .index import open_index
+    from ..index.dedup import format_histogram
+    from ..index.index import open_index
 
     _check_outputs(args)
     index = open_index(args.index)
@@ -319,7 +319,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _write_reports(args: argparse.Namespace, data: dict, kind: str) -> None:
     from .._io import atomic_write_text
-    from .report import dedup_page, search_page
+    from ..index.report import dedup_page, search_page
 
     if args.json:
         atomic_write_text(args.json, json.dumps(data, indent=1) + "\n")

@@ -1,28 +1,24 @@
-"""The commands about models themselves: `dino3 info`, `dino3 export`, `dino3 convert` and
-`dino3 init-random`. `add_commands` adds them to the `dino3` parser (cli.py)."""
+"""The commands about models themselves and this machine: `dino3 info` (`--system`), `dino3 export`,
+`dino3 convert` and `dino3 init-random`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-EXIT_OK = 0
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+from .common import EXIT_OK, plural
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .models.pretrained import inspect_checkpoint, parameter_shapes
-    from .presets import all_presets, find_preset
-    from .weights.formats import LAYOUT_NAMES
-    from .weights.hub import HubOptions, resolve, weights_summary
+    from ..models.pretrained import inspect_checkpoint, parameter_shapes
+    from ..presets import all_presets, find_preset
+    from ..weights.formats import LAYOUT_NAMES
+    from ..weights.hub import HubOptions, resolve, weights_summary
 
     if args.system:
         import json
 
-        from .system import format_report, report
+        from ..system import format_report, report
 
         facts = report()
         print(json.dumps(facts, indent=2) if args.json else format_report(facts))
@@ -44,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             where = f"{LAYOUT_NAMES[found.layout]} layout, 1 file, {found.stored_dtype}"
         else:
             summary = weights_summary(checkpoint)
-            where = f"{LAYOUT_NAMES['hf']} layout, {_plural(summary.files, 'file')}, {summary.dtype}"
+            where = f"{LAYOUT_NAMES['hf']} layout, {plural(summary.files, 'file')}, {summary.dtype}"
     except Exception as e:  # noqa: BLE001  (a preset is described without its weights)
         if preset is None:
             raise
@@ -86,7 +82,7 @@ def _numel(shape) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import export_onnx
+    from ..api import export_onnx
 
     path = export_onnx(args.model, args.output, opset=args.opset, check_hash=not args.no_hash_check)
     print(
@@ -97,8 +93,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert
-    from .weights.formats import LAYOUT_NAMES
+    from ..conversion import convert
+    from ..weights.formats import LAYOUT_NAMES
 
     kwargs: dict[str, Any] = {"check_hash": not args.no_hash_check}
     if args.config:
@@ -111,9 +107,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_init_random(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import model_class_for
-    from .presets import get_preset
-    from .processing import DINOv3ViTImageProcessor
+    from ..models import model_class_for
+    from ..presets import get_preset
+    from ..processing import DINOv3ViTImageProcessor
 
     preset = get_preset(args.model)
     config = preset.make_config()
@@ -126,7 +122,7 @@ def cmd_init_random(args: argparse.Namespace) -> int:
 
 
 def _layouts() -> tuple[str, ...]:
-    from .weights.formats import LAYOUTS
+    from ..weights.formats import LAYOUTS
 
     return LAYOUTS
 

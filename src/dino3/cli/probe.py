@@ -24,7 +24,9 @@ DATASET_HELP = (
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add `probe` (train, eval) and `classify` to the `dino3` command's subcommands."""
-    from ..arguments import (
+    from ..probe.knn import KS
+    from ..probe.probe import FEATURES, METHODS
+    from .common import (
         add_batch_arguments,
         add_model_arguments,
         add_processing_arguments,
@@ -32,8 +34,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         positive_float,
         positive_int,
     )
-    from .knn import KS
-    from .probe import FEATURES, METHODS
 
     probe = commands.add_parser(
         "probe",
@@ -119,7 +119,7 @@ def _add_use_arguments(parser, add_model_arguments, add_runtime_arguments, add_b
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from ..probe.train import train
 
     _threads(args)
     options: dict[str, Any] = {}
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .classify import classify
+    from ..probe.classify import classify
 
     _threads(args)
     found = classify(
@@ -188,8 +188,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .classify import load_probe
-    from .evaluate import evaluate
+    from ..probe.classify import load_probe
+    from ..probe.evaluate import evaluate
 
     _threads(args)
     probe = load_probe(args.probe, args.device)
@@ -227,7 +227,7 @@ def _embed_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _is_embeddings(dataset: str) -> bool:
-    from .dataset import is_embeddings_file
+    from ..probe.dataset import is_embeddings_file
 
     return is_embeddings_file(dataset)
 

@@ -9,7 +9,7 @@ import sys
 
 
 def add_commands(commands) -> None:
-    from ..arguments import add_model_arguments, add_runtime_arguments, natural, positive_int
+    from .common import add_model_arguments, add_runtime_arguments, natural, positive_int
 
     serve = commands.add_parser(
         "serve",
@@ -57,8 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("dino3 serve needs FastAPI and uvicorn: pip install 'dino3[serve]'") from None
     from .._openmp import on_passing_thread
     from ..api import load
-    from .app import create_app
-    from .service import ServeSettings
+    from ..serve.app import create_app
+    from ..serve.service import ServeSettings
 
     index = None
     if args.index:  # before the model loads: a wrong folder is told at once

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..arguments import add_model_arguments, add_runtime_arguments, add_video_arguments, positive_int, video_sampling
 from ..errors import BackendError, ImageError, UsageError, VideoError
+from .common import add_model_arguments, add_runtime_arguments, add_video_arguments, positive_int, video_sampling
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 VIDEO_FIT_FRAMES = 32  # frames a video's PCA is fitted on, spread over the video
@@ -127,8 +127,8 @@ def _add_dense_arguments(parser: argparse.ArgumentParser, height_default: int | 
 
 # -- pca -------------------------------------------------------------------------------------------------------
 def cmd_pca(args: argparse.Namespace) -> int:
+    from ..dense.render import pca_picture, save_png
     from ..video import VIDEO_SUFFIXES, is_video
-    from .render import pca_picture, save_png
 
     sampling = video_sampling(args)
     output = Path(args.output)
@@ -173,8 +173,8 @@ def _pca_video(args, model, foreground, path: str, output: Path, sampling, failu
     coloured with it."""
     import torch
 
+    from ..dense.render import pca_picture
     from ..video import VideoWriter, frame_rate, iter_frames, list_frames
-    from .render import pca_picture
 
     try:
         listed, _ = list_frames(path, sampling)
@@ -224,8 +224,8 @@ def cmd_foreground(args: argparse.Namespace) -> int:
         raise UsageError("--masks and --C are for `dino3 foreground train IMAGES --masks DIR ...`")
     if not args.classifier:
         raise UsageError("give --classifier FILE (made by `dino3 foreground train`) or --classifier auto")
-    from .foreground import ForegroundClassifier, unsupervised_foreground
-    from .render import mask_picture, save_png
+    from ..dense.foreground import ForegroundClassifier, unsupervised_foreground
+    from ..dense.render import mask_picture, save_png
 
     classifier = None if args.classifier == "auto" else ForegroundClassifier.load(args.classifier)
     if args.height is None:
@@ -258,9 +258,9 @@ def cmd_foreground(args: argparse.Namespace) -> int:
 
 
 def _foreground_train(args: argparse.Namespace, items: list[str]) -> int:
+    from ..dense.foreground import model_probe, patch_labels, read_mask, train_foreground
     from ..images import load_image
     from ..video import is_video
-    from .foreground import model_probe, patch_labels, read_mask, train_foreground
 
     if not args.masks:
         raise UsageError("foreground train needs --masks DIR: one mask per image, with the image's name")
@@ -333,9 +333,9 @@ def glob_escape(text: str) -> str:
 # -- match -------------------------------------------------------------------------------------------------------
 def cmd_match(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
+    from ..dense.match import match_patches
+    from ..dense.render import match_picture, save_png
     from ..images import load_image
-    from .match import match_patches
-    from .render import match_picture, save_png
 
     if args.sparse is not None and args.sparse < 0:
         raise UsageError(f"--sparse {args.sparse}: a distance in pixels, 0 or more")
@@ -397,7 +397,7 @@ def _load_model(args: argparse.Namespace):
 
 def _foreground(choice: str, model: Any):
     """None (every patch), "auto", or a ForegroundClassifier checked against the model."""
-    from .foreground import ForegroundClassifier
+    from ..dense.foreground import ForegroundClassifier
 
     if choice in (None, "none"):
         return None
@@ -415,8 +415,8 @@ def _foreground(choice: str, model: Any):
 
 def _dense(model, image, name: str, args, foreground, failures: list | None):
     """(DenseImage, foreground mask or None) of one decoded image, or (None, None) when it fails."""
-    from .foreground import unsupervised_foreground
-    from .highres import Tiling, load_dense
+    from ..dense.foreground import unsupervised_foreground
+    from ..dense.highres import Tiling, load_dense
 
     try:
         dense = load_dense(model, image, height=args.height, tiles=Tiling() if args.tiles else None, name=name)
@@ -434,7 +434,7 @@ def _dense(model, image, name: str, args, foreground, failures: list | None):
 def _fit(grids: list, masks: list, what: str):
     """The PCA of the grids' foreground patches; of all their patches when there is no foreground
     (or too little of it, which is said)."""
-    from .pca import COMPONENTS, fit_pca
+    from ..dense.pca import COMPONENTS, fit_pca
 
     if any(m is None for m in masks):
         return fit_pca(grids)

@@ -1,0 +1,530 @@
+"""Building and updating an index: images (embedded by the embed job, with the index's recipe) or
+`dino3 embed` outputs (which record theirs) in; one transaction per change, so that an interrupted
+build or add (SIGKILL included) leaves the index as it was; the writer lock, one writer at a time.
+
+An add sorts its inputs into unchanged (same size and modification time), touched (same bytes, new
+time), changed and new, embeds only the last two (a file with the same bytes as an indexed one takes
+its vector), and drops indexed files that are gone from the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import UsageError
+from ..recipe import DECIDING, Made, Recipe, check_model, differences
+from . import store
+from . import maintenance
+from .maintenance import maintain, write_ann
+from .store import Entry
+from .vectors import unit, vectors_of
+
+INDEX_POOLS = ("cls", "mean", "cls+mean")  # one vector per image
+URL_PREFIXES = ("http://", "https://")
+OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
+
+
+@dataclass
+class Update:
+    """What a build or add did."""
+
+    folder: Path
+    count: int = 0  # images in the index afterwards
+    added: int = 0  # images new to the index
+    replaced: int = 0  # changed files, embedded again
+    unchanged: int = 0  # files as they were
+    touched: int = 0  # files with a new modification time but the same bytes (not embedded again)
+    reused: int = 0  # vectors taken from an indexed file with the same bytes, not embedded again
+    dropped: int = 0  # files gone from the disk, removed from the index
+    embedded: int = 0  # images that went through the model
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    ignored: int = 0  # files without an image suffix in the folders given
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# -- building and updating ----------------------------------------------------------------------------------
+def build(
+    inputs: Sequence[str],
+    model: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+    *,
+    pool: str = "cls",
+    size: int = 224,
+    keep_aspect: str | None = None,
+    target: int | None = None,
+    fit: str | None = None,
+    max_side: int | None = None,
+    jpeg_draft: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    backend: str = "torch",
+    precision: str | None = None,
+    calibration: Sequence[str] | None = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    overwrite: bool = False,
+    check_hash: bool = True,
+    progress: bool = True,
+) -> Update:
+    """A new index in `folder` from images (embedded with `model`; the options are `dino3.embed.run`'s)
+    or from `dino3 embed` outputs (which name their model). An interrupted build is continued by
+    running it again; with overwrite=True, an index already in the folder is replaced, and stays
+    usable until the new one is complete."""
+    if folder is None:
+        raise UsageError("give the index folder (--index DIR)")
+    folder = Path(folder)
+    if pool not in INDEX_POOLS:
+        raise UsageError(f"an index holds one vector per image: pool must be one of {INDEX_POOLS}, got {pool!r}")
+    files = _embedding_files(inputs)
+    recipe = None
+    if model is not None and not files:  # checked before anything is created
+        from ..embed import expand_inputs
+
+        recipe = Recipe(
+            os.fspath(model), pool=pool, size=size, keep_aspect=keep_aspect, target=target, fit=fit,
+            max_side=max_side, jpeg_draft=jpeg_draft, dtype=dtype, quantize=quantize, backend=backend,
+            precision=precision, calibration=expand_inputs(list(calibration)).paths if calibration else None,
+        )  # fmt: skip
+    options = dict(
+        device=device, batch_size=batch_size, workers=workers, resume=not overwrite, overwrite=overwrite,
+        check_hash=check_hash, progress=progress,
+    )  # fmt: skip
+    if store.db_path(folder).exists() and not overwrite:
+        raise UsageError(
+            f"{folder} holds an index already: add images to it with `dino3 index add`, or pass --overwrite "
+            "to build a new one in its place"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file; give a folder for the index")
+    if folder.is_dir() and not store.db_path(folder).exists():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_NAMES and not p.name.endswith(".tmp"))
+        if foreign:
+            raise UsageError(
+                f"{folder} is not empty and holds no index ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): give a new or empty folder for the index"
+            )
+    started = time.perf_counter()
+    update = Update(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _build_in(folder, files, model, recipe, inputs, update, options)
+    except _NothingToIndex as e:  # nothing was made: leave no half-made folder behind
+        shutil.rmtree(folder / store.WORK, ignore_errors=True)
+        if created and not store.db_path(folder).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UsageError(str(e)) from None
+    update.seconds = time.perf_counter() - started
+    return update
+
+
+class _NothingToIndex(Exception):
+    pass
+
+
+def _build_in(folder: Path, files, model, recipe, inputs, update: Update, options: dict[str, Any]) -> None:
+    from ..embed import expand_inputs, run
+
+    workers = options["workers"]
+    with _writer_lock(folder):
+        if files:
+            if model is not None:
+                raise UsageError("embeddings files name the model that made them: give them without -m/--model")
+            settings, rows, vectors = _ingest(files, update)
+        else:
+            if model is None:
+                raise UsageError("give the model to embed the images with (-m/--model)")
+            found = expand_inputs(list(inputs))
+            paths = _unique_local(found.paths, update)
+            if not paths:
+                raise _NothingToIndex(found.none_found())
+            update.ignored = found.ignored
+            stats = _stats_and_hashes(paths, workers)
+            work = folder / store.WORK
+            output = work / "build.npz"
+            if output.exists():  # an interrupted build, killed after its embedding: embed again
+                output.unlink()
+            result = run(_inputs(paths, found.skipped), output=output, recipe=recipe, **options)
+            update.notes += result.notes
+            update.failures = list(result.failures)
+            if not result.count:
+                raise _NothingToIndex(
+                    "no image could be embedded, so there is nothing to index"
+                    + "".join(f"\n  {p}: {r}" for p, r in update.failures[:10])
+                    + (f"\n  ... and {len(update.failures) - 10} more" if len(update.failures) > 10 else "")
+                )
+            data = _read(output)
+            settings = _settings(data.meta)
+            rows = [Entry(0, p, *stats[p][:2], stats[p][2], _grid(g)) for p, g in zip(data.paths, data.grid_sizes)]
+            vectors = unit(_features(data, output))
+            update.embedded = len(rows)
+        if not rows:
+            raise _NothingToIndex("the embeddings files hold no image, so there is nothing to index")
+        _create(folder, settings, rows, vectors)
+        update.added = update.count = len(rows)
+        shutil.rmtree(folder / store.WORK, ignore_errors=True)
+
+
+def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: np.ndarray) -> None:
+    """Write a whole new index: its vector file and approximate index, then its database under a
+    temporary name, renamed into place (an index there before stays whole until that instant)."""
+    from .._io import atomic_path
+
+    (folder / store.VECTORS).mkdir(parents=True, exist_ok=True)
+    (folder / store.ANN).mkdir(exist_ok=True)
+    generation = 1
+    segment = store.write_vectors(folder, vectors, generation)
+    ids = np.arange(1, len(rows) + 1, dtype=np.int64)
+    ann = None
+    if vectors.size > maintenance.EXACT_LIMIT:
+        from .ann import HNSW
+
+        ann = write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
+    meta = {"format": store.FORMAT, "dino3_version": __version__, "generation": generation, "next_id": 1}
+    meta.update(embedding=settings, dim=int(vectors.shape[1]), ann=ann)
+    with atomic_path(store.db_path(folder)) as tmp:
+        import sqlite3
+
+        con = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            con.executescript(store.SCHEMA)
+            with store.transaction(con):
+                store.set_meta(con, **meta)
+                store.insert_items(con, meta, rows, segment)
+        finally:
+            con.close()
+    con = store.connect(folder)
+    try:
+        store.collect_garbage(folder, con)
+    finally:
+        con.close()
+
+
+def update_index(
+    folder: Path, inputs: Sequence[str], *, batch_size, workers, device, check_hash, progress, model=None
+) -> Update:
+    from ..embed import expand_inputs, run
+
+    started = time.perf_counter()
+    update = Update(folder)
+    files = _embedding_files(inputs)
+    with _writer_lock(folder):
+        con = store.connect(folder)
+        try:
+            state = store.read_state(folder, con)
+            meta, settings = state.meta, state.meta["embedding"]
+            known = {e.path: e for e in store.entries(con)}
+            by_hash = {e.sha256: e for e in known.values() if e.sha256}
+
+            # -- what is gone, what changed, what is new ------------------------------------------------
+            removed: list[int] = []
+            local = [e for e in known.values() if not e.path.startswith(URL_PREFIXES)]
+            gone = [e for e in local if _is_gone(e.path)]
+            if gone and len(gone) == len(local) and len(local) > 1:
+                raise UsageError(
+                    f"none of the {len(local)} files of the index {folder} exists any more (a disk not mounted? the "
+                    "files moved?); nothing was changed. If they are really gone, build a new index"
+                )
+            removed += [e.id for e in gone]
+            update.dropped = len(gone)
+            if files:
+                new_settings, candidates, candidate_vectors = _ingest(files, update)
+                _check_same_settings(settings, new_settings, f"the index {folder}")
+                fresh: list[Entry] = []
+                fresh_vectors = []
+                for row, vector in zip(candidates, candidate_vectors):
+                    old = known.get(row.path)
+                    if old is not None:
+                        removed.append(old.id)
+                        update.replaced += 1
+                    else:
+                        update.added += 1
+                    fresh.append(row)
+                    fresh_vectors.append(vector)
+                vectors = np.stack(fresh_vectors) if fresh else np.zeros((0, state.dim), np.float32)
+                touched: list[tuple[int, int, int]] = []
+            else:
+                found = expand_inputs(list(inputs))
+                update.ignored = found.ignored
+                update.failures += list(found.skipped)
+                paths = _unique_local(found.paths, update)
+                plan = _plan(paths, known, by_hash, workers, update)
+                removed += plan.removed
+                touched = plan.touched
+                fresh, vectors = plan.reused, vectors_of(state, plan.reused_from)
+                if plan.todo:
+                    work = folder / store.WORK
+                    output = work / "add.npz"
+                    result = run(
+                        _inputs(plan.todo, []),
+                        output=output,
+                        recipe=_replayed(settings, model, f"the index {folder}"),
+                        batch_size=batch_size,
+                        workers=workers,
+                        device=device,
+                        check_hash=check_hash,
+                        progress=progress,
+                        overwrite=True,
+                        load=_checked_loader(settings, f"the index {folder}"),
+                    )
+                    update.notes += result.notes
+                    update.failures += list(result.failures)
+                    data = _read(output)
+                    stats = plan.stats
+                    embedded = [
+                        Entry(0, p, *stats[p][:2], stats[p][2], _grid(g)) for p, g in zip(data.paths, data.grid_sizes)
+                    ]
+                    fresh = fresh + embedded
+                    vectors = np.concatenate([vectors, unit(_features(data, output))]) if embedded else vectors
+                    update.embedded = len(embedded)
+                    failed = {p for p, _ in result.failures}
+                    update.added -= len([p for p in plan.new if p in failed])
+                    update.replaced -= len([p for p in plan.changed if p in failed])
+            if vectors.shape[1:] != (state.dim,):
+                raise UsageError(f"the new vectors have {vectors.shape[1:]} values, the index {state.dim}")
+
+            # -- the one step that changes the index ------------------------------------------------------
+            generation = int(meta["generation"]) + 1
+            segment = store.write_vectors(folder, vectors, generation) if len(fresh) else None
+            with store.transaction(con):
+                store.remove_items(con, sorted(set(removed)))
+                if segment is not None:
+                    store.insert_items(con, meta, fresh, segment)
+                store.update_stats(con, touched)
+                store.set_meta(con, generation=generation, written_by=__version__)
+            state.close()
+            update.count = con.execute("SELECT count(*) FROM items").fetchone()[0]
+            maintain(folder, con)
+            store.collect_garbage(folder, con)
+        finally:
+            con.close()
+        shutil.rmtree(folder / store.WORK, ignore_errors=True)
+    update.seconds = time.perf_counter() - started
+    return update
+
+
+@dataclass
+class _Plan:
+    todo: list[str] = field(default_factory=list)  # to embed
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)  # ids replaced
+    touched: list[tuple[int, int, int]] = field(default_factory=list)  # (id, size, mtime_ns)
+    reused: list[Entry] = field(default_factory=list)  # new rows whose vector is an indexed one's
+    reused_from: list[int] = field(default_factory=list)  # ... that one's id
+    stats: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
+
+
+def _plan(paths: list[str], known: dict[str, Entry], by_hash: dict[str, Entry], workers, update) -> _Plan:
+    """Sort the inputs into unchanged, touched, changed and new (see Index.add)."""
+    from ..embed.store import input_stat
+
+    plan = _Plan()
+    need_hash = []
+    for path in paths:
+        old = known.get(path)
+        if old is not None and (path.startswith(URL_PREFIXES) or (old.size, old.mtime_ns) == input_stat(path)):
+            update.unchanged += 1
+        else:
+            need_hash.append(path)
+    plan.stats = _stats_and_hashes(need_hash, workers)
+    for path in need_hash:
+        size, mtime, digest = plan.stats[path]
+        old = known.get(path)
+        if old is not None and digest is not None and digest == old.sha256:
+            plan.touched.append((old.id, size, mtime))
+            update.touched += 1
+            continue
+        if old is not None:
+            plan.removed.append(old.id)
+            plan.changed.append(path)
+            update.replaced += 1
+        else:
+            plan.new.append(path)
+            update.added += 1
+        twin = by_hash.get(digest) if digest else None  # the same bytes: the same vector, even if that file is gone
+        if twin is not None:
+            plan.reused.append(Entry(0, path, size, mtime, digest, twin.grid))
+            plan.reused_from.append(twin.id)
+            update.reused += 1
+        else:
+            plan.todo.append(path)
+    return plan
+
+
+# -- the recipe, and what must agree ------------------------------------------------------------------------
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """What the index records of an embeddings output's description (dino3.recipe)."""
+    return {key: meta.get(key) for key in ("model", "model_fingerprint", "recipe", *DECIDING)}
+
+
+def _check_same_settings(old: dict[str, Any], new: dict[str, Any], where: Any) -> None:
+    changed = differences(old, new)
+    if changed:
+        raise UsageError(f"these embeddings were not made as those of {where}:\n  " + "\n  ".join(changed[:12]))
+
+
+def _replayed(settings: dict[str, Any], model: str | None, what: str) -> Recipe:
+    """The index's recipe (with the model where it lies now, if given)."""
+    name = settings.get("model")
+    if model is None and name and os.path.isabs(name) and not os.path.exists(name):
+        raise UsageError(f"{what}'s model {name} is not there any more; give where it lies now (-m DIR, or model=...)")
+    return Recipe.from_meta(settings, model=model)
+
+
+def _checked_loader(settings: dict[str, Any], what: str):
+    """dino3.load, refusing a model that would not make the index's vectors (before any image)."""
+    from ..api import load
+
+    def checked(name, **options):
+        model = load(name, **options)
+        recipe = Recipe.from_meta(settings, model=name)
+        check_model(settings, Made(recipe, model, recipe.processor_for(model)), what)
+        return model
+
+    return checked
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def _embedding_files(inputs: Sequence[str]) -> list[str]:
+    """The inputs when they are all `dino3 embed` outputs; [] when none is; mixing is refused."""
+    from ..embed import OUTPUT_SUFFIXES
+
+    inputs = [os.fspath(i) for i in inputs]
+    files = [i for i in inputs if Path(i).suffix.lower() in OUTPUT_SUFFIXES and not i.startswith(URL_PREFIXES)]
+    if files and len(files) != len(inputs):
+        raise UsageError("give either images or `dino3 embed` outputs (.npz, .npy, .safetensors, .parquet), not both")
+    return files
+
+
+def _ingest(files: list[str], update: Update) -> tuple[dict[str, Any], list[Entry], np.ndarray]:
+    """Rows and unit vectors of `dino3 embed` outputs (one vector per image, made with one model)."""
+    settings = None
+    rows: list[Entry] = []
+    parts = []
+    seen: set[str] = set()
+    for file in files:
+        data = _read(file)
+        if "model_identity" not in data.meta or "processor" not in data.meta:
+            raise UsageError(f"{file} does not record the model that made it (written by an older dino3?); embed again")
+        if data.meta.get("pool") not in INDEX_POOLS or data.meta.get("layers") is not None:
+            raise UsageError(
+                f"{file} holds pool={data.meta.get('pool')!r}, layers={data.meta.get('layers')!r}: an index holds one "
+                f"vector per image (pool {', '.join(INDEX_POOLS)}, no layers)"
+            )
+        if settings is None:
+            settings = _settings(data.meta)
+        else:
+            _check_same_settings(settings, _settings(data.meta), files[0])
+        features = _features(data, file)
+        paths = [os.path.abspath(p) if not p.startswith(URL_PREFIXES) else p for p in data.paths]
+        keep = [i for i, p in enumerate(paths) if not (p in seen or seen.add(p))]
+        if len(keep) < len(paths):
+            update.notes.append(f"{file}: {len(paths) - len(keep)} images listed twice; the first kept")
+        stats = _stats_and_hashes([paths[i] for i in keep], 4)
+        missing = sum(1 for i in keep if stats[paths[i]][0] < 0 and not paths[i].startswith(URL_PREFIXES))
+        if missing:
+            update.notes.append(f"{file}: {missing} of its images are not on this disk; `dino3 index add` drops them")
+        for i in keep:
+            size, mtime, digest = stats[paths[i]]
+            rows.append(Entry(0, paths[i], size, mtime, digest, _grid(data.grid_sizes[i])))
+        parts.append(features[keep])
+    vectors = unit(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
+    return settings, rows, vectors
+
+
+def _read(path: str | os.PathLike):
+    from ..embed import read_embeddings
+
+    return read_embeddings(path)
+
+
+def _features(data, where: Any) -> np.ndarray:
+    features = np.asarray(data.features, dtype=np.float32)
+    if features.ndim != 2 or data.offsets is not None:
+        raise UsageError(f"{where}: features of shape {features.shape}; an index holds one vector per image")
+    broken = np.flatnonzero(~np.isfinite(features).all(axis=1) | ~(np.abs(features).max(axis=1) > 0))
+    if len(broken):  # such a vector has no direction: it would match nothing, silently
+        named = ", ".join(str(data.paths[i]) for i in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        raise UsageError(f"{where}: {len(broken)} vectors are zero or not finite (NaN or inf): {named}")
+    return features
+
+
+def _inputs(paths: list[str], skipped: list):
+    from ..embed import Inputs
+
+    return Inputs(paths=list(paths), skipped=list(skipped))
+
+
+def _unique_local(paths: list[str], update: Update) -> list[str]:
+    """Absolute paths (so that the index means the same from any folder), each once, in order."""
+    out = list(dict.fromkeys(p if p.startswith(URL_PREFIXES) else os.path.abspath(p) for p in paths))
+    if len(out) < len(paths):
+        update.notes.append(f"{len(paths) - len(out)} inputs named an image already listed; each is indexed once")
+    return out
+
+
+def _is_gone(path: str) -> bool:
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False  # there, but not readable now: not dropped
+    return False
+
+
+def _stats_and_hashes(paths: list[str], workers: int) -> dict[str, tuple[int, int, str | None]]:
+    """(size, mtime_ns, sha256) of each path, read before it is embedded; (-1, -1, None) for a URL or
+    a file that cannot be read (the embedding then reports it)."""
+    from ..embed.store import input_stat
+
+    def one(path: str) -> tuple[int, int, str | None]:
+        if path.startswith(URL_PREFIXES):
+            return (-1, -1, None)
+        size, mtime = input_stat(path)
+        try:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            return (size, mtime, None)
+        return (size, mtime, digest.hexdigest())
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib and file reads release the GIL
+        return dict(zip(paths, pool.map(one, paths)))
+
+
+def _grid(grid: Any) -> tuple[int, int]:
+    h, w = (int(v) for v in np.asarray(grid).reshape(-1)[:2])
+    return (h, w)
+
+
+class _writer_lock:
+    """The index's writer lock (DIR/index.lock): one build or add at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        from ..embed.store import RunLock
+
+        self.lock = RunLock(folder / "index")
+
+    def __enter__(self):
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
