@@ -63,6 +63,10 @@ class FeatureMaker:
                 raise UsageError(str(e)) from None
             self.name = model_name(model)
         elif hasattr(model, "config") and callable(model):
+            if dtype is not None or device is not None:
+                raise UsageError(
+                    "dtype and device apply to a model loaded here: give the model's name, or move it first"
+                )
             self.model = model
             self.name = getattr(model, "name_or_path", None) or type(model).__name__
         else:
