@@ -28,10 +28,12 @@ The algorithm, each part a switch of `fit` (whose it is in brackets):
   taken; then a 3x3 dilation and a 3x3 closing. Masked-out patches score 0. The mask applies to the
   images scored and, with `mask_shots=True`, to the good images too (the paper masks test images
   only; anomalib masks both). The PCA is dino3.dense.fit_pca (float64; scikit-learn's sign).
-- Search: exact (FAISS flat inner product) up to `exact_up_to` bank patches (60,000: where the
-  index room's HNSW graph became faster, measured in benchmarks/anomaly.py), HNSW beyond (its
-  ef_search calibrated on the bank to recall@10 >= 0.96). An approximate neighbour is never nearer
-  than the true one: approximate distances are >= the exact ones.
+- Search: exact (FAISS flat inner product) up to `exact_up_to` bank patches (40,000: where the
+  index room's HNSW graph had become 2x faster with the same image scores, measured in
+  benchmarks/anomaly.py), HNSW beyond (ef_search at least 64: image scores within 0.003 of the exact
+  ones up to 160k patches, as measured). An approximate neighbour is never nearer than the true one:
+  approximate distances are >= the exact ones. A 16-shot bank with the 8 rotations (100k patches at
+  448 px) is searched approximately; pass exact_up_to= to choose.
 - Map (anomalib): the patch distances spread over their p x p pixels (`upsample="nearest"`;
   "bilinear" interpolates between patch centres, as the paper's OpenCV resize does), smoothed by a
   Gaussian of `sigma`=4 px (33 taps, mirrored border), the crop margin filled with the edge values,

@@ -6,6 +6,7 @@ only (FAISS for the search, imported when a bank is searched); no model here.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,14 @@ MASK_BORDER = 0.2  # the centre region (20% in from each side) that must be most
 MASK_CENTRE_SHARE = 0.35  # ... more than this share of it, else the component's other side is taken
 MASK_KERNEL = 3  # the 3x3 dilation and closing that fill holes in the mask
 # Banks up to this many patches are searched exactly (FAISS flat inner product), larger ones with the
-# index room's HNSW graph: measured in benchmarks/anomaly.py ("the bank size where HNSW wins").
-EXACT_UP_TO = 60_000
+# index room's HNSW graph (benchmarks/anomaly.py, RESULTS.md "Anomaly detection"): on 784 queries (one
+# 448 px image) HNSW was as fast as the exact search at 10k rows, 1.3x faster at 20k and 2x at 40k,
+# where its image scores were still those of the exact search.
+EXACT_UP_TO = 40_000
+# The least ef_search of the anomaly search: the graph's own calibration (recall@10 on the bank) chose
+# 16-32, which left single patches 0.1-0.3 too far (a patch's distance decides a top-1% score); at 64
+# the image scores stayed within 0.003 of the exact ones up to 160k rows (measured as above).
+ANN_MIN_EF = 64
 
 
 # -- rotations of a shot --------------------------------------------------------------------------------------
@@ -139,11 +146,16 @@ class Bank:
         self.vectors = np.ascontiguousarray(vectors.float().cpu().numpy())  # (N, D) unit rows
         self.approximate = len(self.vectors) > exact_up_to
         self._index: Any = None
+        self._lock = threading.Lock()  # one build, whichever thread scores first
 
     def __len__(self) -> int:
         return len(self.vectors)
 
     def _search_index(self):
+        with self._lock:
+            return self._build()
+
+    def _build(self):
         if self._index is None:  # built on first use: a loaded detector that never scores builds nothing
             if self.approximate:
                 from ..index.ann import HNSW
@@ -164,7 +176,10 @@ class Bank:
         k = min(neighbours, len(self.vectors))
         q = np.ascontiguousarray(queries.float().cpu().numpy())
         index = self._search_index()
-        similarities, _ = index.search(q, k)  # (Q, k) best first
+        if self.approximate:
+            similarities, _ = index.search(q, k, ef=max(index.ef_search, ANN_MIN_EF))  # (Q, k) best first
+        else:
+            similarities, _ = index.search(q, k)
         return cosine_distance(torch.from_numpy(np.asarray(similarities, dtype=np.float32)))
 
 
