@@ -29,8 +29,8 @@ The algorithm, each part a switch of `fit` (whose it is in brackets):
   images scored and, with `mask_shots=True`, to the good images too (the paper masks test images
   only; anomalib masks both). The PCA is dino3.dense.fit_pca (float64; scikit-learn's sign).
 - Search: exact (FAISS flat inner product) up to `exact_up_to` bank patches (40,000: where the
-  index room's HNSW graph had become 2x faster with the same image scores, measured in
-  benchmarks/anomaly.py), HNSW beyond (ef_search at least 64: image scores within 0.003 of the exact
+  index room's HNSW graph had become 1.8x faster with the same image scores, measured in
+  benchmarks/anomaly.py), HNSW beyond (ef_search at least 64: image scores within 0.0032 of the exact
   ones up to 160k patches, as measured). An approximate neighbour is never nearer than the true one:
   approximate distances are >= the exact ones. A 16-shot bank with the 8 rotations (100k patches at
   448 px) is searched approximately; pass exact_up_to= to choose.
@@ -53,7 +53,7 @@ and maps equal within 1e-5):
 - anomalib resizes to 252 x 252 (squashed) by default; here the paper's aspect-kept 448.
 - anomalib's optional coreset subsampling of the bank is not kept (not in the paper).
 - the Gaussian is applied as two 1-D passes instead of one 2-D kernel (the same sums, rounded in
-  another order: within 1e-6).
+  another order: the maps agree within 2e-6).
 - the mask's PCA is exact (eigendecomposition in float64) where anomalib's scikit-learn call is
   randomised, in float32: a patch within rounding of the threshold can fall on the other side.
 Differences from the paper's code (github.com/dammsi/AnomalyDINO): its map is resized to the

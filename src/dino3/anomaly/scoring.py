@@ -26,12 +26,12 @@ MASK_CENTRE_SHARE = 0.35  # ... more than this share of it, else the component's
 MASK_KERNEL = 3  # the 3x3 dilation and closing that fill holes in the mask
 # Banks up to this many patches are searched exactly (FAISS flat inner product), larger ones with the
 # index room's HNSW graph (benchmarks/anomaly.py, RESULTS.md "Anomaly detection"): on 784 queries (one
-# 448 px image) HNSW was as fast as the exact search at 10k rows, 1.3x faster at 20k and 2x at 40k,
+# 448 px image) HNSW was as fast as the exact search at 10k rows, 1.4x faster at 20k and 1.8x at 40k,
 # where its image scores were still those of the exact search.
 EXACT_UP_TO = 40_000
 # The least ef_search of the anomaly search: the graph's own calibration (recall@10 on the bank) chose
-# 16-32, which left single patches 0.1-0.3 too far (a patch's distance decides a top-1% score); at 64
-# the image scores stayed within 0.003 of the exact ones up to 160k rows (measured as above).
+# 16-32, which left single patches 0.1-0.36 too far (a patch's distance decides a top-1% score); at 64
+# the image scores stayed within 0.0032 of the exact ones up to 160k rows (measured as above).
 ANN_MIN_EF = 64
 
 
