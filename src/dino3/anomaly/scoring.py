@@ -192,7 +192,7 @@ def faiss_module():
     try:
         import faiss
     except ImportError:
-        raise UsageError('anomaly detection searches its memory bank with FAISS: pip install "dino3[index]"') from None
+        raise UsageError('anomaly detection searches its bank with FAISS: pip install "dino3[anomaly]"') from None
     return faiss
 
 
