@@ -48,13 +48,15 @@ _EXPORTS = {
     "QuantizationError": "dino3.errors",
     "VideoError": "dino3.errors",
 }
-# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data)
+# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data);
+# dino3.anomaly.fit(...)
 _SUBMODULES = {
     "pipeline": "dino3.pipeline",
     "embed": "dino3.embed",
     "probe": "dino3.probe",
     "dense": "dino3.dense",
     "index": "dino3.index",
+    "anomaly": "dino3.anomaly",
     "video": "dino3.video",
     "ray": "dino3.integrations.ray",
 }
@@ -78,7 +80,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import dense, embed, index, pipeline, probe, video
+    from . import anomaly, dense, embed, index, pipeline, probe, video
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
     from .conversion import convert

@@ -62,6 +62,7 @@ class Recipe:
     fit: str | None = None
     max_side: int | None = None
     jpeg_draft: bool = False
+    resample: int | None = None  # PIL's filter code (3: bicubic); None: the model's processor's (bilinear)
     # how the model runs
     dtype: str = "float32"
     quantize: str | None = None
@@ -109,6 +110,8 @@ class Recipe:
         from .processing import MAX_SIDE
 
         options: dict[str, Any] = {"jpeg_draft": self.jpeg_draft, "max_side": self.max_side or MAX_SIDE}
+        if self.resample is not None:
+            options["resample"] = self.resample
         if self.keep_aspect is not None:
             options.update(keep_aspect=self.keep_aspect, target_size=self.target, fit=self.fit or "crop")
         else:
@@ -180,6 +183,7 @@ class Recipe:
         processor = meta["processor"]
         options["jpeg_draft"] = bool(processor.get("jpeg_draft", False))
         options["max_side"] = processor.get("max_side")
+        options["resample"] = processor.get("resample")
         if processor.get("keep_aspect"):
             options.update(
                 keep_aspect=processor["keep_aspect"], target=processor.get("target_size"), fit=processor.get("fit")
@@ -286,7 +290,12 @@ def differences(recorded: dict[str, Any], found: dict[str, Any], keys: Sequence[
         for side in (old, new):
             side["model_identity"] = {k: v for k, v in (side["model_identity"] or {}).items() if k != "weight_files"}
     out = _differences(old, new)
-    if by_numbers and not same_fingerprint(recorded["model_fingerprint"], found["model_fingerprint"]):
+    architecture = any(line.startswith("model_identity") for line in out)  # says it already
+    if (
+        by_numbers
+        and not architecture
+        and not same_fingerprint(recorded["model_fingerprint"], found["model_fingerprint"])
+    ):
         out.insert(0, "weights: they compute other numbers (other weights)")
     return out
 

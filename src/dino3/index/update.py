@@ -24,8 +24,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import UsageError
 from ..recipe import DECIDING, Made, Recipe, check_model, differences
-from . import store
-from . import maintenance
+from . import maintenance, store
 from .maintenance import maintain, write_ann
 from .store import Entry
 from .vectors import unit, vectors_of
