@@ -19,8 +19,10 @@ from ._version import __version__
 _EXPORTS = {
     "DINOv3ViTConfig": "dino3.config",
     "DINOv3ConvNextConfig": "dino3.config",
+    "DINOv3TextConfig": "dino3.config",
     "DINOv3ViTModel": "dino3.models.vit",
     "DINOv3ConvNextModel": "dino3.models.convnext",
+    "DINOv3TextModel": "dino3.models.text",
     "DINOv3Backbone": "dino3.models.backbone",
     "DINOv3Output": "dino3.models.outputs",
     "DINOv3ViTImageProcessor": "dino3.processing",
@@ -80,7 +82,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from . import dense, embed, index, pipeline, probe, video
     from .api import export_onnx, load, load_config
-    from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
+    from .config import DINOv3ConvNextConfig, DINOv3TextConfig, DINOv3ViTConfig
     from .conversion import convert
     from .errors import (
         BackendError,
@@ -100,6 +102,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.backbone import DINOv3Backbone
     from .models.convnext import DINOv3ConvNextModel
     from .models.outputs import DINOv3Output
+    from .models.text import DINOv3TextModel
     from .models.vit import DINOv3ViTModel
     from .presets import Preset, get_preset, list_models, register_preset
     from .processing import DINOv3ViTImageProcessor
