@@ -49,3 +49,17 @@ def save_small_vit(folder, seed: int = 0):
     randomize_(dino3.DINOv3ViTModel(dino3.DINOv3ViTConfig(**SMALL)), seed=seed).save_pretrained(folder)
     dino3.DINOv3ViTImageProcessor().save_pretrained(folder)
     return folder
+
+
+def dinotxt_meta_files(folder):
+    """The small dino.txt pair of tests/golden (Meta's two .pth files, unzipped byte for byte into folder)."""
+    import gzip
+    from pathlib import Path
+
+    golden = Path(__file__).parent / "golden" / "dinotxt"
+    paths = []
+    for name in ("backbone", "head_and_text"):
+        path = Path(folder) / f"{name}.pth"
+        path.write_bytes(gzip.decompress((golden / f"{name}.pth.gz").read_bytes()))
+        paths.append(path)
+    return tuple(paths)

@@ -29,7 +29,7 @@ LAYERS = [
     ["dino3.api", "dino3.conversion"],
     ["dino3.pipeline"],
     ["dino3.embed", "dino3.arguments", "dino3.model_commands"],
-    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.integrations"],
+    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.text", "dino3.integrations"],
     ["dino3.serve"],
     ["dino3.cli"],
 ]

@@ -4,7 +4,6 @@ open_clip's (live), and the dino.txt preprocessing against Meta's transform."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import shutil
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 import dino3
 from dino3.errors import CheckpointError, ConfigError, UnknownModelError, UsageError
+from helpers import dinotxt_meta_files
 
 pytest.importorskip("ftfy")
 pytest.importorskip("regex")
@@ -44,10 +44,7 @@ def golden():
 @pytest.fixture(scope="module")
 def meta_files(tmp_path_factory):
     """Meta's two .pth files, unzipped byte for byte."""
-    folder = tmp_path_factory.mktemp("meta")
-    for name in ("backbone", "head_and_text"):
-        (folder / f"{name}.pth").write_bytes(gzip.decompress((GOLDEN / f"{name}.pth.gz").read_bytes()))
-    return folder / "backbone.pth", folder / "head_and_text.pth"
+    return dinotxt_meta_files(tmp_path_factory.mktemp("meta"))
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,15 @@ _EXPORTS = {
     "QuantizationError": "dino3.errors",
     "VideoError": "dino3.errors",
 }
-# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data)
+# dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data);
+# dino3.text.classify(...) (dino.txt)
 _SUBMODULES = {
     "pipeline": "dino3.pipeline",
     "embed": "dino3.embed",
     "probe": "dino3.probe",
     "dense": "dino3.dense",
     "index": "dino3.index",
+    "text": "dino3.text",
     "video": "dino3.video",
     "ray": "dino3.integrations.ray",
 }
@@ -80,7 +82,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import dense, embed, index, pipeline, probe, video
+    from . import dense, embed, index, pipeline, probe, text, video
     from .api import export_onnx, load, load_config
     from .config import DINOv3ConvNextConfig, DINOv3TextConfig, DINOv3ViTConfig
     from .conversion import convert

@@ -17,13 +17,18 @@ files), saves the backbone's state dict and the DINOTxt state dict without the b
 `dinov3_vitl16_dinotxt_tet1280d20h24l` loads from its two files), loads both back into a fresh model
 the way Meta's hub function does, and runs it on photos preprocessed by Meta's dino.txt transform
 (`make_classification_eval_transform`) and on a corpus of hostile texts tokenized by Meta's tokenizer.
+It also runs the zero-shot segmentation of Meta's notebook (`notebooks/dinotxt_segmentation_inference.ipynb`:
+its own functions, executed from the notebook file with "cuda" replaced by "cpu") on one photo, at a
+small size (shorter side 96, windows of 64 every 32 pixels) with two prompt templates.
 
 Writes tests/golden/dinotxt/:
   backbone.pth.gz, head_and_text.pth.gz  the two .pth files, gzipped to fit the repository (the values
                                          are rounded to bf16 and most vocabulary rows are zero, so
                                          they compress; the tests unzip them byte for byte)
-  golden.safetensors                     the transform's uint8 crops and Meta's outputs (float32)
-  texts.json                             the corpus and Meta's token ids of each text
+  golden.safetensors                     the transform's uint8 crops and Meta's outputs (float32), and
+                                         the notebook's pixels, label features and window probabilities
+  texts.json                             the corpus and Meta's token ids of each text; the segmentation's
+                                         labels and templates
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ TEXTS = [
 ]
 # Strings that open_clip tokenizes differently from Meta (it spells its special tokens otherwise).
 NOT_OPEN_CLIP = [20, 21]
+SEGMENT_PHOTO, SEGMENT_SIDE, SEGMENT_WINDOW, SEGMENT_STRIDE = "chelsea.png", 96, 64, 32
+SEGMENT_LABELS = ["cat", "dog", "a rocket in the sky"]
+SEGMENT_TEMPLATES = ["a photo of a {0}.", "a bad photo of the {0}."]
 
 
 def main() -> None:
@@ -122,6 +130,7 @@ def main() -> None:
         a_features, a_patches, a_backbone_patches = model.encode_image_with_patch_tokens(aspect_pixels)
         text_features = model.encode_text(tokens)
         image_logits, _ = model.get_logits(pixels, tokens)
+    segmentation = notebook_segmentation(model, tokenizer)
     golden = {
         "crops": crops.contiguous(),
         "aspect_crop": aspect_crop.contiguous(),
@@ -133,6 +142,7 @@ def main() -> None:
         "aspect_backbone_patch_tokens": a_backbone_patches,
         "text_features": text_features,
         "image_logits": image_logits,
+        **segmentation,
     }
     versions = {"meta_commit": META_COMMIT, "torch": torch.__version__, "numpy": np.__version__}
     for name in ("torchvision", "ftfy", "regex"):
@@ -140,9 +150,52 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in golden.items()}, OUT / "golden.safetensors", metadata=versions)
     rows = [row[: int((row != 0).sum())].tolist() for row in tokens]
     texts = {"texts": TEXTS, "meta_tokens": rows, "not_open_clip": NOT_OPEN_CLIP, "versions": versions}
+    texts["segment"] = {
+        "photo": SEGMENT_PHOTO,
+        "short_side": SEGMENT_SIDE,
+        "window": SEGMENT_WINDOW,
+        "stride": SEGMENT_STRIDE,
+        "labels": SEGMENT_LABELS,
+        "templates": SEGMENT_TEMPLATES,
+    }
     (OUT / "texts.json").write_text(json.dumps(texts, indent=1) + "\n", encoding="utf-8")
     sizes = {p.name: p.stat().st_size for p in sorted(OUT.iterdir())}
     print(json.dumps(sizes, indent=1), f"total {sum(sizes.values()) / 2**20:.2f} MiB")
+
+
+def notebook_segmentation(model, tokenizer) -> dict:
+    """Meta's segmentation notebook, its own code: the text features of its inference cell, its transform
+    (ShortSideResize, ToTensor, Normalize) and its predict_slide."""
+    import dinov3
+    import torch.nn.functional as F
+    import torchvision.transforms as TVT
+    import torchvision.transforms.functional as TVTF
+    from PIL import Image
+    from torch import Tensor, nn
+
+    notebook = Path(dinov3.__file__).resolve().parents[1] / "notebooks" / "dinotxt_segmentation_inference.ipynb"
+    namespace = {"math": math, "torch": torch, "F": F, "TVT": TVT, "TVTF": TVTF, "nn": nn, "Tensor": Tensor}
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and ("def encode_image" in source or "def predict_slide" in source):
+            exec(source.replace('device="cuda"', 'device="cpu"'), namespace)
+    transform = TVT.Compose(
+        [
+            namespace["ShortSideResize"](SEGMENT_SIDE, TVT.InterpolationMode.BICUBIC),
+            TVT.ToTensor(),
+            TVT.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    image = transform(Image.open(ROOT / "examples" / "images" / SEGMENT_PHOTO).convert("RGB"))
+    features = []
+    with torch.no_grad():
+        for name in SEGMENT_LABELS:  # the notebook's loop
+            feats = model.encode_text(tokenizer.tokenize([t.format(name) for t in SEGMENT_TEMPLATES]))
+            feats = F.normalize(feats[:, feats.shape[1] // 2 :], p=2, dim=-1)
+            features.append(F.normalize(feats.mean(dim=0), p=2, dim=-1))
+        features = torch.stack(features)
+        probabilities = namespace["predict_slide"](model, image, features, SEGMENT_WINDOW, SEGMENT_STRIDE)
+    return {"segment_pixels": image, "segment_label_features": features, "segment_probabilities": probabilities}
 
 
 def build_model():
