@@ -374,7 +374,7 @@ class DINOv3TextConfig(_Config):
     # The vision head: blocks (self-attention without RoPE, SwiGLU MLP, layer scale) on the backbone's
     # final normed tokens, with the backbone's width and number of heads; then a LayerNorm.
     vision_num_blocks: int = 2
-    vision_intermediate_size: int = 2768  # SwiGLU width: 2/3 of 4 x 1024, rounded up to a multiple of 64
+    vision_intermediate_size: int = 2752  # SwiGLU width: int(2/3 x 4 x 1024) = 2730, rounded up to a multiple of 64
     vision_projection: bool = False  # a linear map (no bias) of the head's tokens to embed_dim / 2
     # The text transformer: token and position embeddings, pre-norm causal blocks with a GELU MLP,
     # a final LayerNorm, the end-of-text token (the largest id) pooled, then a linear map (no bias).
