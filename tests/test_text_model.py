@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import dino3
 from dino3.errors import CheckpointError, ConfigError, UnknownModelError, UsageError
+from dino3.models.text import infer_config
+from dino3.weights import formats
 from helpers import dinotxt_meta_files
 
 pytest.importorskip("ftfy")
@@ -279,6 +281,24 @@ def test_the_default_config_is_the_official_model():
     with torch.device("meta"):
         # Meta's DINOTxt at this shape has 866,611,713: 24 x 1024 more, the key biases its backbone masks to zero
         assert dino3.DINOv3TextModel(config).num_parameters() == 866_611_713 - 24 * 1024
+
+
+def test_the_official_preset_has_the_shapes_of_metas_official_files():
+    # official_shapes.json: every tensor of Meta's two files, from Meta's hub function (see the golden script)
+    official = json.loads((GOLDEN / "official_shapes.json").read_text(encoding="utf-8"))
+    head_and_text = {k: tuple(v) for k, v in official["head_and_text"].items()}
+    backbone = {k: tuple(v) for k, v in official["backbone"].items()}
+    config = dino3.presets.find_text_preset("dinotxt-vitl16").make_config()
+    with torch.device("meta"):
+        model = dino3.DINOv3TextModel(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = {k: v for k, v in shapes.items() if not k.startswith("backbone.")}
+    assert formats.expected_shapes(own, config, "meta")[0] == head_and_text
+    ours = {k.removeprefix("backbone."): v for k, v in shapes.items() if k.startswith("backbone.")}
+    expected, optional = formats.expected_shapes(ours, config.backbone_config, "meta")
+    assert {k: v for k, v in backbone.items() if k not in expected} == {"rope_embed.periods": (16,)}
+    assert expected == {k: v for k, v in backbone.items() if k in expected} and "rope_embed.periods" in optional
+    assert infer_config(head_and_text, config.backbone_config) == config  # heads: 1280 / 64 = 20
 
 
 def test_a_config_that_describes_no_model_is_refused():

@@ -29,6 +29,8 @@ Writes tests/golden/dinotxt/:
                                          the notebook's pixels, label features and window probabilities
   texts.json                             the corpus and Meta's token ids of each text; the segmentation's
                                          labels and templates
+  official_shapes.json                   the name and shape of every tensor of Meta's two official files,
+                                         from Meta's hub function's model built on the meta device
 """
 
 from __future__ import annotations
@@ -159,8 +161,24 @@ def main() -> None:
         "templates": SEGMENT_TEMPLATES,
     }
     (OUT / "texts.json").write_text(json.dumps(texts, indent=1) + "\n", encoding="utf-8")
+    (OUT / "official_shapes.json").write_text(json.dumps(official_shapes(), indent=0) + "\n", encoding="utf-8")
     sizes = {p.name: p.stat().st_size for p in sorted(OUT.iterdir())}
     print(json.dumps(sizes, indent=1), f"total {sum(sizes.values()) / 2**20:.2f} MiB")
+
+
+def official_shapes() -> dict:
+    """{"backbone": {name: shape}, "head_and_text": {name: shape}} of the official model, as Meta's hub
+    function builds it (on the meta device: no weights, no download)."""
+    from dinov3.hub.dinotxt import dinov3_vitl16_dinotxt_tet1280d20h24l
+
+    with torch.device("meta"):
+        model, _ = dinov3_vitl16_dinotxt_tet1280d20h24l(pretrained=False, bpe_path_or_url=str(BPE))
+    state = {k: list(v.shape) for k, v in model.state_dict().items()}
+    prefix = "visual_model.backbone."
+    return {
+        "backbone": {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+        "head_and_text": {k: v for k, v in state.items() if not k.startswith(prefix)},
+    }
 
 
 def notebook_segmentation(model, tokenizer) -> dict:
