@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def test_a_text_alone_and_images_in_chunks_give_the_batch_rows(model, golden):
             del model.cpu_chunk_bytes
 
 
+def test_bad_pixels_are_refused(model):
+    with pytest.raises(TypeError, match="image processor"):
+        model.encode_image([[0.0]])
+    with pytest.raises(ValueError, match="batch dimension"):
+        model.encode_image(torch.zeros(3, 32, 32))
+
+
 def test_bad_token_ids_are_refused(model):
     with pytest.raises(TypeError, match="token ids"):
         model.encode_text(torch.zeros(2, 77))
@@ -186,9 +194,11 @@ def test_save_and_load_round_trip_exactly(model, golden, tmp_path):
         for a, b in zip(model.encode_image_with_patch_tokens(pixels), loaded.encode_image_with_patch_tokens(pixels)):
             assert torch.equal(a, b)
         assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
-    # the backbone folder is an ordinary backbone checkpoint
+    # the backbone folder is an ordinary backbone checkpoint; the whole folder is no backbone
     backbone = dino3.load(tmp_path / "saved" / "backbone")
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.state_dict().items())
+    with pytest.raises(ConfigError, match="DINOv3TextModel.from_pretrained"):
+        dino3.load(tmp_path / "saved")
 
 
 def test_a_model_loads_in_bfloat16(meta_files, golden):
@@ -351,6 +361,14 @@ def test_the_tokenizer_is_safe_from_threads(tokenizer):
     with ThreadPoolExecutor(4) as pool:
         rows = list(pool.map(lambda t: fresh(t)[0], CORPUS["texts"] * 4))
     assert torch.equal(torch.stack(rows), tokenizer(CORPUS["texts"] * 4))
+
+
+def test_the_tokenizer_without_its_extra_says_which_to_install(monkeypatch):
+    from dino3.models.tokenizer import CLIPTokenizer
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # as if not installed
+    with pytest.raises(UsageError, match=r"dino3\[text\]"):
+        CLIPTokenizer()
 
 
 def test_the_tokenizer_refuses_bad_input(tokenizer, tmp_path):

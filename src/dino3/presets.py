@@ -365,6 +365,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> _Config:
     """A config of the class its `model_type` names."""
     model_type = data.get("model_type")
     classes = {cls.model_type: cls for cls in ARCHITECTURES.values()}
+    if model_type == DINOv3TextConfig.model_type:
+        raise ConfigError(
+            f"{source} describes a dino.txt model (images and texts), not a backbone: load it with "
+            "dino3.DINOv3TextModel.from_pretrained"
+        )
     if model_type not in classes:
         raise ConfigError(
             f"{source} has model_type {model_type!r}; dino3 loads {sorted(classes)} "

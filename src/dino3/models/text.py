@@ -238,6 +238,7 @@ class DINOv3TextModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As Meta's: (image embeddings (B, embed_dim), the head's patch tokens (B, h*w, embed_dim / 2),
         the backbone's final normed patch tokens (B, h*w, W)). Only the embeddings are normalised."""
+        pixel_values = self.backbone._check_pixels(pixel_values)  # a clear error for anything else; cast
         parts = [self._encode_image(chunk) for chunk in pixel_values.split(self._chunk_size(pixel_values))]
         features, patches, backbone_patches = (torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
         return (F.normalize(features, dim=-1) if normalize else features), patches, backbone_patches
@@ -254,8 +255,6 @@ class DINOv3TextModel(nn.Module):
         return torch.cat([head[:, 0], patches.mean(dim=1)], dim=-1), patches, tokens[:, prefix:]
 
     def _chunk_size(self, pixel_values: torch.Tensor) -> int:
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            return max(1, len(pixel_values))  # the backbone says what is wrong with it
         h, w = self.backbone.grid_size(*pixel_values.shape[-2:])
         widest = max(3 * self.config.vision_width, 2 * self.config.vision_intermediate_size)
         per_image = (self.backbone.num_prefix_tokens + h * w) * widest * self.dtype.itemsize
