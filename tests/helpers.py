@@ -89,3 +89,17 @@ def assert_same_features(a, b) -> None:
         assert np.array_equal(a, b)
     else:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def dinotxt_meta_files(folder):
+    """The small dino.txt pair of tests/golden (Meta's two .pth files, unzipped byte for byte into folder)."""
+    import gzip
+    from pathlib import Path
+
+    golden = Path(__file__).parent / "golden" / "dinotxt"
+    paths = []
+    for name in ("backbone", "head_and_text"):
+        path = Path(folder) / f"{name}.pth"
+        path.write_bytes(gzip.decompress((golden / f"{name}.pth.gz").read_bytes()))
+        paths.append(path)
+    return tuple(paths)

@@ -29,7 +29,7 @@ LAYERS = [
     ["dino3.api", "dino3.conversion"],
     ["dino3.pipeline", "dino3.recipe"],
     ["dino3.embed", "dino3.integrations"],
-    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.anomaly"],
+    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.anomaly", "dino3.text"],
     ["dino3.serve"],
     ["dino3.cli"],
 ]

@@ -12,7 +12,7 @@ import transformers
 import dino3
 from dino3.models import pretrained
 from dino3.weights import formats
-from helpers import randomize_
+from helpers import dinotxt_meta_files, randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0" * 40
@@ -37,6 +37,12 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     meta = formats.from_dino3(vits16.state_dict(), vits16.config, "meta")
     torch.save(meta, work / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     monkeypatch.setattr(pretrained, "check_file_hash", lambda path, expected: None)
+    # dino.txt's two files, as the README names them: the small pair of tests/golden (their hashes cannot match)
+    from dino3.models import text
+
+    for file, name in zip(dinotxt_meta_files(tmp_path), dino3.presets.find_text_preset("dinotxt-vitl16").files):
+        file.rename(work / name)
+    monkeypatch.setattr(text, "check_file_hash", lambda path, expected: None)
     monkeypatch.chdir(work)
     monkeypatch.setenv("DINO3_CACHE", str(tmp_path / "cache"))
 
@@ -51,3 +57,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["runtime_features"].shape == (1, 64)
     assert isinstance(namespace["pooled"][0], torch.Tensor)
     assert namespace["image"].grid == (48, 72) and namespace["rgb"].shape == (48, 72, 3)
+    assert namespace["similarity"].shape == (2, 2) and namespace["found"].label_map.shape == (400, 600)
+    assert (work / "dinotxt-saved" / "backbone" / "model.safetensors").is_file()

@@ -19,8 +19,10 @@ from ._version import __version__
 _EXPORTS = {
     "DINOv3ViTConfig": "dino3.config",
     "DINOv3ConvNextConfig": "dino3.config",
+    "DINOv3TextConfig": "dino3.config",
     "DINOv3ViTModel": "dino3.models.vit",
     "DINOv3ConvNextModel": "dino3.models.convnext",
+    "DINOv3TextModel": "dino3.models.text",
     "DINOv3Backbone": "dino3.models.backbone",
     "DINOv3Output": "dino3.models.outputs",
     "DINOv3ViTImageProcessor": "dino3.processing",
@@ -49,7 +51,7 @@ _EXPORTS = {
     "VideoError": "dino3.errors",
 }
 # dino3.pipeline(...) is callable; dino3.embed.run(...); dino3.probe.train(...); dino3.ray.embed(...) (Ray Data);
-# dino3.anomaly.fit(...)
+# dino3.anomaly.fit(...); dino3.text.classify(...) (dino.txt)
 _SUBMODULES = {
     "pipeline": "dino3.pipeline",
     "embed": "dino3.embed",
@@ -57,6 +59,7 @@ _SUBMODULES = {
     "dense": "dino3.dense",
     "index": "dino3.index",
     "anomaly": "dino3.anomaly",
+    "text": "dino3.text",
     "video": "dino3.video",
     "ray": "dino3.integrations.ray",
 }
@@ -80,9 +83,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import anomaly, dense, embed, index, pipeline, probe, video
+    from . import anomaly, dense, embed, index, pipeline, probe, text, video
     from .api import export_onnx, load, load_config
-    from .config import DINOv3ConvNextConfig, DINOv3ViTConfig
+    from .config import DINOv3ConvNextConfig, DINOv3TextConfig, DINOv3ViTConfig
     from .conversion import convert
     from .errors import (
         BackendError,
@@ -102,6 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.backbone import DINOv3Backbone
     from .models.convnext import DINOv3ConvNextModel
     from .models.outputs import DINOv3Output
+    from .models.text import DINOv3TextModel
     from .models.vit import DINOv3ViTModel
     from .presets import Preset, get_preset, list_models, register_preset
     from .processing import DINOv3ViTImageProcessor

@@ -344,3 +344,130 @@ def _is_number(value: Any) -> bool:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def _vitl16_backbone() -> DINOv3ViTConfig:
+    # DINOv3 ViT-L/16 (the `vitl16` preset; a test keeps the two equal): dino.txt's official backbone.
+    return DINOv3ViTConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_register_tokens=4
+    )
+
+
+@dataclass
+class DINOv3TextConfig(_Config):
+    """Configuration of a dino.txt model: a DINOv3 ViT backbone, a vision head on its tokens and a
+    causal text transformer, which embed images and texts in one space.
+
+    The defaults are Meta's official model (`dinov3_vitl16_dinotxt_tet1280d20h24l` in Meta's
+    `dinov3/hub/dinotxt.py`): ViT-L/16, a head of two blocks, a 24-layer text transformer of width
+    1280 with 20 heads, and a 2048-dimensional space (the head's CLS token and the mean of its patch
+    tokens, 1024 each). The head and the text tower have no biases on q, k and v, biases elsewhere,
+    and LayerNorms with eps 1e-5, as Meta's layers.
+    """
+
+    model_type: ClassVar[str] = "dinov3_dinotxt"
+    architecture_name: ClassVar[str] = "DINOv3TextModel"
+
+    backbone_config: DINOv3ViTConfig = field(default_factory=_vitl16_backbone)
+    # The joint space: [head CLS ; mean of head patches], each embed_dim / 2 wide.
+    embed_dim: int = 2048
+    # The vision head: blocks (self-attention without RoPE, SwiGLU MLP, layer scale) on the backbone's
+    # final normed tokens, with the backbone's width and number of heads; then a LayerNorm.
+    vision_num_blocks: int = 2
+    vision_intermediate_size: int = 2752  # SwiGLU width: int(2/3 x 4 x 1024) = 2730, rounded up to a multiple of 64
+    vision_projection: bool = False  # a linear map (no bias) of the head's tokens to embed_dim / 2
+    # The text transformer: token and position embeddings, pre-norm causal blocks with a GELU MLP,
+    # a final LayerNorm, the end-of-text token (the largest id) pooled, then a linear map (no bias).
+    text_hidden_size: int = 1280
+    text_num_hidden_layers: int = 24
+    text_num_attention_heads: int = 20  # not visible in the weights: CLIP's head size 64 is assumed
+    text_intermediate_size: int = 5120  # 4 x width
+    text_layer_scale: bool = False  # Meta's official text tower has none
+    text_projection: bool = True  # without it the text width must be embed_dim
+    context_length: int = 77  # CLIP's
+    vocab_size: int = 49408  # CLIP's BPE vocabulary
+    layer_norm_eps: float = 1e-5  # PyTorch's default, which Meta's head and text tower use
+    logit_scale_init: float = math.log(1 / 0.07)  # the initial logit scale of a randomly initialised model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone_config, dict):
+            self.backbone_config = DINOv3ViTConfig.from_dict(self.backbone_config)
+        super().__post_init__()
+
+    @property
+    def vision_width(self) -> int:
+        return self.backbone_config.hidden_size
+
+    def head_block_config(self) -> DINOv3ViTConfig:
+        """The vision head's blocks, described as blocks of a ViT (dino3 runs them with its ViT blocks)."""
+        backbone = self.backbone_config
+        return DINOv3ViTConfig(
+            hidden_size=backbone.hidden_size,
+            num_attention_heads=backbone.num_attention_heads,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=max(self.vision_num_blocks, 1),
+            use_gated_mlp=True,
+            hidden_act="silu",
+            query_bias=False,
+            key_bias=False,
+            value_bias=False,
+            layer_norm_eps=self.layer_norm_eps,
+        )
+
+    # -- dict / JSON: the backbone's config nests ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict() | {"backbone_config": self.backbone_config.to_dict()}
+        return dict(sorted(out.items()))
+
+    def describe(self) -> list[str]:
+        """Lines that say what this architecture is."""
+        text_heads = f"{self.text_num_attention_heads} heads"
+        return [
+            *self.backbone_config.describe(),
+            f"vision head    {self.vision_num_blocks} blocks on the backbone's tokens, "
+            f"SwiGLU {self.vision_intermediate_size}",
+            f"text           {self.text_num_hidden_layers} causal blocks, width {self.text_hidden_size}, {text_heads}, "
+            f"context {self.context_length}, vocabulary {self.vocab_size}",
+            f"space          {self.embed_dim} dimensions (head CLS + mean of head patches)",
+        ]
+
+    def validate(self) -> None:
+        if not isinstance(self.backbone_config, DINOv3ViTConfig):
+            raise ConfigError(
+                f"backbone_config must be a DINOv3ViTConfig (or its dict), got {type(self.backbone_config).__name__}"
+            )
+        self._positive_int(
+            "embed_dim",
+            "vision_intermediate_size",
+            "text_hidden_size",
+            "text_num_hidden_layers",
+            "text_num_attention_heads",
+            "text_intermediate_size",
+            "context_length",
+            "vocab_size",
+        )
+        if isinstance(self.vision_num_blocks, bool) or not isinstance(self.vision_num_blocks, int):
+            raise ConfigError(f"vision_num_blocks must be an integer, got {self.vision_num_blocks!r}")
+        if self.vision_num_blocks < 0:
+            raise ConfigError(f"vision_num_blocks must be >= 0, got {self.vision_num_blocks}")
+        self._bool("vision_projection", "text_layer_scale", "text_projection")
+        self._positive_number("layer_norm_eps")
+        if not _is_number(self.logit_scale_init) or not math.isfinite(self.logit_scale_init):
+            raise ConfigError(f"logit_scale_init must be a finite number, got {self.logit_scale_init!r}")
+        if self.text_hidden_size % self.text_num_attention_heads:
+            raise ConfigError(
+                f"text_hidden_size ({self.text_hidden_size}) must be divisible by text_num_attention_heads "
+                f"({self.text_num_attention_heads})"
+            )
+        if self.embed_dim % 2:
+            raise ConfigError(f"embed_dim ({self.embed_dim}) must be even: half CLS token, half mean patch token")
+        if not self.vision_projection and self.embed_dim != 2 * self.vision_width:
+            raise ConfigError(
+                f"embed_dim ({self.embed_dim}) must be twice the backbone's width ({self.vision_width}) when the "
+                "vision head has no projection (vision_projection=False)"
+            )
+        if not self.text_projection and self.embed_dim != self.text_hidden_size:
+            raise ConfigError(
+                f"embed_dim ({self.embed_dim}) must equal text_hidden_size ({self.text_hidden_size}) when the text "
+                "tower has no projection (text_projection=False)"
+            )

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
+from .config import DINOv3ConvNextConfig, DINOv3TextConfig, DINOv3ViTConfig, _Config
 from .errors import ConfigError, UnknownModelError
 
 # name -> config class; the model_type of each class names the architecture in config.json files.
@@ -343,6 +343,11 @@ def find_preset(name: str) -> Preset | None:
 def get_preset(name: str) -> Preset:
     """Like `find_preset`, but an unknown name is an error that suggests the closest names."""
     preset = find_preset(name)
+    if preset is None and find_text_preset(name) is not None:
+        raise UnknownModelError(
+            f"{name!r} is a dino.txt model (images and texts), not a backbone: load it with "
+            f"dino3.DINOv3TextModel.from_pretrained({find_text_preset(name).name!r})"
+        )
     if preset is None:
         close = difflib.get_close_matches(str(name).lower(), _REGISTRY.spellings(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -360,6 +365,11 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> _Config:
     """A config of the class its `model_type` names."""
     model_type = data.get("model_type")
     classes = {cls.model_type: cls for cls in ARCHITECTURES.values()}
+    if model_type == DINOv3TextConfig.model_type:
+        raise ConfigError(
+            f"{source} describes a dino.txt model (images and texts), not a backbone: load it with "
+            "dino3.DINOv3TextModel.from_pretrained"
+        )
     if model_type not in classes:
         raise ConfigError(
             f"{source} has model_type {model_type!r}; dino3 loads {sorted(classes)} "
@@ -374,3 +384,74 @@ def architecture_of(model_type: str) -> str:
         if cls.model_type == model_type:
             return name
     raise ConfigError(f"model_type {model_type!r} is not a DINOv3 architecture dino3 knows")
+
+
+# -- dino.txt: a backbone plus Meta's file of the vision head and text tower --------------------------------
+# Meta distributes dino.txt's weights from its own servers after a request form (no hub holds them): the
+# backbone's .pth and one .pth of the vision head and text encoder. dino.txt's tokenizer vocabulary
+# (CLIP's, MIT) ships with dino3.
+DINOV3_DOWNLOADS = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
+@dataclass(frozen=True)
+class TextPreset:
+    """A dino.txt model: its backbone (a backbone preset, loaded from Meta's file), Meta's file of the
+    vision head and text tower, and their architecture (DINOv3TextConfig fields that differ from the
+    defaults, which are the official model's)."""
+
+    name: str  # e.g. "dinotxt-vitl16"
+    backbone: str  # the backbone's preset name, e.g. "vitl16"
+    text_file: str  # Meta's file name of the vision head and text encoder, with its hash suffix
+    config: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "LVTD-2300M"  # the image-text pairs the head and text tower were trained on
+    params: str = ""
+    license: str = DINOV3_LICENSE
+    download: str = DINOV3_DOWNLOADS  # where the files are requested
+    aliases: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def backbone_preset(self) -> Preset:
+        return get_preset(self.backbone)
+
+    @property
+    def files(self) -> tuple[str, str]:
+        """Meta's file names: the backbone's, then the vision head and text encoder's."""
+        return self.backbone_preset.meta_file, self.text_file
+
+    @property
+    def text_hash(self) -> str | None:
+        match = _META_FILE.match(self.text_file)
+        return match.group("hash") if match else None
+
+    def make_config(self) -> DINOv3TextConfig:
+        return DINOv3TextConfig(backbone_config=self.backbone_preset.make_config(), **self.config)
+
+
+_TEXT_PRESETS = {
+    preset.name: preset
+    for preset in [
+        TextPreset(
+            name="dinotxt-vitl16",
+            backbone="vitl16",
+            text_file="dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth",
+            params="866M",  # 303M backbone, 25M vision head, 538M text tower
+            aliases=("dinov3_vitl16_dinotxt_tet1280d20h24l", "dinotxt"),
+        )
+    ]
+}
+
+
+def find_text_preset(name: str) -> TextPreset | None:
+    """The dino.txt preset a name or alias refers to, or None."""
+    key = str(name).strip().lower()
+    return next((p for p in _TEXT_PRESETS.values() if key == p.name or key in p.aliases), None)
+
+
+def list_text_models() -> list[str]:
+    """Short names of the known dino.txt models."""
+    return list(_TEXT_PRESETS)
+
+
+def text_preset_for_file(file_name: str) -> TextPreset | None:
+    """The dino.txt preset whose vision head and text file this exact name is, or None."""
+    return next((p for p in _TEXT_PRESETS.values() if p.text_file == file_name), None)

@@ -11,6 +11,10 @@ becomes `target_size`, keeping the aspect ratio, and brings both sides to a mult
 normalisation, i.e. the mean colour, at the bottom and right) or `fit="resize"` (round each side to
 the nearest multiple: a tiny stretch, as Meta's notebooks do). The result carries each image's patch
 grid size.
+
+`reference="torchvision"` computes as torchvision's transforms do instead (Meta's eval transforms,
+which dino.txt uses: `for_dinotxt`): the 8-bit image is resized by torch's uint8 kernel and rounded
+to 8 bits, the crop's corner is rounded (not floored), and only then is it rescaled and normalised.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ FITS = ("crop", "pad", "resize")
 # The longest side an image may be resized to (16384 px, as the ONNX export's largest size). A guard
 # against inputs such as a 1x50000 strip, which keep_aspect="shorter" would blow up; raise it at will.
 MAX_SIDE = 16384
+# Whose arithmetic the processor reproduces: Transformers' (rescale, then resize the float image) or
+# torchvision's on uint8 images (resize the 8-bit image, round, then rescale), which Meta's eval transforms use.
+REFERENCES = ("transformers", "torchvision")
+# Meta's dino.txt transform (`make_classification_eval_transform`): shorter side to 256 (bicubic), centre 224.
+DINOTXT_PROCESSING = {
+    "size": {"shortest_edge": 256},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "reference": "torchvision",
+}
 
 
 class BatchFeature(dict):
@@ -97,6 +112,7 @@ class DINOv3ViTImageProcessor:
         jpeg_draft: bool = False,
         alpha: str = "white",
         max_side: int = MAX_SIDE,
+        reference: str = "transformers",
         **extra: Any,
     ) -> None:
         self.do_resize = do_resize
@@ -117,6 +133,7 @@ class DINOv3ViTImageProcessor:
         self.jpeg_draft = jpeg_draft
         self.alpha = alpha
         self.max_side = max_side
+        self.reference = reference
         self.extra = extra  # other preprocessor_config.json keys, written back unchanged
         self.validate()
 
@@ -142,6 +159,7 @@ class DINOv3ViTImageProcessor:
         "jpeg_draft": False,
         "alpha": "white",
         "max_side": MAX_SIDE,
+        "reference": "transformers",
     }
 
     def validate(self) -> None:
@@ -155,6 +173,8 @@ class DINOv3ViTImageProcessor:
                 raise ConfigError(f"{name} needs 1 or 3 numbers, got {values}")
         if any(s == 0 for s in self.image_std):
             raise ConfigError("image_std must not contain 0")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.alpha not in ("white", "drop"):
             raise ConfigError(f"alpha must be 'white' or 'drop', got {self.alpha!r}")
         for name in ("patch_size", "max_side"):
@@ -241,6 +261,12 @@ class DINOv3ViTImageProcessor:
         return cls(**{"image_mean": preset.image_mean, "image_std": preset.image_std, "size": size, **overrides})
 
     @classmethod
+    def for_dinotxt(cls, **overrides: Any) -> DINOv3ViTImageProcessor:
+        """Meta's dino.txt transform: shorter side to 256 (bicubic), centre crop 224, ImageNet statistics,
+        in torchvision's arithmetic (equal to Meta's `make_classification_eval_transform` on uint8 images)."""
+        return cls(**{**DINOTXT_PROCESSING, **overrides})
+
+    @classmethod
     def for_model(cls, model: Any, **overrides: Any) -> DINOv3ViTImageProcessor:
         """The processor that goes with a loaded model (a dino3 model or runtime); see for_checkpoint."""
         preset, source = getattr(model, "preset", None), getattr(model, "name_or_path", None)
@@ -325,8 +351,9 @@ class DINOv3ViTImageProcessor:
     def _process_batch(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float images of one size -> (B, 3, H', W') float32 pixel values."""
         x = images
-        if x.dtype == torch.uint8:
-            x = x * self.rescale_factor if self.do_rescale else x.to(torch.float32)
+        # Transformers rescales the uint8 image first; torchvision resizes and crops it as uint8.
+        if x.dtype == torch.uint8 and self.reference == "transformers":
+            x = self._rescale(x)
         # float inputs are already in [0, 1] (dino3.images checks it): no second rescale
         if self.keep_aspect is not None:
             x = self._resize_keep_aspect(x)
@@ -334,12 +361,21 @@ class DINOv3ViTImageProcessor:
             if self.do_resize:
                 x = _resize(x, _output_size(tuple(x.shape[-2:]), self.size), RESAMPLE_MODES[self.resample])
             if self.do_center_crop and self.crop_size:
-                x = _center_crop(x, self.crop_size["height"], self.crop_size["width"])
+                x = _center_crop(x, self.crop_size["height"], self.crop_size["width"], self._round_corner)
+        if x.dtype == torch.uint8:
+            x = self._rescale(x)
         if self.do_normalize:
             x = _normalize(x, self.image_mean, self.image_std)
         if self.keep_aspect is not None and self.fit == "pad":
             x = _pad_to_multiple(x, self.patch_size)
         return x
+
+    def _rescale(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.rescale_factor if self.do_rescale else x.to(torch.float32)
+
+    @property
+    def _round_corner(self) -> bool:
+        return self.reference == "torchvision"
 
     def _draft_size(self) -> tuple[int, int] | None:
         """The smallest size a JPEG may be decoded at in draft mode, or None (decode at full size)."""
@@ -367,7 +403,7 @@ class DINOv3ViTImageProcessor:
         x = _resize(x, (h, w), RESAMPLE_MODES[self.resample])
         if self.fit == "crop":
             p = self.patch_size
-            x = _center_crop(x, max(p, h // p * p), max(p, w // p * p))
+            x = _center_crop(x, max(p, h // p * p), max(p, w // p * p), self._round_corner)
         return x
 
 
@@ -403,17 +439,25 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
         return x  # torchvision returns the input unchanged too
     if mode == "nearest-exact":
         return F.interpolate(x, size=size, mode=mode)
+    if x.dtype == torch.uint8:  # torchvision's uint8 path: torch's own uint8 kernel, else float, clamp, round
+        try:
+            return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+        except (RuntimeError, NotImplementedError):  # a torch without that uint8 kernel
+            y = F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=True)
+            return y.clamp_(0, 255).round_().to(torch.uint8)
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
 
 
-def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _center_crop(x: torch.Tensor, height: int, width: int, round_corner: bool = False) -> torch.Tensor:
     H, W = x.shape[-2:]
     if height > H or width > W:  # pad with zeros first, as torchvision's center_crop
         left, top = max(width - W, 0) // 2, max(height - H, 0) // 2
         right, bottom = (max(width - W, 0) + 1) // 2, (max(height - H, 0) + 1) // 2
         x = F.pad(x, (left, right, top, bottom))
         H, W = x.shape[-2:]
-    top, left = int((H - height) / 2.0), int((W - width) / 2.0)
+    # The corner: floored as Transformers does, or rounded (half to even) as torchvision does.
+    place = round if round_corner else int
+    top, left = int(place((H - height) / 2.0)), int(place((W - width) / 2.0))
     return x[..., top : top + height, left : left + width]
 
 

@@ -1,7 +1,7 @@
 """`dino3 anomaly fit` and `dino3 anomaly score`: few-shot anomaly detection (dino3.anomaly).
 
-    dino3 anomaly fit good/ -m vits16 -o detector/
-    dino3 anomaly score new/ --detector detector/ --json scores.json -o maps/
+dino3 anomaly fit good/ -m vits16 -o detector/
+dino3 anomaly score new/ --detector detector/ --json scores.json -o maps/
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     use_threads(args)
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise UsageError(f"{output} is not empty; pass --overwrite to replace a detector there")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / "detector.json").exists():
+            raise UsageError(f"{output} is not empty and holds no detector; give a new or empty folder")
+        if not args.overwrite:
+            raise UsageError(f"{output} holds a detector; pass --overwrite to replace it")
     paths, skipped = _images(args.images)
     if skipped:
         report_failures(skipped, "inputs were skipped")
@@ -120,7 +123,9 @@ def add_commands(commands: Any) -> None:
     fit.add_argument("--resolution", type=positive_int, default=448, help="shorter side in pixels (default: 448)")
     fit.add_argument("--no-rotate", action="store_true", help="no rotated copies of the good images in the memory")
     fit.add_argument("--masking", action="store_true", help="mask the background (objects on a plain background)")
-    fit.add_argument("--threshold", type=positive_float, help="flag images scoring above this (default: from the goods)")
+    fit.add_argument(
+        "--threshold", type=positive_float, help="flag images scoring above this (default: from the good images)"
+    )
     fit.add_argument("--dtype", choices=("float32", "bfloat16"), help="model dtype (default: float32)")
     fit.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
     fit.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8)")

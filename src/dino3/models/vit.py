@@ -84,16 +84,17 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         num_prefix: int,
         implementation: str = "sdpa",
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, D = x.shape
         q, k, v = self.project_qkv(x)
-        q = apply_rope(q, cos, sin, num_prefix)
-        k = apply_rope(k, cos, sin, num_prefix)
+        if cos is not None:  # None: tokens without positions (dino.txt's vision head)
+            q = apply_rope(q, cos, sin, num_prefix)
+            k = apply_rope(k, cos, sin, num_prefix)
         dropout = self.dropout if self.training else 0.0
 
         weights = None
@@ -163,8 +164,8 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         num_prefix: int,
         implementation: str = "sdpa",
         need_weights: bool = False,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..config import DINOv3ConvNextConfig, DINOv3ViTConfig, _Config
+from ..config import DINOv3ConvNextConfig, DINOv3TextConfig, DINOv3ViTConfig, _Config
 from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
@@ -311,10 +311,57 @@ def _convnext_extras(config: DINOv3ConvNextConfig, layout: str) -> list[Extra]:
     return extras + [Extra("projectors.", prefix=True)]
 
 
+# -- the dino.txt table: the vision head and the text tower (the backbone is a ViT, stored apart) --------------
+# Meta's names are those of its `DINOTxt` module (dinov3/eval/text): one file holds the vision head and
+# the text tower, the backbone is the ViT's own file. dino3 saves the head and text tower under the same
+# names, so only the Meta layout exists.
+DINOTXT_PERIODS = "visual_model.backbone.rope_embed.periods"  # the backbone's RoPE periods, when saved here
+
+
+def _dinotxt_rows(config: DINOv3TextConfig) -> list[Row]:
+    pairs = [("logit_scale", "logit_scale")]
+    for i in range(config.vision_num_blocks):
+        ours, meta = f"vision_head.blocks.{i}.", f"visual_model.head.blocks.{i}."
+        for name in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias"):
+            pairs.append((ours + name, meta + name))
+        for name in ("norm2.weight", "norm2.bias"):
+            pairs.append((ours + name, meta + name))
+        pairs += [(ours + "ls1", meta + "ls1.gamma"), (ours + "ls2", meta + "ls2.gamma")]
+        for leaf in ("weight", "bias"):  # SwiGLU: fc1 = [gate (w1); up (w2)], fc2 = w3
+            pairs.append((ours + f"mlp.fc1.{leaf}", Joined(meta + f"mlp.w1.{leaf}", meta + f"mlp.w2.{leaf}")))
+            pairs.append((ours + f"mlp.fc2.{leaf}", meta + f"mlp.w3.{leaf}"))
+    pairs += [(f"vision_head.norm.{leaf}", f"visual_model.head.ln_final.{leaf}") for leaf in ("weight", "bias")]
+    pairs.append(("vision_head.projection.weight", "visual_model.head.linear_projection.weight"))
+    text = "text_model.backbone."
+    pairs += [("text.token_embedding.weight", text + "token_embedding.weight")]
+    pairs += [("text.position_embedding", text + "positional_embedding")]
+    block = {
+        "norm1": "attention_norm",
+        "qkv": "attention.qkv",
+        "proj": "attention.proj",
+        "norm2": "ffn_norm",
+        "fc1": "feed_forward.fc1",
+        "fc2": "feed_forward.fc2",
+    }
+    for j in range(config.text_num_hidden_layers):
+        for ours, meta in block.items():
+            for leaf in ("weight", "bias"):
+                pairs.append((f"text.blocks.{j}.{ours}.{leaf}", f"{text}blocks.{j}.{meta}.{leaf}"))
+        pairs += [(f"text.blocks.{j}.ls{k}", f"{text}blocks.{j}.ls{k}.gamma") for k in (1, 2)]
+    pairs += [(f"text.norm.{leaf}", f"{text}ln_final.{leaf}") for leaf in ("weight", "bias")]
+    pairs.append(("text.projection.weight", "text_model.head.linear_projection.weight"))
+    return [Row(ours, {"meta": meta}) for ours, meta in pairs]
+
+
+def _dinotxt_extras(config: DINOv3TextConfig, layout: str) -> list[Extra]:
+    return [Extra(DINOTXT_PERIODS)] if layout == "meta" else []
+
+
 # -- the tables, by architecture ----------------------------------------------------------------------------
 _TABLES: dict[str, tuple[Callable[[Any], list[Row]], Callable[[Any, str], list[Extra]]]] = {
     DINOv3ViTConfig.model_type: (_vit_rows, _vit_extras),
     DINOv3ConvNextConfig.model_type: (_convnext_rows, _convnext_extras),
+    DINOv3TextConfig.model_type: (_dinotxt_rows, _dinotxt_extras),
 }
 
 
