@@ -23,7 +23,16 @@ import dino3.anomaly as anomaly
 from dino3.anomaly import Masking, Settings, fit_features, image_score, pixel_map
 from dino3.errors import ImageError, UsageError
 
-PHOTOS = Path("/work/shared/data/photos")
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "examples" / "images"
+TEXTURES = ROOT / "tests" / "data"  # brick.png, grass.png
+
+
+def photo(name: str) -> Path:
+    """A photo of examples/images, or a texture of tests/data."""
+    return PHOTOS / name if (PHOTOS / name).exists() else TEXTURES / name
+
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SIZE = 224  # px: the crops, and the resolution the tests use (a 14 x 14 patch grid)
 
@@ -71,7 +80,7 @@ def test_the_golden_features_are_what_dino3_makes(tmp_path):
 
     meta, grids, _ = golden()
     maker = anomaly.FeatureMaker.for_model(str(save_small_vit(tmp_path, seed=0)), resolution=meta["resolution"])
-    made = maker.features([str(PHOTOS / image["name"]) for image in meta["images"]])
+    made = maker.features([str(photo(image["name"])) for image in meta["images"]])
     for (item,), grid, image in zip(made, grids, meta["images"]):
         assert list(item.resized) == image["resized"]
         assert item.grid.shape == grid.shape
@@ -81,7 +90,7 @@ def test_the_golden_features_are_what_dino3_makes(tmp_path):
 # -- synthetic defects ---------------------------------------------------------------------------------------------
 def jittered(name: str, count: int, seed: int) -> list[np.ndarray]:
     """`count` takes of the centre of a photo: gain 0.95-1.05 and pixel noise (sd 3 levels)."""
-    image = np.asarray(Image.open(PHOTOS / name).convert("RGB"), dtype=np.float64)
+    image = np.asarray(Image.open(photo(name)).convert("RGB"), dtype=np.float64)
     top, left = (image.shape[0] - SIZE) // 2, (image.shape[1] - SIZE) // 2
     centre = image[top : top + SIZE, left : left + SIZE]
     rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ virtual environment of its own):
     PYTHONPATH=src:tests python tests/golden/make_anomaly_golden.py --anomalib-python /work/venvs/anomalib/bin/python
 
 It runs in two steps. Here (dino3's environment): the small random-weight ViT of tests/helpers.py
-(`save_small_vit`, seed 0) turns six photos of data/photos (three good, three to score) into patch
+(`save_small_vit`, seed 0) turns six photos of examples/images (three good, three to score) into patch
 features at 160 px (shorter side, the anomaly room's preprocessing), written to
 tests/golden/anomaly_features.safetensors. Then, in anomalib's environment (`--reference`), those
 features are given to `anomalib.models.image.anomaly_dino.torch_model.AnomalyDINOModel.forward` in
@@ -40,7 +40,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FEATURES = HERE / "anomaly_features.safetensors"
 GOLDEN = HERE / "anomaly_golden.safetensors"
-PHOTOS = Path("/work/shared/data/photos")
+ROOT = Path(__file__).resolve().parents[2]
+PHOTOS = ROOT / "examples" / "images"
+
 GOOD = ["coffee.png", "chelsea.png", "astronaut.png"]
 SCORED = ["camera.png", "horse.png", "rocket.jpg"]
 RESOLUTION = 160
