@@ -183,7 +183,8 @@ def _fit_logreg(x, y, fit_rows, held, num_classes, C, validation) -> tuple[dict,
     if len(held):
         grid = logreg.C_GRID if C is None else (float(C),)
         chosen = logreg.sweep(x[fit_rows], y[fit_rows], x[held], y[held], num_classes, grid)
-        validation.update(scores=[[c, s] for c, s in chosen.scores.items()], best=chosen.scores[chosen.C])
+        scores = chosen.mean_scores()
+        validation.update(scores=[[c, s] for c, s in scores.items()], best=scores[chosen.C])
         C, init = chosen.C, chosen.model
     final = logreg.fit(x, y, num_classes, float(C), init=init)
     solver = {"name": "lbfgs", "tol": logreg.TOL, "sweep_tol": logreg.SWEEP_TOL, "max_iter": logreg.MAX_ITER}
