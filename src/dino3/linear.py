@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._progress import progress_bar
 from .errors import UsageError
 
 SOLVERS = ("lbfgs", "newton")
@@ -278,9 +279,10 @@ def sweep(
     solver: str = "lbfgs",
     tol: float = 1e-4,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> Sweep:
     """Fit each C of the grid (smallest first, warm-started) on the training part and score it on
-    the held-out part; the best score wins, the smallest C among equals."""
+    the held-out part; the best score wins, the smallest C among equals. `progress`: a bar on stderr."""
     if metric not in METRICS:
         raise UsageError(f"metric must be one of {METRICS}, got {metric!r}")
     cs = tuple(float(c) for c in cs)
@@ -288,11 +290,13 @@ def sweep(
         raise UsageError("the grid of C is empty")
     X = train_features.to(torch.float64)
     model, found, best = None, {}, None
-    for C in sorted(cs):
-        model = fit(X, train_labels, num_classes, C, solver=solver, tol=tol, max_iter=max_iter, init=model)
-        found[C] = score(model, val_features, val_labels, metric)
-        if best is None or found[C] > found[best[0]]:
-            best = (C, model)
+    with progress_bar(len(cs), "choosing C", "C", progress) as bar:
+        for C in sorted(cs):
+            model = fit(X, train_labels, num_classes, C, solver=solver, tol=tol, max_iter=max_iter, init=model)
+            found[C] = score(model, val_features, val_labels, metric)
+            if best is None or found[C] > found[best[0]]:
+                best = (C, model)
+            bar.update(1)
     table = torch.tensor([[found[c] for c in cs]], dtype=torch.float64)
     return Sweep(cs, table, best[0], metric, [0], best[1])
 

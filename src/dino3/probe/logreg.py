@@ -48,10 +48,11 @@ def sweep(
     *,
     tol: float = SWEEP_TOL,
     max_iter: int = MAX_ITER,
+    progress: bool = False,
 ) -> Sweep:
     """Meta's choice of C: each C of the grid fitted on the training part, scored by held-out top-1
     accuracy; the best wins, the smallest C among equals (as Meta's tracker picks)."""
     return linear.sweep(
         train_features, train_labels, val_features, val_labels, num_classes, grid,
-        metric="accuracy", solver="lbfgs", tol=tol, max_iter=max_iter,
+        metric="accuracy", solver="lbfgs", tol=tol, max_iter=max_iter, progress=progress,
     )  # fmt: skip
