@@ -327,7 +327,10 @@ class ForegroundClassifier:
             sweep = Sweep(cs, tensors["sweep_scores"], float(metadata["C"]), "average_precision", folds)
         quality = None
         if "quality" in metadata:
-            quality = Quality(**json.loads(metadata["quality"]))
+            try:
+                quality = Quality(**json.loads(metadata["quality"]))
+            except (ValueError, TypeError):
+                raise UsageError(f"{path}: its quality record is damaged; train the classifier again") from None
         return cls(
             weight=tensors["weight"].to(torch.float64),
             bias=float(tensors["bias"][0]),
