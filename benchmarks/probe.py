@@ -58,7 +58,7 @@ def sweep_rows(n: int, dim: int, classes: int, peers: bool, meta_cs: int) -> lis
     shape = f"{n:,} x {dim}, {classes} classes"
     rows = [
         f"| {shape} | dino3 (torch L-BFGS, float64) | 45 | {total:.1f} (sweep {swept:.1f}, final fit "
-        f"{total - swept:.1f}) | {found.C:.3g} | {found.scores[found.C]:.4f} |"
+        f"{total - swept:.1f}) | {found.C:.3g} | {found.mean_scores()[found.C]:.4f} |"
     ]
     print(rows[-1], flush=True)
     if not peers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -223,6 +224,115 @@ def test_foreground_train_names_a_mask_of_another_size_and_goes_on(small, tmp_pa
     assert set(np.unique(np.asarray(written))) <= {0, 255}
 
 
+def test_foreground_train_says_its_average_precision_and_when_it_is_weak(small, tmp_path, capsys):
+    """Issue 28: four masked scenes choose C = 0.01 (every C ranks the patches perfectly, and the
+    smallest wins), whose probabilities stay under 0.5: the masks of new images were all black, and
+    nothing said so. Bugs planted: the summary line not printed; the warning not printed; the
+    quality measured without the median filter and threshold of `mask()`."""
+    pairs = _horse_scenes(tmp_path, count=4)
+    images = [str(i) for i, _ in pairs]
+    train = ["foreground", "train", *images, "--masks", str(tmp_path / "masks"), "-m", str(small), "--height", "192"]
+    weak = tmp_path / "weak.safetensors"
+    capsys.readouterr()
+    assert main([*train, "-o", str(weak)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"validation average precision 1\.000 \(leave-one-image-out; a guess scores 0\.111\)", err)
+    assert "the masks find 0% of the foreground" in err
+    assert "warning: this classifier is weak: on its own training images its masks find only 0% of the" in err
+    assert "--C 0.1" in err
+    assert dense.ForegroundClassifier.load(weak).quality.weak  # stored with the classifier
+
+    out = tmp_path / "masks-out"
+    assert main(["foreground", images[3], "-m", str(small), "--classifier", str(weak), "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {weak} is weak" in err and "warning: 1 of 1 masks are empty" in err
+
+    good = tmp_path / "good.safetensors"
+    assert main([*train, "-o", str(good), "--C", "0.1"]) == 0
+    err = capsys.readouterr().err
+    assert "no validation (C given; a guess would score 0.111)" in err and "find 71% of the foreground" in err
+    assert "warning" not in err
+    assert main(["foreground", images[3], "-m", str(small), "--classifier", str(good), "-o", str(out), "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_quality_names_each_weakness():
+    """Bugs planted: the average-precision test dropped (AP 0.13 against a 0.11 guess passed), the
+    probability test dropped, the false-alarm test dropped."""
+    fine = dense.Quality(validation_ap=0.95, foreground_share=0.11, found=0.9, false_alarms=0.02, top_probability=0.99)
+    assert fine.problems == [] and not fine.weak
+    guess = dense.Quality(0.13, 0.11, 0.9, 0.02, 0.99)  # the issue's 0.13, against its foreground share
+    assert guess.weak and "near the 0.11 that a guess scores" in guess.problems[0]
+    assert dense.Quality(0.60, 0.30, 0.9, 0.02, 0.99).weak  # under half-way from a guess to 1
+    assert not dense.Quality(0.70, 0.30, 0.9, 0.02, 0.99).weak
+    never = dense.Quality(None, 0.11, 0.0, 0.0, 0.4)
+    assert never.problems == [
+        "its probabilities never reach 0.5 on its own training images (at most 0.40): its masks are empty"
+    ]
+    assert "its masks mark 80% of the background" in dense.Quality(None, 0.11, 0.9, 0.8, 0.99).problems[0]
+
+
+def test_mask_overlay_tints_the_foreground_and_dims_the_rest():
+    """Bug planted: the overlay drawn with the mask's rows and columns swapped (a transposed mask)."""
+    image = torch.full((3, 32, 48), 100, dtype=torch.uint8)
+    mask = torch.tensor([[True, False, False], [False, False, False]])  # (2, 3) patches of 16 px
+    overlay = dense.render.mask_overlay(image, mask)
+    assert overlay.shape == (32, 48, 3) and overlay.dtype == np.uint8
+    tint = np.rint(0.6 * 100 + 0.4 * np.array(dense.render.OVERLAY_TINT))
+    assert (overlay[:16, :16] == tint).all()
+    assert (overlay[16:, :] == 35).all() and (overlay[:16, 16:] == 35).all()
+
+
+def test_foreground_writes_each_mask_over_its_image(small, tmp_path):
+    pairs = _horse_scenes(tmp_path, count=1)
+    out = tmp_path / "out"
+    assert main(["foreground", str(pairs[0][0]), "-m", str(small), "--classifier", "auto", "-o", str(out), "-q"]) == 0
+    mask = np.asarray(Image.open(out / "scene0.png"))
+    overlay = np.asarray(Image.open(out / "overlays" / "scene0.png"))
+    photo = np.asarray(Image.open(pairs[0][0]).convert("RGB"))
+    assert overlay.shape == photo.shape and mask.shape == photo.shape[:2]
+    outside = mask == 0
+    assert np.abs(overlay[outside].astype(int) - np.rint(0.35 * photo[outside])).max() <= 1
+    assert (overlay[~outside] != np.rint(0.35 * photo[~outside])).any()
+
+
+def test_a_long_dense_command_shows_progress_unless_quiet(small, tmp_path, capsys):
+    """Issue 28: `dino3 pca` on a folder was silent for minutes. Bug planted: no bar (progress off)."""
+    inputs = [str(PHOTOS / "chelsea.png"), str(PHOTOS / "coffee.png")]
+    capsys.readouterr()
+    assert main(["pca", *inputs, "-m", str(small), "--height", "64", "-o", str(tmp_path / "a")]) == 0
+    assert re.search(r"PCA: 100%.*2/2", capsys.readouterr().err)
+    assert main(["pca", *inputs, "-m", str(small), "--height", "64", "-o", str(tmp_path / "b"), "-q"]) == 0
+    assert "2/2" not in capsys.readouterr().err
+
+
+def test_masks_are_paired_by_name_even_with_glob_characters(tmp_path):
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (32, 16), 255).save(tmp_path / "masks" / "a[1].png")
+    Image.new("L", (32, 16), 0).save(tmp_path / "masks" / "a1.png")  # what an unescaped glob would also find
+    Image.new("RGB", (32, 16)).save(tmp_path / "a[1].jpg")
+    image, mask = dense.read_pair(tmp_path / "a[1].jpg", tmp_path / "masks")
+    assert image.shape == (3, 16, 32) and mask.shape == (16, 32) and float(mask.min()) == 1.0
+    with pytest.raises(dino3.ImageError, match="no mask for it"):
+        dense.mask_for(tmp_path / "b.jpg", tmp_path / "masks")
+
+
+def test_mask_drops_a_lone_patch_the_median_filter_removes():
+    """Issue 31. Bug planted: `mask()` without its 3x3 median filter: a lone high-probability patch
+    came through as foreground."""
+    classifier = dense.ForegroundClassifier(weight=torch.tensor([1.0, 0.0], dtype=torch.float64), bias=0.0, C=1.0)
+    logit = torch.full((7, 9), -6.0)
+    logit[1, 1] = 6.0  # a lone patch
+    logit[3:6, 4:7] = 6.0  # a 3x3 object
+    grid = torch.stack([logit, torch.zeros_like(logit)], dim=-1)  # (7, 9, 2)
+    mask = classifier.mask(grid)
+    assert not mask[1, 1] and mask[4, 5]
+    from scipy.signal import medfilt2d
+
+    expected = medfilt2d(classifier.probabilities(grid).numpy(), 3) > 0.5
+    assert np.array_equal(mask.numpy(), expected)
+
+
 # -- matching -------------------------------------------------------------------------------------------------------
 def _shift_errors(matches: dense.Matches) -> torch.Tensor:
     """How far each match lands from where the crop's point lies in the photo."""
@@ -267,6 +377,49 @@ def test_nearest_patches_are_cosine_mutual_and_masked():
     masked = dense.match_patches(first, other, mask_b=torch.tensor([[False, True, True]]))
     assert masked.index_b.tolist() == [2, 2]
     assert dense.match_patches(first, other, min_score=0.99).index_a.tolist() == [0]
+
+
+def test_mutual_matches_ignore_masked_patches_of_a():
+    """Issue 31. Bug planted: B's best patch of A chosen among all of A's patches, masked ones
+    included: B's patch 0 prefers A's masked patch 0, so the valid mutual pair (A1, B0) was lost."""
+    a = torch.tensor([[[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]])  # (1, 3, 2); A's patch 0 is masked out
+    b = torch.tensor([[[1.0, 0.05], [0.1, 1.0]]])  # (1, 2, 2)
+    centres = lambda n: lambda: torch.tensor([[[16.0 * i + 8, 8.0] for i in range(n)]])  # noqa: E731
+    first = SimpleNamespace(features=a, patch_centres=centres(3))
+    other = SimpleNamespace(features=b, patch_centres=centres(2))
+    mask_a = torch.tensor([[False, True, True]])
+    found = dense.match_patches(first, other, mutual=True, mask_a=mask_a)
+    assert found.index_a.tolist() == [2, 1] and found.index_b.tolist() == [1, 0]  # best score first
+    mask_b = torch.tensor([[False, True]])  # and the other way round: A's patch 1 then prefers B's patch 1
+    assert dense.match_patches(other, first, mutual=True, mask_b=mask_a).index_b.tolist() == [2, 1]
+    assert dense.match_patches(first, other, mutual=True, mask_b=mask_b).index_a.tolist() == [2]
+
+
+def test_matches_exactly_the_spacing_apart_are_kept(small_model):
+    """Issue 31. Bug planted: `sparse` keeping a match only when it lies more than `spacing` px from
+    the others (`<=` for `<`): at a spacing of one patch pitch, half the matches vanished."""
+    photo = dino3.load_image(PHOTOS / "coffee.png")[:, :64, :96]  # 4 x 6 patches of 16 px, no resize
+    image = dense.load_dense(small_model, photo, keep_aspect="shorter", target_size=64, fit="crop")
+    assert image.grid == (4, 6)
+    found = dense.match_patches(image, image, spacing=16)
+    assert len(found) == 24 and torch.equal(found.index_a.sort().values, torch.arange(24))
+    assert len(dense.match_patches(image, image, spacing=16.5)) == 12  # more than a pitch: a checkerboard
+
+
+def test_pca_colours_do_not_depend_on_the_sign_of_the_features(small_model):
+    """Issue 31. Bug planted: no sign convention (eigh's own signs), and the largest-loading rule of
+    scikit-learn >= 1.5: negated features flipped the colours (1 - c)."""
+    grid = dense.load_dense(small_model, PHOTOS / "chelsea.png", height=160).features
+    other = dense.load_dense(small_model, PHOTOS / "coffee.png", height=160).features
+    assert torch.equal(dense.pca_rgb(-grid), dense.pca_rgb(grid))
+    joint, negated = dense.pca_rgb([grid, other]), dense.pca_rgb([-grid, -other])
+    assert all(torch.equal(x, y) for x, y in zip(joint, negated))
+    mask = torch.zeros(grid.shape[:2], dtype=torch.bool)
+    mask[2:-2, 3:-4] = True
+    assert torch.equal(dense.pca_rgb(-grid, mask=mask), dense.pca_rgb(grid, mask=mask))
+    # the rule reads the patches, not the axes: a rotation of the feature space leaves the picture
+    rotation = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))[0]
+    assert (dense.pca_rgb(grid @ rotation) - dense.pca_rgb(grid)).abs().max() < 1e-4
 
 
 def test_patch_centres_in_original_pixels(small_model):

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dino3"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never higher ones.
 LAYERS = [
-    ["dino3._version", "dino3.errors", "dino3._io", "dino3._openmp", "dino3.system"],
+    ["dino3._version", "dino3.errors", "dino3._io", "dino3._openmp", "dino3.system", "dino3._progress"],
     ["dino3.config"],
     ["dino3.presets"],
     ["dino3.weights"],
@@ -25,7 +25,7 @@ LAYERS = [
     ["dino3.runtime"],
     ["dino3.images", "dino3.video"],
     ["dino3.processing"],
-    ["dino3.features"],
+    ["dino3.features", "dino3.linear"],
     ["dino3.api", "dino3.conversion"],
     ["dino3.pipeline", "dino3.recipe"],
     ["dino3.embed", "dino3.integrations"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -116,10 +117,11 @@ def test_the_sweep_covers_metas_grid_and_picks_the_smallest_best_C():
     X, y = torch.from_numpy(X[:300]), torch.from_numpy(y[:300])
     grid = logreg.C_GRID[::4]
     found = logreg.sweep(X[:200], y[:200], X[200:], y[200:], 10, grid)
-    assert list(found.scores) == sorted(grid)
-    best = max(found.scores.values())
-    assert min(c for c, s in found.scores.items() if s == best) == found.C
-    assert found.scores[found.C] > 0.8
+    scores = found.mean_scores()
+    assert list(scores) == sorted(grid)
+    best = max(scores.values())
+    assert min(c for c, s in scores.items() if s == best) == found.C
+    assert scores[found.C] > 0.8
 
 
 # -- k-NN: Meta's weighted vote ---------------------------------------------------------------------------
@@ -290,6 +292,19 @@ def test_knn_probe_and_reused_embeddings(tiny, small_digits, trained, tmp_path, 
     assert torch.allclose(probe.tensors["features"].norm(dim=1), torch.ones(24))
 
 
+def test_probe_train_shows_the_choice_of_c_progressing_unless_quiet(tiny, small_digits, trained, tmp_path, capsys):
+    """Issue 28: the 45 fits of the sweep were silent (37 s on 10,000 images). Bug planted: the
+    sweep's bar never shown."""
+    folder = tmp_path / "again"
+    shutil.copytree(trained, folder)  # its embeddings come along: only the sweep is left to do
+    args = ["probe", "train", str(small_digits / "train"), "-m", str(tiny), "-o", str(folder), "--overwrite"]
+    capsys.readouterr()
+    assert status(args) == 0
+    assert re.search(r"choosing C: 100%.*45/45", capsys.readouterr().err)
+    assert status([*args, "-q"]) == 0
+    assert "choosing C" not in capsys.readouterr().err
+
+
 def test_train_from_embeddings_and_a_labels_csv(tiny, small_digits, tmp_path):
     features = tmp_path / "features.npz"
     dino3.embed.run([str(small_digits / "train")], model=str(tiny), output=features, pool="cls", progress=False)
@@ -377,7 +392,7 @@ def test_bad_options_are_refused_before_any_work(tiny, small_digits, tmp_path, c
     for args, message in [
         (["--method", "svm"], "invalid choice"),
         (["--features", "patches"], "invalid choice"),
-        (["--val-fraction", "1"], "must lie in [0, 1)"),
+        (["--val-fraction", "1"], "argument --val-fraction: must lie in [0, 1)"),  # argparse's, up front
         (["--C", "0"], "must be a number above 0"),
         (["--C", "inf"], "must be a number above 0"),
         (["--method", "knn", "--C", "1"], "C is logistic regression's"),
@@ -390,6 +405,108 @@ def test_bad_options_are_refused_before_any_work(tiny, small_digits, tmp_path, c
     assert status(["probe", "train", train, "-m", str(tiny), "-o", str(tmp_path / "p"), "--val-fraction", "0"]) == 2
     assert "give C yourself (--C 1)" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_val_fraction_1_is_refused_before_anything_is_read(tmp_path):
+    """Bug planted: train() without its own check of val_fraction (it then reads the dataset, loads
+    the model and embeds every image before stratified_split refuses 1): the message named the
+    dataset, not the fraction. The command line's check is pinned by the test above."""
+    for fraction in (1, 1.0, 1.5, -0.1, float("nan"), True):
+        with pytest.raises(UsageError, match=r"val_fraction must lie in \[0, 1\)"):
+            dino3.probe.train(tmp_path / "no-such-dataset", model="no-such-model", val_fraction=fraction)
+
+
+def _tampered(source: Path, folder: Path, settings: dict | None = None, tensors=None) -> Path:
+    """A copy of a probe folder with some settings replaced (NaN written as JSON's NaN literal, as a
+    hand edit or another tool would) or its tensors changed by `tensors(dict) -> dict`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    if settings:
+        document = json.loads((folder / SETTINGS_FILE).read_text())
+        document.update(settings)
+        (folder / SETTINGS_FILE).write_text(json.dumps(document))
+    if tensors is not None:
+        document = json.loads((folder / SETTINGS_FILE).read_text())
+        found = load_file(folder / WEIGHTS_FILE)
+        save_file(tensors(found), folder / WEIGHTS_FILE, metadata={"format": "dino3-probe", "id": document["id"]})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_knn(tiny, small_digits, trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("probes") / "knn"
+    shutil.copytree(trained, folder)  # the embeddings come along
+    args = ["probe", "train", str(small_digits / "train"), "-m", str(tiny), "-o", str(folder), "--method", "knn"]
+    assert status([*args, "--overwrite", "-q"]) == 0
+    return folder
+
+
+def _set(name, value):
+    return lambda t: {**t, name: value}
+
+
+NAN = float("nan")
+TAMPERED = {  # (probe, settings, tensors, the field named)
+    "NaN weights": ("logreg", None, lambda t: {**t, "weight": t["weight"] * NAN}, "'weight' holds NaN or inf"),
+    "inf bias": ("logreg", None, lambda t: {**t, "bias": t["bias"] + float("inf")}, "'bias' holds NaN or inf"),
+    "integer weights": ("logreg", None, lambda t: {**t, "weight": t["weight"].long()}, "'weight' holds torch.int64"),
+    "C NaN": ("logreg", {"C": NAN}, None, "'C' is nan"),
+    "C 0": ("logreg", {"C": 0}, None, "'C' is 0"),
+    "C text": ("logreg", {"C": "1"}, None, "'C' is '1'"),
+    "feature_dim text": ("logreg", {"feature_dim": "abc"}, None, "'feature_dim' is 'abc'"),
+    "feature_dim float": ("logreg", {"feature_dim": 128.0}, None, "'feature_dim' is 128.0"),
+    "patch features": ("logreg", {"features": "patches"}, None, "'features' is 'patches'"),
+    "one class": ("logreg", {"classes": ["0"]}, None, "'classes' is"),
+    "repeated class": ("logreg", {"classes": ["0", "1", "1"]}, None, "'classes' is"),
+    "class not text": ("logreg", {"classes": [0, 1, 2]}, None, "'classes' is"),
+    "unknown method": ("logreg", {"method": "svm"}, None, "'method' is 'svm'"),
+    "format_version text": ("logreg", {"format_version": "x"}, None, "'format_version' is 'x'"),
+    "model_identity text": ("logreg", {"model_identity": "x"}, None, "'model_identity' is 'x'"),
+    "temperature 0": ("knn", {"temperature": 0}, None, "'temperature' is 0"),
+    "temperature NaN": ("knn", {"temperature": NAN}, None, "'temperature' is nan"),
+    "k 0": ("knn", {"k": 0}, None, "'k' is 0"),
+    "k -3": ("knn", {"k": -3}, None, "'k' is -3"),
+    "k 2.5": ("knn", {"k": 2.5}, None, "'k' is 2.5"),
+    "k true": ("knn", {"k": True}, None, "'k' is True"),
+    "NaN features": ("knn", None, lambda t: {**t, "features": t["features"] * NAN}, "'features' holds NaN or inf"),
+    "no rows": ("knn", None, lambda t: {"features": t["features"][:0], "labels": t["labels"][:0]}, "no training"),
+    "float labels": ("knn", None, lambda t: {**t, "labels": t["labels"].float()}, "'labels' holds torch.float32"),
+    "label out of range": ("knn", None, lambda t: {**t, "labels": t["labels"] + 5}, "outside the 3 classes"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_probe_is_refused_naming_the_field(case, trained, trained_knn, tmp_path, capsys):
+    """Bugs planted one at a time: Probe.load without the finiteness check of the weights (NaN and
+    inf cases: exit 0 and NaN scores), without the temperature check (a zero temperature: NaN
+    scores), without the check for rows (no rows: all-zero scores), without the check of k (k 0:
+    zero scores; k -3: a traceback). Each case must be refused on load, naming its field, and the
+    command must say so in one line (exit 2), never write JSON with NaN in it."""
+    method, settings, tensors, field = TAMPERED[case]
+    folder = _tampered(trained if method == "logreg" else trained_knn, tmp_path / "probe", settings, tensors)
+    with pytest.raises(UsageError, match=re.escape(field)) as refused:
+        Probe.load(folder)
+    assert " is damaged: " in str(refused.value) and "train the probe again" in str(refused.value)
+    features = tmp_path / "features.npz"
+    np.savez(features, features=np.ones((2, 128), np.float32))
+    capsys.readouterr()
+    out = tmp_path / "predictions.json"
+    assert status(["classify", str(features), "--probe", str(folder), "--json", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and field in err
+    assert not out.exists()
+
+
+def test_features_with_nan_get_no_scores(trained):
+    """Bug planted: Probe._features without its finiteness check: NaN scores came back (and the JSON
+    of `dino3 classify` held NaN, which JSON does not allow)."""
+    probe = Probe.load(trained)
+    features = np.ones((3, 128), np.float32)
+    features[1, 5] = np.nan
+    with pytest.raises(UsageError, match=r"1 input\(s\) \(rows \[1\]\) hold NaN or inf"):
+        probe.predict(features)
+    assert metrics(torch.zeros(0, 3), [], ["a", "b", "c"]).to_dict()["top1"] is None  # no image: null, not NaN
 
 
 def test_incomplete_or_damaged_probe_folders_are_refused(trained, tmp_path):

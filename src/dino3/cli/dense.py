@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from ..errors import BackendError, ImageError, UsageError, VideoError
 from .common import add_model_arguments, add_runtime_arguments, add_video_arguments, positive_int, video_sampling
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
-VIDEO_FIT_FRAMES = 32  # frames a video's PCA is fitted on, spread over the video
+OVERLAYS = "overlays"  # dino3 foreground: the subfolder of each mask over its image
 
 
 def add_commands(subparsers: Any) -> None:
@@ -123,10 +121,12 @@ def _add_dense_arguments(parser: argparse.ArgumentParser, height_default: int | 
     parser.add_argument("--tiles", action="store_true", help="run 512 px windows (stride 336) and average them")
     add_runtime_arguments(parser)
     parser.add_argument("--threads", type=positive_int, help="torch threads for the model (default: torch's choice)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 # -- pca -------------------------------------------------------------------------------------------------------
 def cmd_pca(args: argparse.Namespace) -> int:
+    from ..dense.pca import fit_foreground_pca
     from ..dense.render import pca_picture, save_png
     from ..video import VIDEO_SUFFIXES, is_video
 
@@ -147,18 +147,22 @@ def cmd_pca(args: argparse.Namespace) -> int:
     names: set[str] = set()
     written = 0
     kept: list[tuple[str, Any, Any]] = []  # --joint: (name, dense image, mask) until the PCA is fitted
-    for name, image in _images(entries, sampling, failures):
-        dense, mask = _dense(model, image, name, args, foreground, failures)
-        if dense is None:
-            continue
-        if args.joint:
-            kept.append((name, dense, mask))
-            continue
-        rgb = _fit([dense.features], [mask], name).rgb(dense.features, mask)
-        save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
-        written += 1
+    with _bar(entries, "PCA", args) as bar:
+        for name, image in _images(entries, sampling, failures, bar):
+            dense, mask = _dense(model, image, name, args, foreground, failures)
+            if dense is None:
+                continue
+            if args.joint:
+                kept.append((name, dense, mask))
+                continue
+            pca, note = fit_foreground_pca([dense.features], [mask])
+            _note(name, note)
+            rgb = pca.rgb(dense.features, mask)
+            save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
+            written += 1
     if kept:
-        pca = _fit([d.features for _, d, _ in kept], [m for _, _, m in kept], "the inputs")
+        pca, note = fit_foreground_pca([d.features for _, d, _ in kept], [m for _, _, m in kept])
+        _note("the inputs", note)
         for name, dense, mask in kept:
             rgb = pca.rgb(dense.features, mask)
             save_png(pca_picture(dense.image, rgb, tuple(dense.pixels.shape[-2:])), output / _png_name(name, names))
@@ -168,50 +172,20 @@ def cmd_pca(args: argparse.Namespace) -> int:
 
 
 def _pca_video(args, model, foreground, path: str, output: Path, sampling, failures) -> int:
-    """A video's side-by-side PCA video: one PCA fitted on up to VIDEO_FIT_FRAMES frames spread over
-    it (their features kept for the second pass, not their pixels), then every sampled frame
-    coloured with it."""
-    import torch
-
-    from ..dense.render import pca_picture
-    from ..video import VideoWriter, frame_rate, iter_frames, list_frames
+    from ..dense.pca_video import write_pca_video
 
     try:
-        listed, _ = list_frames(path, sampling)
-        rate = sampling.rate(frame_rate(path))
+        result = write_pca_video(
+            model, path, output, sampling=sampling, height=args.height, tiles=_tiling(args), foreground=foreground,
+            progress=not args.quiet,
+        )  # fmt: skip
     except VideoError as e:
         failures.append((path, str(e)))
         return _report(failures)
-    step = max(1, math.ceil(len(listed) / VIDEO_FIT_FRAMES))
-    fitted: dict[str, tuple[Any, Any, tuple[int, int]]] = {}  # name -> (features, mask, pixel size)
-    for position, frame in enumerate(iter_frames(path, sampling)):
-        if frame.error is None and position % step == 0:
-            image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
-            dense, mask = _dense(model, image, frame.name, args, foreground, [])
-            if dense is not None:
-                fitted[frame.name] = (dense.features, mask, tuple(dense.pixels.shape[-2:]))
-    if not fitted:
-        failures.append((path, f"{path}: no frame could be read"))
-        return _report(failures)
-    pca = _fit([f for f, _, _ in fitted.values()], [m for _, m, _ in fitted.values()], path)
-    written = 0
-    with VideoWriter(output, rate) as writer:
-        for frame in iter_frames(path, sampling):
-            if frame.error is not None:
-                failures.append((frame.name, frame.error))
-                continue
-            image = torch.from_numpy(frame.pixels).permute(2, 0, 1)
-            if frame.name in fitted:
-                features, mask, size = fitted.pop(frame.name)
-            else:
-                dense, mask = _dense(model, image, frame.name, args, foreground, failures)
-                if dense is None:
-                    continue
-                features, size = dense.features, tuple(dense.pixels.shape[-2:])
-            writer.write(pca_picture(image, pca.rgb(features, mask), size))
-            written += 1
-    print(f"wrote {output}: {written} frames at {float(rate):.3g} frames/s", file=sys.stderr)
-    return _report(failures)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {output}: {result.frames} frames at {float(result.rate):.3g} frames/s", file=sys.stderr)
+    return _report(failures + result.failures)
 
 
 # -- foreground ---------------------------------------------------------------------------------------------------
@@ -224,8 +198,8 @@ def cmd_foreground(args: argparse.Namespace) -> int:
         raise UsageError("--masks and --C are for `dino3 foreground train IMAGES --masks DIR ...`")
     if not args.classifier:
         raise UsageError("give --classifier FILE (made by `dino3 foreground train`) or --classifier auto")
-    from ..dense.foreground import ForegroundClassifier, unsupervised_foreground
-    from ..dense.render import mask_picture, save_png
+    from ..dense.foreground import ForegroundClassifier, foreground_mask
+    from ..dense.render import mask_overlay, mask_picture, save_png
 
     classifier = None if args.classifier == "auto" else ForegroundClassifier.load(args.classifier)
     if args.height is None:
@@ -240,26 +214,41 @@ def cmd_foreground(args: argparse.Namespace) -> int:
         )
     else:
         classifier.check_model(model, args.classifier)
+        if classifier.quality is not None and classifier.quality.weak:
+            print(f"warning: {args.classifier} is weak: {'; '.join(classifier.quality.problems)}", file=sys.stderr)
     output = Path(args.output)
     _check_folder_output(output)
     entries = _outside(entries, output)
-    output.mkdir(parents=True, exist_ok=True)
+    overlays = output / OVERLAYS
+    overlays.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
-    written = 0
-    for name, image in _images(entries, video_sampling(args), failures):
-        dense, _ = _dense(model, image, name, args, None, failures)
-        if dense is None:
-            continue
-        mask = unsupervised_foreground(dense.features) if classifier is None else classifier.mask(dense.features)
-        save_png(mask_picture(mask, tuple(image.shape[-2:])), output / _png_name(name, names))
-        written += 1
-    print(f"wrote {written} mask{'s' if written != 1 else ''} to {output}", file=sys.stderr)
+    written = empty = 0
+    with _bar(entries, "masks", args) as bar:
+        for name, image in _images(entries, video_sampling(args), failures, bar):
+            dense, _ = _dense(model, image, name, args, None, failures)
+            if dense is None:
+                continue
+            mask = foreground_mask(dense.features, classifier or "auto")
+            file = _png_name(name, names)
+            save_png(mask_picture(mask, tuple(image.shape[-2:])), output / file)
+            save_png(mask_overlay(image, mask), overlays / file)
+            written += 1
+            empty += not bool(mask.any())
+    print(
+        f"wrote {written} mask{'s' if written != 1 else ''} to {output}, and each over its image to {overlays}",
+        file=sys.stderr,
+    )
+    if empty:
+        print(
+            f"warning: {empty} of {written} masks are empty (no foreground found): look at the overlays; a "
+            "classifier trained on more masked images of this kind finds more",
+            file=sys.stderr,
+        )
     return _report(failures)
 
 
 def _foreground_train(args: argparse.Namespace, items: list[str]) -> int:
-    from ..dense.foreground import model_probe, patch_labels, read_mask, train_foreground
-    from ..images import load_image
+    from ..dense.foreground import model_probe, patch_labels, read_pair, train_foreground
     from ..video import is_video
 
     if not args.masks:
@@ -276,27 +265,22 @@ def _foreground_train(args: argparse.Namespace, items: list[str]) -> int:
     entries, failures = _inputs(items)
     model = _load_model(args)
     grids, labels = [], []
-    for path in entries:
-        if is_video(path):
-            failures.append((path, f"{path}: a video has no masks; train on images"))
-            continue
-        try:
-            mask_path = _mask_for(path, masks_dir)
-            image = load_image(path)
-            mask = read_mask(mask_path)
-            if tuple(mask.shape) != tuple(image.shape[-2:]):
-                raise ImageError(
-                    f"{mask_path}: the mask is {mask.shape[1]}x{mask.shape[0]} px but {path} is "
-                    f"{image.shape[-1]}x{image.shape[-2]}: a mask must have its image's size"
-                )
-        except ImageError as e:
-            failures.append((path, str(e)))
-            continue
-        dense, _ = _dense(model, image, path, args, None, failures)
-        if dense is None:
-            continue
-        grids.append(dense.features)
-        labels.append(patch_labels(mask, dense.processor))
+    with _bar(entries, "features", args) as bar:
+        for path in entries:
+            bar.update(1)
+            if is_video(path):
+                failures.append((path, f"{path}: a video has no masks; train on images"))
+                continue
+            try:
+                image, mask = read_pair(path, masks_dir)
+            except ImageError as e:
+                failures.append((path, str(e)))
+                continue
+            dense, _ = _dense(model, image, path, args, None, failures)
+            if dense is None:
+                continue
+            grids.append(dense.features)
+            labels.append(patch_labels(mask, dense.processor))
     if not grids:
         raise UsageError("no image could be used for training" + _first_failure(failures))
     classifier = train_foreground(grids, labels, C=args.C)
@@ -305,29 +289,21 @@ def _foreground_train(args: argparse.Namespace, items: list[str]) -> int:
     classifier.processing = {"height": args.height, "tiles": bool(args.tiles)}
     classifier.save(output)
     if classifier.sweep is not None:
-        means = classifier.sweep.scores.mean(dim=0).tolist()
-        table = ", ".join(f"{c:.0e}: {ap:.3f}" for c, ap in zip(classifier.sweep.cs, means))
+        table = ", ".join(f"{c:.0e}: {ap:.3f}" for c, ap in classifier.sweep.mean_scores().items())
         print(
             f"C by leave-one-image-out average precision over {len(classifier.sweep.folds)} images: {table}",
             file=sys.stderr,
         )
     print(f"wrote {output}: trained on {len(grids)} images, C = {classifier.C:.0e}", file=sys.stderr)
+    print(classifier.quality.summary(), file=sys.stderr)
+    if classifier.quality.weak:
+        print(
+            f"warning: this classifier is weak: {'; '.join(classifier.quality.problems)}. Its masks will be poor: "
+            "train on more masked images (several of each kind of scene it will see) or give --C 0.1 (Meta's "
+            "choice), and look at the overlays that `dino3 foreground` writes",
+            file=sys.stderr,
+        )
     return _report(failures)
-
-
-def _mask_for(image: str, folder: Path) -> Path:
-    from ..embed.inputs import IMAGE_SUFFIXES
-
-    stem = Path(image).stem
-    found = sorted(p for p in folder.glob(f"{glob_escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not found:
-        raise ImageError(f"{image}: no mask for it in {folder} (looked for {stem}.png and other image suffixes)")
-    found.sort(key=lambda p: p.suffix.lower() != ".png")  # a PNG first
-    return found[0]
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 # -- match -------------------------------------------------------------------------------------------------------
@@ -415,38 +391,35 @@ def _foreground(choice: str, model: Any):
 
 def _dense(model, image, name: str, args, foreground, failures: list | None):
     """(DenseImage, foreground mask or None) of one decoded image, or (None, None) when it fails."""
-    from ..dense.foreground import unsupervised_foreground
-    from ..dense.highres import Tiling, load_dense
+    from ..dense.foreground import foreground_mask
+    from ..dense.highres import load_dense
 
     try:
-        dense = load_dense(model, image, height=args.height, tiles=Tiling() if args.tiles else None, name=name)
+        dense = load_dense(model, image, height=args.height, tiles=_tiling(args), name=name)
     except ImageError as e:
         if failures is None:
             raise
         failures.append((name, str(e)))
         return None, None
-    if foreground is None:
-        return dense, None
-    mask = unsupervised_foreground(dense.features) if foreground == "auto" else foreground.mask(dense.features)
-    return dense, mask
+    return dense, foreground_mask(dense.features, foreground)
 
 
-def _fit(grids: list, masks: list, what: str):
-    """The PCA of the grids' foreground patches; of all their patches when there is no foreground
-    (or too little of it, which is said)."""
-    from ..dense.pca import COMPONENTS, fit_pca
+def _tiling(args: argparse.Namespace):
+    from ..dense.highres import Tiling
 
-    if any(m is None for m in masks):
-        return fit_pca(grids)
-    count = sum(int(m.sum()) for m in masks)
-    if count <= COMPONENTS:
-        print(
-            f"note: {what}: {count} foreground patches, too few for the PCA: fitted on every patch "
-            "(the picture stays black where there is no foreground)",
-            file=sys.stderr,
-        )
-        return fit_pca(grids)
-    return fit_pca(grids, masks)
+    return Tiling() if args.tiles else None
+
+
+def _note(what: str, note: str | None) -> None:
+    if note:
+        print(f"note: {what}: {note}", file=sys.stderr)
+
+
+def _bar(entries: list[str], description: str, args: argparse.Namespace):
+    """A progress bar over the inputs (a video counts once), on stderr; none with --quiet."""
+    from .._progress import progress_bar
+
+    return progress_bar(len(entries), description, "input", not args.quiet)
 
 
 def _inputs(items: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -460,8 +433,9 @@ def _inputs(items: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return found.paths, list(found.skipped)
 
 
-def _images(entries: list[str], sampling, failures: list) -> Iterator[tuple[str, Any]]:
-    """(name, (3, H, W) image) for each image and each sampled video frame; failures recorded."""
+def _images(entries: list[str], sampling, failures: list, bar=None) -> Iterator[tuple[str, Any]]:
+    """(name, (3, H, W) image) for each image and each sampled video frame; failures recorded; `bar`
+    moved on as each input is done."""
     import torch
 
     from ..images import load_image
@@ -473,17 +447,19 @@ def _images(entries: list[str], sampling, failures: list) -> Iterator[tuple[str,
                 image = load_image(path)
             except ImageError as e:
                 failures.append((path, str(e)))
-                continue
-            yield path, image
-            continue
-        try:
-            for frame in iter_frames(path, sampling):
-                if frame.error is not None:
-                    failures.append((frame.name, frame.error))
-                else:
-                    yield frame.name, torch.from_numpy(frame.pixels).permute(2, 0, 1)
-        except VideoError as e:
-            failures.append((path, str(e)))
+            else:
+                yield path, image
+        else:
+            try:
+                for frame in iter_frames(path, sampling):
+                    if frame.error is not None:
+                        failures.append((frame.name, frame.error))
+                    else:
+                        yield frame.name, torch.from_numpy(frame.pixels).permute(2, 0, 1)
+            except VideoError as e:
+                failures.append((path, str(e)))
+        if bar is not None:
+            bar.update(1)
 
 
 def _cosine(text: str) -> float:

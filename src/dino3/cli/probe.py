@@ -178,7 +178,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )
     _notes(found.notes)
     if args.json:
-        atomic_write_text(args.json, json.dumps(found.to_dict(), indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(found.to_dict(), indent=1, allow_nan=False) + "\n")
         print(f"wrote {args.json}: {len(found.paths)} images", file=sys.stderr)
     else:
         for path, labels, scores in zip(found.paths, found.predictions.labels, found.predictions.scores):
@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     picture = report.draw(args.confusion or Path(args.probe) / "confusion.png")
     print(f"wrote {picture}", file=sys.stderr)
     if args.json:
-        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return _failures(report.failures, "left out of the evaluation")
 

@@ -8,10 +8,12 @@ of logspace(-7, 0, 8), scored by leave-one-image-out average precision, and fitt
 images with the C of the best mean score. Applying it (`ForegroundClassifier.mask`): the probability
 of each patch, a 3x3 median filter (zeros beyond the border, as scipy's medfilt2d) and a 0.5 threshold.
 
-The logistic regression is scikit-learn's `LogisticRegression(C=C)`: loss sum(log(1 + exp(-y z))) +
-|w|^2 / 2C, the intercept not penalised. It is solved here by Newton's method in float64 in torch
-(L-BFGS for features wider than 2048), to a gradient 1e-4 times below scikit-learn's default
+The logistic regression is dino3.linear's, scikit-learn's `LogisticRegression(C=C)`: loss
+sum(log(1 + exp(-y z))) + |w|^2 / 2C, the intercept not penalised, solved by Newton's method in
+float64 (L-BFGS for features wider than 2048) to a gradient 1e-4 times below scikit-learn's default
 tolerance: the same probabilities within 1e-4 (the tests check it), and no scikit-learn to install.
+A classifier measures itself as it is trained (`Quality`: the held-out average precision, and what
+its masks find on its own training images), so that a weak one can be said to be weak.
 
 Without labels, `unsupervised_foreground` is DINOv2's recipe (paper, Fig. 9): the first principal
 component of an image's patch features, with the patches on its positive side as the foreground. A
@@ -28,8 +30,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import linear
 from .._io import atomic_path
 from ..errors import UsageError
+from ..linear import Sweep, average_precision
+
+__all__ = [
+    "CS",
+    "ForegroundClassifier",
+    "Quality",
+    "Sweep",
+    "average_precision",
+    "fit_logistic",
+    "foreground_mask",
+    "mask_for",
+    "median_filter3",
+    "model_probe",
+    "patch_labels",
+    "read_mask",
+    "read_pair",
+    "sweep_c",
+    "train_foreground",
+    "unsupervised_foreground",
+]
 
 CS = tuple(float(c) for c in np.logspace(-7, 0, 8))  # Meta's sweep of C
 CLEAR_LABEL = 0.01  # patches with a label within this of 0 or 1 are kept for training
@@ -80,140 +105,151 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
         raise ImageError(f"{path}: cannot be read as a mask image ({type(e).__name__}: {e})") from None
 
 
-# -- the logistic regression ----------------------------------------------------------------------------------
-NEWTON_MAX_DIM = 2048  # up to this width the exact Hessian is cheap: Newton's method; beyond, L-BFGS
+def mask_for(image: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """The mask of an image in a folder of masks: the file with the image's name (its stem) and an
+    image suffix, a PNG first. ImageError when there is none."""
+    from ..embed.inputs import IMAGE_SUFFIXES
+    from ..errors import ImageError
+
+    folder, stem = Path(folder), Path(image).stem
+    found = sorted(p for p in folder.glob(f"{_glob_escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ImageError(f"{image}: no mask for it in {folder} (looked for {stem}.png and other image suffixes)")
+    found.sort(key=lambda p: p.suffix.lower() != ".png")  # a PNG first
+    return found[0]
+
+
+def read_pair(image: str | os.PathLike, masks: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and its mask from the folder `masks` (`mask_for`): (3, H, W) uint8 and (H, W) float32
+    in [0, 1]. ImageError, naming the file, when either cannot be read or their sizes differ."""
+    from ..errors import ImageError
+    from ..images import load_image
+
+    mask_path = mask_for(image, masks)
+    pixels = load_image(image)
+    mask = read_mask(mask_path)
+    if tuple(mask.shape) != tuple(pixels.shape[-2:]):
+        raise ImageError(
+            f"{mask_path}: the mask is {mask.shape[1]}x{mask.shape[0]} px but {image} is "
+            f"{pixels.shape[-1]}x{pixels.shape[-2]}: a mask must have its image's size"
+        )
+    return pixels, mask
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def foreground_mask(features: torch.Tensor, foreground: ForegroundClassifier | str | None) -> torch.Tensor | None:
+    """An image's (h, w) foreground: None for no foreground choice (every patch), "auto" for DINOv2's
+    unsupervised recipe, or a classifier's mask."""
+    if foreground is None:
+        return None
+    if isinstance(foreground, str):
+        if foreground != "auto":
+            raise UsageError(f"foreground must be a ForegroundClassifier, 'auto' or None, got {foreground!r}")
+        return unsupervised_foreground(features)
+    return foreground.mask(features)
+
+
+# -- the logistic regression (dino3.linear) --------------------------------------------------------------------
+TOLERANCE = 1e-8  # the fits stop at this gradient of the mean loss: scikit-learn's optimum within 1e-4
+
+
+def _solver(dim: int) -> dict[str, Any]:
+    """Newton's method up to linear.NEWTON_MAX_DIM features (a few dozen steps, even where the
+    classes are nearly separable), L-BFGS beyond."""
+    if dim <= linear.NEWTON_MAX_DIM:
+        return {"solver": "newton", "tol": TOLERANCE, "max_iter": 200}
+    return {"solver": "lbfgs", "tol": TOLERANCE, "max_iter": 20_000}
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, C: float, init: torch.Tensor | None = None, tolerance: float = 1e-8
+    x: torch.Tensor, y: torch.Tensor, C: float, init: torch.Tensor | None = None, tolerance: float = TOLERANCE
 ) -> torch.Tensor:
-    """scikit-learn's L2 logistic regression: (n, D) features, (n,) labels in {0, 1} -> (D + 1,)
-    float64 parameters (weights, then the intercept), in float64 to a gradient (of the mean loss)
-    below `tolerance`: by Newton's method (a few dozen steps, even where the classes are nearly
-    separable and first-order methods crawl) up to NEWTON_MAX_DIM features, by L-BFGS beyond.
-    `init` starts from other parameters (a neighbouring C's)."""
-    x = x.to(torch.float64)
-    sign = y.to(torch.float64) * 2 - 1  # (n,) +-1
-    n, dim = x.shape
-    params = init.clone() if init is not None else torch.zeros(dim + 1, dtype=torch.float64)
-
-    def loss_and_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = torch.addmv(theta[dim:].expand(n), x, theta[:dim])  # (n,)
-        margin = -sign * z
-        value = (F.softplus(margin).sum() + 0.5 / C * theta[:dim].square().sum()) / n
-        slope = -sign * torch.sigmoid(margin)  # d loss / d z, (n,)
-        grad = torch.empty_like(theta)
-        grad[:dim] = (x.T @ slope + theta[:dim] / C) / n
-        grad[dim] = slope.sum() / n
-        return value, grad, z
-
-    if dim <= NEWTON_MAX_DIM:
-        return _newton(x, params, C, tolerance, loss_and_grad)
-    optimizer = torch.optim.LBFGS(
-        [params],
-        lr=1.0,
-        max_iter=20_000,
-        max_eval=25_000,
-        tolerance_grad=tolerance,
-        tolerance_change=1e-18,
-        history_size=20,
-        line_search_fn="strong_wolfe",
+    """Deprecated: `dino3.linear.fit(x, y, 2, C, solver="newton")` fits the same model. (n, D)
+    features, (n,) labels in {0, 1} -> (D + 1,) float64 parameters (weights, then the intercept)."""
+    warnings.warn(
+        "dino3.dense.fit_logistic is deprecated; use dino3.linear.fit(x, y, 2, C, solver='newton')",
+        DeprecationWarning,
+        stacklevel=2,
     )
-
-    def closure() -> torch.Tensor:
-        value, params.grad, _ = loss_and_grad(params)
-        return value
-
-    optimizer.step(closure)
-    return params
-
-
-def _newton(x: torch.Tensor, params: torch.Tensor, C: float, tolerance: float, loss_and_grad) -> torch.Tensor:
-    """Newton's method with a backtracking line search on the (strictly convex) mean loss."""
-    n, dim = x.shape
-    ridge = torch.full((dim + 1,), 1.0 / (C * n), dtype=torch.float64)
-    ridge[dim] = 1e-12  # the intercept is not penalised; a whisker keeps the system solvable
-    value, grad, z = loss_and_grad(params)
-    for _ in range(200):
-        if float(grad.abs().max()) <= tolerance:
-            break
-        weight = torch.sigmoid(z) * torch.sigmoid(-z) / n  # (n,) the loss's curvature at each sample
-        hessian = torch.empty(dim + 1, dim + 1, dtype=torch.float64)
-        hessian[:dim, :dim] = (x.T * weight) @ x
-        hessian[:dim, dim] = hessian[dim, :dim] = x.T @ weight
-        hessian[dim, dim] = weight.sum()
-        hessian.diagonal().add_(ridge)
-        step = torch.linalg.solve(hessian, -grad)
-        slope, size = float(grad @ step), 1.0
-        while True:  # Armijo: accept the first size that lowers the loss enough
-            trial = params + size * step
-            new_value, new_grad, new_z = loss_and_grad(trial)
-            if float(new_value) <= float(value) + 1e-4 * size * slope or size < 1e-10:
-                break
-            size /= 2
-        if size < 1e-10:  # no progress left at float64's precision
-            break
-        params, value, grad, z = trial, new_value, new_grad, new_z
-    return params
-
-
-def average_precision(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    """scikit-learn's average_precision_score: the precision at each distinct score threshold
-    (highest first), weighted by the recall it adds. 0 when there is no positive."""
-    order = torch.argsort(scores.to(torch.float64), descending=True, stable=True)
-    y, s = labels.to(torch.float64)[order], scores.to(torch.float64)[order]
-    last = torch.ones_like(s, dtype=torch.bool)  # the last position of each run of equal scores
-    last[:-1] = s[1:] != s[:-1]
-    true_pos = torch.cumsum(y, 0)[last]
-    predicted = (torch.arange(1, len(s) + 1, dtype=torch.float64))[last]
-    positives = float(true_pos[-1]) if len(true_pos) else 0.0
-    if positives == 0:
-        return 0.0
-    precision = true_pos / predicted
-    recall = true_pos / positives
-    gained = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
-    return float((gained * precision).sum())
-
-
-@dataclass
-class Sweep:
-    """The choice of C: the mean leave-one-image-out average precision of each C, and the best."""
-
-    cs: tuple[float, ...]
-    scores: torch.Tensor  # (folds, len(cs)) average precision of each held-out image and C
-    folds: list[int]  # the images held out, in order (those with clear patches to score)
-    best: float
+    start = None
+    if init is not None:
+        init = init.to(torch.float64)
+        start = linear.LinearModel(torch.stack((torch.zeros_like(init[:-1]), init[:-1])), F.pad(init[-1:], (1, 0)), 0)
+    model = linear.fit(x, y, 2, C, init=start, **{**_solver(x.shape[1]), "tol": tolerance})
+    return torch.cat((model.weight[1] - model.weight[0], model.bias[1:] - model.bias[:1]))
 
 
 def sweep_c(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, cs: Sequence[float] = CS) -> Sweep:
-    """Leave-one-image-out: for each image with patches, fit on the others' patches with each C and
-    score the image's patches by average precision; the best C has the highest mean (the first one on
-    a tie, as numpy's argmax)."""
-    images = [int(g) for g in torch.unique(groups)]
+    """Meta's choice of C, leave-one-image-out: for each image with patches, fit on the others'
+    patches with each C and score the image's patches by average precision; the best C has the
+    highest mean (the smallest C among equals)."""
+    images = torch.unique(groups)
     if len(images) < 2:
         raise UsageError(
             "choosing C by leave-one-image-out needs at least 2 images with labelled patches; give C "
             "(--C on the command line; Meta's notebook settles on 0.1)"
         )
-    rows, folds = [], []
-    for image in images:
-        held = groups == image
-        train_y = y[~held]
-        if train_y.min() == train_y.max():  # the other images hold one class only: nothing to fit
-            continue
-        params, scores = None, []
-        for c in sorted(cs):  # from the strongest penalty up, each fit starting from the last
-            params = fit_logistic(x[~held], train_y, c, init=params)
-            probabilities = torch.sigmoid(x[held].to(torch.float64) @ params[:-1] + params[-1])
-            scores.append((c, average_precision(y[held], probabilities)))
-        by_c = dict(scores)
-        rows.append([by_c[c] for c in cs])
-        folds.append(image)
-    if not rows:
+    if not any(len(torch.unique(y[groups != image])) == 2 for image in images):
         raise UsageError("no image could be held out: every other image holds foreground only, or background only")
-    table = torch.tensor(rows, dtype=torch.float64)
-    best = cs[int(torch.argmax(table.mean(dim=0)))]
-    return Sweep(tuple(cs), table, folds, best)
+    return linear.sweep_groups(x, y, groups, cs, metric="average_precision", **_solver(x.shape[1]))
+
+
+# -- how good a classifier is ------------------------------------------------------------------------------------
+WEAK_LIFT = 0.5  # a held-out AP less than half-way from a guess's (the foreground share) to 1 is weak
+WEAK_SHARE = 0.5  # masks of its own training images finding less than half the foreground (or marking
+# more than half the background) are weak
+
+
+@dataclass
+class Quality:
+    """How well a classifier separates foreground, measured when it is trained."""
+
+    validation_ap: float | None  # mean leave-one-image-out average precision at the chosen C (None: C given)
+    foreground_share: float  # the foreground's share of the clear training patches: the AP a guess scores
+    found: float  # share of its training images' foreground patches that its masks mark
+    false_alarms: float  # share of their background patches that its masks mark
+    top_probability: float  # the highest foreground probability of a training patch
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the classifier is weak, one sentence each (empty: it is not)."""
+        out = []
+        share = self.foreground_share
+        if self.validation_ap is not None and self.validation_ap < share + WEAK_LIFT * (1 - share):
+            out.append(
+                f"its held-out average precision {self.validation_ap:.2f} is near the {share:.2f} that a guess "
+                "scores (the foreground's share of the patches)"
+            )
+        if self.top_probability < 0.5:
+            out.append(
+                f"its probabilities never reach 0.5 on its own training images (at most {self.top_probability:.2f}): "
+                "its masks are empty"
+            )
+        elif self.found < WEAK_SHARE:
+            out.append(f"on its own training images its masks find only {self.found:.0%} of the foreground")
+        if self.false_alarms > WEAK_SHARE:
+            out.append(f"on its own training images its masks mark {self.false_alarms:.0%} of the background")
+        return out
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.problems)
+
+    def summary(self) -> str:
+        """One line: the held-out average precision and what the masks find on the training images."""
+        held = (
+            f"validation average precision {self.validation_ap:.3f} (leave-one-image-out; a guess scores "
+            f"{self.foreground_share:.3f})"
+            if self.validation_ap is not None
+            else f"no validation (C given; a guess would score {self.foreground_share:.3f})"
+        )
+        return (
+            f"{held}; on its training images the masks find {self.found:.0%} of the foreground and mark "
+            f"{self.false_alarms:.0%} of the background"
+        )
 
 
 # -- the classifier -------------------------------------------------------------------------------------------
@@ -228,6 +264,7 @@ class ForegroundClassifier:
     probe: torch.Tensor | None = None  # (n, D) the model's features of the probe image
     processing: dict[str, Any] = field(default_factory=dict)  # how images were resized for training
     sweep: Sweep | None = None
+    quality: Quality | None = None  # measured at training (None: a file of an older dino3)
 
     def probabilities(self, grid: torch.Tensor) -> torch.Tensor:
         """(h, w, D) patch features -> (h, w) float32 foreground probabilities."""
@@ -262,6 +299,8 @@ class ForegroundClassifier:
             "processing": json.dumps(self.processing),
             "features": "the last layer's patch tokens after the final norm",
         }
+        if self.quality is not None:
+            metadata["quality"] = json.dumps(asdict(self.quality))
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -284,7 +323,14 @@ class ForegroundClassifier:
         sweep = None
         if "sweep_scores" in tensors:
             cs = tuple(float(c) for c in tensors["sweep_cs"])
-            sweep = Sweep(cs, tensors["sweep_scores"], [int(i) for i in tensors["sweep_folds"]], float(metadata["C"]))
+            folds = [int(i) for i in tensors["sweep_folds"]]
+            sweep = Sweep(cs, tensors["sweep_scores"], float(metadata["C"]), "average_precision", folds)
+        quality = None
+        if "quality" in metadata:
+            try:
+                quality = Quality(**json.loads(metadata["quality"]))
+            except (ValueError, TypeError):
+                raise UsageError(f"{path}: its quality record is damaged; train the classifier again") from None
         return cls(
             weight=tensors["weight"].to(torch.float64),
             bias=float(tensors["bias"][0]),
@@ -293,6 +339,7 @@ class ForegroundClassifier:
             probe=tensors.get("probe"),
             processing=json.loads(metadata.get("processing", "{}")),
             sweep=sweep,
+            quality=quality,
         )
 
     def check_model(self, model: Any, name: str = "the classifier") -> None:
@@ -324,10 +371,10 @@ def train_foreground(
 ) -> ForegroundClassifier:
     """Meta's recipe on (h, w, D) patch features and (h, w) patch labels in [0, 1] (`patch_labels`),
     one pair per image: clear patches only, C chosen by leave-one-image-out average precision (unless
-    given), then one fit on all images."""
+    given), then one fit on all images; its `quality` measured on the way."""
     if len(grids) != len(labels) or not grids:
         raise UsageError("give one label grid per feature grid, and at least one of each")
-    xs, ys, groups = [], [], []
+    xs, ys, groups, clears = [], [], [], []
     for i, (grid, label) in enumerate(zip(grids, labels)):
         if tuple(label.shape) != tuple(grid.shape[:2]):
             shapes = f"labels of shape {tuple(label.shape)} for a patch grid {tuple(grid.shape[:2])}"
@@ -335,8 +382,9 @@ def train_foreground(
         flat = label.reshape(-1).to(torch.float64)
         clear = (flat < CLEAR_LABEL) | (flat > 1 - CLEAR_LABEL)
         xs.append(grid.reshape(-1, grid.shape[-1])[clear])
-        ys.append((flat[clear] > 0.5).to(torch.float64))
+        ys.append((flat[clear] > 0.5).to(torch.long))
         groups.append(torch.full((int(clear.sum()),), i))
+        clears.append(clear)
     x, y, group = torch.cat(xs).to(torch.float64), torch.cat(ys), torch.cat(groups)
     if len(y) == 0 or y.min() == y.max():
         kind = "no clear patches" if len(y) == 0 else ("no background" if y.min() == 1 else "no foreground")
@@ -344,11 +392,29 @@ def train_foreground(
     sweep = None
     if C is None:
         sweep = sweep_c(x, y, group, cs)
-        C = sweep.best
-    if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
+        C = sweep.C
+    if isinstance(C, bool) or not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
         raise UsageError(f"C must be a number > 0, got {C!r}")
-    params = fit_logistic(x, y, float(C))
-    return ForegroundClassifier(weight=params[:-1], bias=float(params[-1]), C=float(C), sweep=sweep)
+    model = linear.fit(x, y, 2, float(C), **_solver(x.shape[1]))
+    weight, bias = model.weight[1] - model.weight[0], float(model.bias[1] - model.bias[0])
+    classifier = ForegroundClassifier(weight=weight, bias=bias, C=float(C), sweep=sweep)
+    classifier.quality = _quality(classifier, grids, clears, ys, sweep)
+    return classifier
+
+
+def _quality(classifier, grids, clears, ys, sweep) -> Quality:
+    """The classifier's masks on its own training images, against their clear patches."""
+    marked = torch.cat([classifier.mask(g).reshape(-1)[c] for g, c in zip(grids, clears)])
+    top = max(float(classifier.probabilities(g).max()) for g in grids)
+    y = torch.cat(ys).bool()
+    validation = float(sweep.scores.mean(dim=0)[list(sweep.cs).index(sweep.C)]) if sweep is not None else None
+    return Quality(
+        validation_ap=validation,
+        foreground_share=float(y.double().mean()),
+        found=float(marked[y].double().mean()),
+        false_alarms=float(marked[~y].double().mean()) if (~y).any() else 0.0,
+        top_probability=top,
+    )
 
 
 def median_filter3(values: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,10 @@ components of the foreground patches, coloured by sigmoid(2x), the background bl
     rgb = dino3.dense.pca_rgb(grid, mask=foreground) # fitted on the foreground, background black
 
 The numbers are scikit-learn's `PCA(n_components=3, whiten=True)` then `sigmoid(2 * x)`, up to the
-sign of each component (a principal direction has none; as scikit-learn does, the largest loading
-of each component is made positive). Fitted in float64 in torch; scikit-learn is not needed.
+sign of each component. A principal direction has no sign; here the patch farthest along each
+component lies on its positive side (scikit-learn's rule before 1.5; since 1.5 it makes the largest
+loading positive, which depends on the feature axes: negated features would flip the colours).
+Fitted in float64 in torch; scikit-learn is not needed.
 """
 
 from __future__ import annotations
@@ -83,12 +85,39 @@ def fit_pca(grids: Any, mask: Any = None, components: int = COMPONENTS) -> Patch
     values, vectors = torch.linalg.eigh(covariance)  # ascending
     values = values.flip(0)[:components].clamp_min(0.0)
     vectors = vectors.flip(1)[:, :components].T.contiguous()  # (k, D)
-    # the sign of each component: its largest loading positive (scikit-learn's svd_flip on Vt)
-    largest = vectors.abs().argmax(dim=1)
-    vectors *= torch.sign(vectors[torch.arange(components), largest])[:, None]
+    vectors *= _signs(rows, mean, vectors)[:, None]
     tiny = torch.finfo(torch.float64).eps * max(float(values[0]), 1.0)
     scale = torch.where(values > tiny, values.clamp_min(tiny).rsqrt(), torch.zeros_like(values))
     return PatchPCA(mean, vectors, scale, values)
+
+
+def _signs(rows: list[torch.Tensor], mean: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(k,) +-1: each component turned so that the fitted patch farthest along it lies on its positive
+    side (scikit-learn's svd_flip on U, its PCA's rule before 1.5). The rule reads the patches, not
+    the axes of the feature space: negated or rotated features give the same picture."""
+    k = vectors.shape[0]
+    farthest = torch.zeros(k, dtype=torch.float64)  # the projection of largest magnitude so far, per component
+    for r in rows:
+        for start in range(0, r.shape[0], _CHUNK_ROWS):
+            projected = (r[start : start + _CHUNK_ROWS].to(torch.float64) - mean) @ vectors.T  # (n, k)
+            top = projected.gather(0, projected.abs().argmax(dim=0, keepdim=True))[0]  # (k,)
+            farthest = torch.where(top.abs() > farthest.abs(), top, farthest)
+    return torch.where(farthest < 0, -1.0, 1.0).to(torch.float64)
+
+
+def fit_foreground_pca(grids: Sequence[Any], masks: Sequence[Any] | None) -> tuple[PatchPCA, str | None]:
+    """The PCA of the grids' foreground patches (one (h, w) mask per grid), or of all their patches
+    when there is no mask or too little foreground; then also a note that says so."""
+    if masks is None or any(m is None for m in masks):
+        return fit_pca(list(grids)), None
+    count = sum(int(_as_mask(m, tuple(g.shape[:2]), "mask").sum()) for g, m in zip(grids, masks))
+    if count <= COMPONENTS:
+        note = (
+            f"{count} foreground patches, too few for the PCA: fitted on every patch (the picture stays black "
+            "where there is no foreground)"
+        )
+        return fit_pca(list(grids)), note
+    return fit_pca(list(grids), list(masks)), None
 
 
 def pca_rgb(grids: Any, mask: Any = None) -> torch.Tensor | list[torch.Tensor]:

@@ -1,4 +1,5 @@
 """Pictures of dense features, kept apart from the maths: the input beside its PCA colours, a mask,
+a mask over its image,
 two images with lines between matched points. Arrays in, (H, W, 3) uint8 arrays out; `save_png`
 writes them. Everything is deterministic: the same inputs give the same bytes."""
 
@@ -14,6 +15,7 @@ import torch
 from .._io import atomic_path
 
 GAP = 8  # px of black between the pictures side by side
+OVERLAY_TINT = (40, 220, 70)  # the foreground's colour in a mask overlay
 
 
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -71,6 +73,15 @@ def mask_picture(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(h, w) bool patch mask -> (H, W) uint8, 255 foreground, 0 background, each patch a block."""
     values = mask.to(torch.uint8).numpy() * 255
     return resize(values[..., None].repeat(3, axis=-1), size, nearest=True)[..., 0]
+
+
+def mask_overlay(image: torch.Tensor | np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """The image with its (h, w) patch mask over it, at the image's own size: the foreground tinted
+    green, the background dimmed, so that a mask can be judged at a glance. (H, W, 3) uint8."""
+    picture = to_uint8(image).astype(np.float32)  # (H, W, 3)
+    inside = mask_picture(mask, picture.shape[:2])[..., None] > 0  # (H, W, 1)
+    tinted = 0.6 * picture + 0.4 * np.array(OVERLAY_TINT, dtype=np.float32)
+    return np.rint(np.where(inside, tinted, 0.35 * picture)).astype(np.uint8)
 
 
 def match_picture(

@@ -40,8 +40,8 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return {
             "images": self.count,
-            "top1": self.top1,
-            "top5": self.top5,
+            "top1": self.top1 if self.count else None,  # no image: no accuracy (JSON has no NaN)
+            "top5": self.top5 if self.count else None,
             "classes": [
                 {"name": name, "precision": p, "recall": r, "images": n}
                 for name, p, r, n in zip(self.classes, self.precision, self.recall, self.support)

@@ -14,6 +14,7 @@ finish, or whose two files come from different runs, is refused with the reason,
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -63,14 +64,14 @@ class Probe:
         settings: dict[str, Any],
         source: str | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+        where = source or f"this {method} probe"
+        _check_settings(method, classes, settings, where)
         self.method = method
         self.classes = list(classes)
         self.tensors = tensors  # logreg: weight (K, D) float64, bias (K,); knn: features (N, D) unit rows, labels (N,)
         self.settings = settings
         self._loaded: tuple[str, Any] | None = None  # (name, model) that `embed` loaded
-        self._check_tensors(source or f"this {method} probe")
+        self._check_tensors(where)
 
     # -- what it expects ----------------------------------------------------------------------------------
     @property
@@ -206,9 +207,19 @@ class Probe:
                 f"features of width {x.shape[1]}, but this probe was made for width {self.feature_dim} "
                 f"({self.pool} features of {self.model_name}): embed with the probe's model and --pool {self.pool}"
             )
+        if not x.is_floating_point():
+            x = x.double()
+        if not torch.isfinite(x).all():
+            rows = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten().tolist()
+            raise UsageError(
+                f"the features of {len(rows)} input(s) (rows {rows[:5]}) hold NaN or inf (a model that overflowed, "
+                "as float16 does): embed them in float32 or bfloat16"
+            )
         return x
 
     def _check_tensors(self, where: str) -> None:
+        """The weights, whole: their shapes agree with the settings, their numbers are finite, a k-NN
+        probe has rows and integer labels within its classes."""
         K, D = len(self.classes), self.feature_dim
         if self.method == "logreg":
             expected = {"weight": (K, D), "bias": (K,)}
@@ -217,19 +228,30 @@ class Probe:
         for name, shape in expected.items():
             tensor = self.tensors.get(name)
             if tensor is None:
-                raise UsageError(f"{where} is incomplete: the weights hold no {name!r}")
+                raise UsageError(f"{where} is incomplete: the weights hold no {name!r}{_AGAIN}")
             if tensor.ndim != len(shape) or any(s not in (-1, t) for s, t in zip(shape, tensor.shape)):
                 raise UsageError(
                     f"{where} is damaged: {name!r} has shape {tuple(tensor.shape)}, but probe.json says "
-                    f"{len(self.classes)} classes and features of width {D}"
+                    f"{len(self.classes)} classes and features of width {D}{_AGAIN}"
                 )
+        numbers = ("weight", "bias") if self.method == "logreg" else ("features",)
+        for name in numbers:
+            tensor = self.tensors[name]
+            if not tensor.is_floating_point():
+                raise UsageError(f"{where} is damaged: {name!r} holds {tensor.dtype}, not floating point{_AGAIN}")
+            if not torch.isfinite(tensor).all():
+                raise UsageError(f"{where} is damaged: {name!r} holds NaN or inf{_AGAIN}")
         if self.method == "knn":
             labels = self.tensors["labels"]
             if len(labels) != len(self.tensors["features"]):
                 count = len(self.tensors["features"])
-                raise UsageError(f"{where} is damaged: {len(labels)} labels for {count} features")
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < K:
-                raise UsageError(f"{where} is damaged: a label index outside the {K} classes")
+                raise UsageError(f"{where} is damaged: {len(labels)} labels for {count} features{_AGAIN}")
+            if len(labels) == 0:
+                raise UsageError(f"{where} is damaged: a k-NN probe with no training features{_AGAIN}")
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise UsageError(f"{where} is damaged: 'labels' holds {labels.dtype}, not class indices{_AGAIN}")
+            if not 0 <= int(labels.min()) <= int(labels.max()) < K:
+                raise UsageError(f"{where} is damaged: a label index outside the {K} classes{_AGAIN}")
 
     # -- files --------------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -251,7 +273,8 @@ class Probe:
             "classes": self.classes,
             **{k: v for k, v in self.settings.items() if k not in ("method", "classes")},
         }
-        atomic_write_text(folder / SETTINGS_FILE, json.dumps(document, indent=1, default=_json_default) + "\n")
+        text = json.dumps(document, indent=1, default=_json_default, allow_nan=False)  # no NaN: valid JSON
+        atomic_write_text(folder / SETTINGS_FILE, text + "\n")
         return folder
 
     @classmethod
@@ -276,7 +299,10 @@ class Probe:
             raise UsageError(f"{settings_file} is damaged: not readable JSON ({e})") from None
         if not isinstance(settings, dict) or settings.get("format") != FORMAT:
             raise UsageError(f'{settings_file} is not a dino3 probe\'s settings (no "format": "{FORMAT}")')
-        if int(settings.get("format_version", 0)) > FORMAT_VERSION:
+        version = settings.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise UsageError(f"{settings_file} is damaged: 'format_version' is {version!r}, not a whole number{_AGAIN}")
+        if version > FORMAT_VERSION:
             raise UsageError(f"{folder} was written by a newer dino3 ({settings.get('dino3_version')}); upgrade dino3")
         missing = [key for key in REQUIRED if key not in settings]
         if settings.get("method") == "logreg" and "C" not in settings:
@@ -293,7 +319,7 @@ class Probe:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         except (OSError, SafetensorError, ValueError) as e:
             raise UsageError(f"{weights_file} is damaged: not a readable safetensors file ({e})") from None
-        if metadata.get("id") != settings["id"]:
+        if not isinstance(settings["id"], str) or metadata.get("id") != settings["id"]:
             raise UsageError(
                 f"{folder}: {WEIGHTS_FILE} does not belong to {SETTINGS_FILE} (they come from different training "
                 "runs: one was interrupted or replaced); run `dino3 probe train` again"
@@ -302,6 +328,48 @@ class Probe:
             tensors = {name: t.to(device) for name, t in tensors.items()}
         settings = {k: v for k, v in settings.items() if k not in ("format", "format_version")}
         return cls(settings.pop("method"), settings.pop("classes"), tensors, settings, source=str(folder))
+
+
+_AGAIN = "; train the probe again (dino3 probe train)"
+
+
+def _check_settings(method: Any, classes: Any, settings: dict[str, Any], where: str) -> None:
+    """Every field a probe reads, of the type and range it needs: a damaged or hand-edited probe.json
+    is refused here, naming the field, never half-used (a zero temperature or a NaN C would give NaN
+    scores; k = 0 none)."""
+
+    def damaged(field: str, value: Any, need: str) -> UsageError:
+        return UsageError(f"{where} is damaged: {field!r} is {value!r}; it must be {need}{_AGAIN}")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if method not in METHODS:
+        raise damaged("method", method, f"one of {', '.join(METHODS)}")
+    if (
+        not isinstance(classes, (list, tuple))
+        or len(classes) < 2
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise damaged("classes", classes, "a list of two class names or more, each once")
+    dim = settings.get("feature_dim")
+    if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
+        raise damaged("feature_dim", dim, "a whole number >= 1 (the width of the features)")
+    if settings.get("features") not in FEATURES:
+        raise damaged("features", settings.get("features"), f"one of {', '.join(FEATURES)} (one vector per image)")
+    for key, kind in (("model", str), ("model_identity", dict), ("processor", dict)):
+        if key in settings and not isinstance(settings[key], kind):
+            raise damaged(key, settings[key], f"a {kind.__name__}")
+    if method == "logreg" and "C" in settings and not (number(settings["C"]) and settings["C"] > 0):
+        raise damaged("C", settings["C"], "a finite number > 0")
+    if method == "knn":
+        k = settings.get("k")
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            raise damaged("k", k, "a whole number >= 1")
+        temperature = settings.get("temperature")
+        if not (number(temperature) and temperature > 0):
+            raise damaged("temperature", temperature, f"a finite number > 0 (Meta's is {knn.TEMPERATURE})")
 
 
 def identity_differences(made_with: dict[str, Any], given: dict[str, Any], files: bool = True) -> list[str]:

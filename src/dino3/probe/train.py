@@ -146,7 +146,9 @@ def train(
         fit_rows = torch.as_tensor(train_rows, device=solver_device)
         held = torch.as_tensor(held_rows, device=solver_device)
         if method == "logreg":
-            tensors, chosen_settings = _fit_logreg(x_dev, y_dev, fit_rows, held, len(classes), C, validation)
+            tensors, chosen_settings = _fit_logreg(
+                x_dev, y_dev, fit_rows, held, len(classes), C, validation, progress and C is None
+            )
         else:
             tensors, chosen_settings = _fit_knn(x_dev, y_dev, fit_rows, held, len(classes), k, validation)
 
@@ -177,13 +179,14 @@ def train(
     return TrainResult(probe, folder, int(len(targets)), failures, notes, time.perf_counter() - started)
 
 
-def _fit_logreg(x, y, fit_rows, held, num_classes, C, validation) -> tuple[dict, dict]:
+def _fit_logreg(x, y, fit_rows, held, num_classes, C, validation, progress=False) -> tuple[dict, dict]:
     """Meta's sweep on the training part (unless C is given and nothing is held out), then the fit on all."""
     init = None
     if len(held):
         grid = logreg.C_GRID if C is None else (float(C),)
-        chosen = logreg.sweep(x[fit_rows], y[fit_rows], x[held], y[held], num_classes, grid)
-        validation.update(scores=[[c, s] for c, s in chosen.scores.items()], best=chosen.scores[chosen.C])
+        chosen = logreg.sweep(x[fit_rows], y[fit_rows], x[held], y[held], num_classes, grid, progress=progress)
+        scores = chosen.mean_scores()
+        validation.update(scores=[[c, s] for c, s in scores.items()], best=scores[chosen.C])
         C, init = chosen.C, chosen.model
     final = logreg.fit(x, y, num_classes, float(C), init=init)
     solver = {"name": "lbfgs", "tol": logreg.TOL, "sweep_tol": logreg.SWEEP_TOL, "max_iter": logreg.MAX_ITER}

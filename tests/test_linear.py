@@ -1,0 +1,74 @@
+"""dino3.linear, the one logistic regression of the probes and the foreground classifier: its two
+solvers reach scikit-learn's model, the sweep's choice of C, and the deprecated names that still work.
+(Each room's own tests check it against scikit-learn on its own data: test_probe.py, test_dense.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dino3 import dense, linear
+from dino3.errors import UsageError
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+
+def _two_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    X, y = load_digits(return_X_y=True)
+    keep = (y == 3) | (y == 8)  # the two digits most alike: not separable at small C
+    return torch.from_numpy(X[keep]), torch.from_numpy((y[keep] == 8).astype(np.int64))
+
+
+@pytest.mark.parametrize("C", [1e-4, 1e-2, 1.0])
+def test_both_solvers_reach_scikit_learns_binary_model(C):
+    """Bugs planted: the penalty of Newton's gradient not divided by n; L-BFGS's class-0 row not zero."""
+    X, y = _two_digits()
+    reference = LogisticRegression(C=C, tol=1e-10, max_iter=100_000).fit(X.numpy(), y.numpy())
+    expected = reference.predict_proba(X.numpy())[:, 1]
+    for solver in linear.SOLVERS:
+        model = linear.fit(X, y, 2, C, solver=solver, tol=1e-8, max_iter=20_000)
+        assert np.abs(model.positive_probability(X).numpy() - expected).max() <= 1e-5, solver
+        assert np.abs(model.probabilities(X)[:, 1].numpy() - expected).max() <= 1e-5, solver
+
+
+def test_warm_starts_and_newton_from_an_lbfgs_fit():
+    X, y = _two_digits()
+    start = linear.fit(X, y, 2, 0.01, solver="lbfgs")
+    cold = linear.fit(X, y, 2, 0.1, solver="newton", tol=1e-9)
+    warm = linear.fit(X, y, 2, 0.1, solver="newton", tol=1e-9, init=start)
+    assert warm.iterations < cold.iterations
+    assert (warm.positive_probability(X) - cold.positive_probability(X)).abs().max() < 1e-7
+
+
+def test_the_sweeps_pick_the_best_score_and_the_smallest_C_among_equals():
+    """Bug planted: ties going to the largest C (Meta's tracker and numpy's argmax keep the first)."""
+    X, y = _two_digits()
+    cs = (1e-6, 1e-5, 1e-1, 1.0)  # the two smallest C score alike: every fit predicts one class
+    found = linear.sweep(X[::2], y[::2], X[1::2], y[1::2], 2, cs)
+    scores = found.mean_scores()
+    assert list(scores) == sorted(cs) and min(c for c in cs if scores[c] == max(scores.values())) == found.C
+    assert found.scores.shape == (1, 4) and found.model is not None
+    tied = linear.sweep(X[::2], y[::2], X[1::2], y[1::2], 2, (1e-6, 1e-5))
+    assert tied.scores[0, 0] == tied.scores[0, 1] and tied.C == 1e-6
+    groups = torch.arange(len(y)) % 3
+    by_group = linear.sweep_groups(X, y, groups, cs, solver="newton", tol=1e-8, max_iter=200)
+    assert by_group.folds == [0, 1, 2] and by_group.scores.shape == (3, 4) and by_group.model is None
+    assert max(sorted(cs), key=lambda c: by_group.mean_scores()[c]) == by_group.C
+    with pytest.raises(UsageError, match="two classes"):
+        linear.fit(X, torch.arange(len(y)) % 3, 3, 1.0, solver="newton")
+
+
+def test_the_foreground_names_that_moved_still_work_and_say_where_they_went():
+    X, y = _two_digits()
+    with pytest.warns(DeprecationWarning, match="dino3.linear.fit"):
+        params = dense.fit_logistic(X, y, 0.1)
+    model = linear.fit(X, y, 2, 0.1, solver="newton", tol=1e-8, max_iter=200)
+    assert torch.equal(params[:-1], model.weight[1]) and float(params[-1]) == float(model.bias[1])
+    found = dense.sweep_c(X, y, torch.arange(len(y)) % 2, cs=(1e-3, 1e-1))
+    assert isinstance(found, dense.foreground.Sweep) and found.cs == (1e-3, 1e-1)
+    with pytest.warns(DeprecationWarning, match="use Sweep.C"):
+        assert found.best == found.C
+    assert dense.average_precision is linear.average_precision
