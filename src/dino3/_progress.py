@@ -21,12 +21,15 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int | None, description: str, unit: str = "img", show: bool = True) -> Any:
-    """A bar with `update(n)` and `close()` (a context manager too); `total` None for an unknown count."""
+def progress_bar(total: int | None, description: str, unit: str = "img", show: bool = True, initial: int = 0) -> Any:
+    """A bar with `update(n)` and `close()` (a context manager too); `total` None for an unknown count,
+    `initial` what was done before (a resumed job)."""
     if not show:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, unit=unit, desc=description, file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
+    return tqdm(
+        total=total, initial=initial, unit=unit, desc=description, file=sys.stderr, smoothing=0.1, dynamic_ncols=True
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import threading
 import uuid
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_path, atomic_write_text
+from .._progress import progress_bar
 from .._version import __version__
 from ..errors import UsageError
 from .features import RESOLUTION, FeatureMaker, ImageFeatures
@@ -171,7 +171,7 @@ class Detector:
         if not sources:
             raise UsageError("no images to score")
         maker = self.feature_maker(model)
-        bar = _progress(len(sources), progress, "scoring")
+        bar = progress_bar(len(sources), "scoring", "img", progress)
         try:
             features = maker.features(sources, (0,), progress=bar.update)
         finally:
@@ -359,7 +359,7 @@ def fit(
     )
     _check_threshold_option(threshold)
     maker = FeatureMaker.for_model(model, resolution=resolution, dtype=dtype, device=device, batch_size=batch_size)
-    bar = _progress(len(sources), progress, "good images")
+    bar = progress_bar(len(sources), "good images", "img", progress)
     try:
         shots = maker.features(sources, settings.rotations, progress=bar.update)
     finally:
@@ -458,21 +458,3 @@ def write_scores(results: Sequence[Result], path: str | os.PathLike, threshold: 
     path = Path(path)
     atomic_write_text(path, json.dumps(scores_document(results, threshold), indent=1) + "\n")
     return path
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool, what: str):
-    if not show:
-        return _NoProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, unit="img", desc=what, file=sys.stderr)

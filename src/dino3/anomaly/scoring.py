@@ -100,7 +100,11 @@ class Masking:
 
         h, w, _ = grid.shape
         pca = fit_pca(grid, components=1)
-        first = pca.transform(grid)[..., 0].double() / pca.scale[0] if pca.scale[0] > 0 else None
+        # the component's sign as anomalib's scikit-learn (>= 1.5) turns it: its largest loading positive
+        # (dino3.dense turns it by the patches instead, for pictures; the mask follows the reference)
+        loading = pca.components[0]
+        sign = -1.0 if float(loading[loading.abs().argmax()]) < 0 else 1.0
+        first = sign * pca.transform(grid)[..., 0].double() / pca.scale[0] if pca.scale[0] > 0 else None
         if first is None:  # every patch the same: nothing to tell apart
             return torch.ones(h, w, dtype=torch.bool)
         mask = first > self.threshold

@@ -76,9 +76,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     paths, failures = _images(args.images)
     results = []
     chunk = max(1, args.batch_size)
-    from ..embed.job import progress_bar
+    from .._progress import progress_bar
 
-    bar = progress_bar(len(paths), 0, not args.quiet, "scoring")
+    bar = progress_bar(len(paths), "scoring", "img", not args.quiet)
     try:
         for start in range(0, len(paths), chunk):
             part = paths[start : start + chunk]

@@ -19,13 +19,13 @@ reason, while the job goes on.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._progress import progress_bar
 from .._version import __version__
 from ..errors import UsageError
 from ..features import Layers
@@ -214,7 +214,7 @@ def _run_local(
         done = set().union(*(c.covered for c in chunks)) if chunks else set()
         todo = [i for i in range(len(paths)) if i not in done]
         chunk_size = max(1, checkpoint_every // batch_size) * batch_size
-        bar = progress_bar(len(paths), len(paths) - len(todo), progress)
+        bar = progress_bar(len(paths), "embedding", "img", progress, initial=len(paths) - len(todo))
         computed = 0
         try:
             for chunk in _embed(made, paths, todo, batch_size, workers, chunk_size, bar):
@@ -290,21 +290,3 @@ def parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise UsageError(f"shard {index}/{count}: K must lie in 0..N-1 and N be 1 or more")
     return index, count
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, done: int, show: bool, what: str = "embedding"):
-    if not show:
-        return _NoProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-        return _NoProgress()
-    return tqdm(total=total, initial=done, unit="img", desc=what, file=sys.stderr, smoothing=0.1)

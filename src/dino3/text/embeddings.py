@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress_bar
 from ..errors import UsageError
 from ..models.text import DINOv3TextModel
 from ..processing import DINOv3ViTImageProcessor
@@ -75,14 +76,11 @@ def embed_texts(
     tokens = model.tokenize(items)  # (N, 77)
     order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # by the end-of-text position
     out = torch.empty(len(items), model.config.embed_dim)
-    bar = _progress(len(items)) if progress else None
-    for start in range(0, len(items), batch_size):
-        rows = order[start : start + batch_size]
-        out[rows] = model.encode_text(tokens[rows].to(model.device)).float().cpu()
-        if bar is not None:
+    with progress_bar(len(items), "embedding texts", "text", progress) as bar:
+        for start in range(0, len(items), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = model.encode_text(tokens[rows].to(model.device)).float().cpu()
             bar.update(len(rows))
-    if bar is not None:
-        bar.close()
     out = _part(out, part)
     return F.normalize(out, dim=-1) if normalize else out
 
@@ -139,13 +137,3 @@ def _part(features: torch.Tensor, part: str) -> torch.Tensor:
 
 def _width(model: DINOv3TextModel, part: str) -> int:
     return model.config.embed_dim if part == "all" else model.config.embed_dim // 2
-
-
-def _progress(total: int):
-    import sys
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-        return None
-    return tqdm(total=total, unit="text", desc="embedding texts", file=sys.stderr)
