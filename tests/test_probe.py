@@ -323,7 +323,7 @@ def test_a_probe_refuses_another_model(tiny, small_digits, trained, tmp_path, ca
     image = next((small_digits / "test").rglob("*.png"))
     same_config = tiny_checkpoint(tmp_path / "other", seed=1)  # new weights, same architecture
     wider = tiny_checkpoint(tmp_path / "wider", hidden=32)
-    for other, reason in [(same_config, "compute other numbers"), (wider, "hidden_size 64 vs 32")]:
+    for other, reason in [(same_config, "compute other numbers"), (wider, "hidden_size: 64 -> 32")]:
         capsys.readouterr()
         code = status(["classify", str(image), "--probe", str(trained), "-m", str(other), "-q"])
         assert code == 2

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text, escape_field
+from .common import report_failures, use_threads
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 3  # as the `dino3` command's (dino3.cli)
 DATASET_HELP = (
     "a folder with a folder of images per class, a CSV of path,label, or a `dino3 embed` output with --labels"
 )
@@ -121,7 +121,7 @@ def _add_use_arguments(parser, add_model_arguments, add_runtime_arguments, add_b
 def cmd_train(args: argparse.Namespace) -> int:
     from ..probe.train import train
 
-    _threads(args)
+    use_threads(args)
     options: dict[str, Any] = {}
     if not _is_embeddings(args.dataset):
         options = {
@@ -160,13 +160,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{probe.pool} features of width {probe.feature_dim}; {chosen}; {result.seconds:.1f} s",
         file=sys.stderr,
     )
-    return _failures(result.failures, "left out of the training")
+    return report_failures(result.failures, "images could not be embedded, left out of the training")
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from ..probe.classify import classify
 
-    _threads(args)
+    use_threads(args)
     found = classify(
         args.images,
         args.probe,
@@ -184,14 +184,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         for path, labels, scores in zip(found.paths, found.predictions.labels, found.predictions.scores):
             best = "\t".join(f"{label}\t{score:.4f}" for label, score in zip(labels, scores))
             print(f"{escape_field(path)}\t{best}")
-    return _failures(found.failures, "not classified")
+    return report_failures(found.failures, "images could not be embedded, not classified")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..probe.classify import load_probe
     from ..probe.evaluate import evaluate
 
-    _threads(args)
+    use_threads(args)
     probe = load_probe(args.probe, args.device)
     report = evaluate(
         args.dataset,
@@ -209,17 +209,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
-    return _failures(report.failures, "left out of the evaluation")
+    return report_failures(report.failures, "images could not be embedded, left out of the evaluation")
 
 
 # -- pieces -----------------------------------------------------------------------------------------------
 def _embed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's runtime options (the preprocessing is the probe's own) and the embed job's."""
+    calibration = None
+    if args.calibration:
+        from ..embed.inputs import expand_inputs
+
+        calibration = expand_inputs([args.calibration]).paths
     return {
         "dtype": args.dtype,
         "quantize": args.quantize,
         "backend": args.backend,
         "precision": args.precision,
-        "calibration": [args.calibration] if args.calibration else None,
+        "calibration": calibration,
         "batch_size": args.batch_size,
         "workers": args.workers,
         "check_hash": not args.no_hash_check,
@@ -232,29 +238,9 @@ def _is_embeddings(dataset: str) -> bool:
     return is_embeddings_file(dataset)
 
 
-def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)  # the command owns its process; the library never does this
-
-
 def _notes(notes: list[str]) -> None:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-
-
-def _failures(failures: list[tuple[str, str]], what: str) -> int:
-    if not failures:
-        return EXIT_OK
-    count = len(failures)
-    print(f"{count} image{'s' if count != 1 else ''} could not be embedded, {what}:", file=sys.stderr)
-    for path, reason in failures[:20]:
-        path, reason = escape_field(path), escape_field(reason)
-        print(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}", file=sys.stderr)
-    if count > 20:
-        print(f"  ... and {count - 20} more", file=sys.stderr)
-    return EXIT_SOME_FAILED
 
 
 def _fraction(text: str) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .inputs import IMAGE_SUFFIXES, Inputs, expand_inputs
 from .job import ENGINES, EmbedResult, RayOptions, run
-from .writers import OUTPUT_SUFFIXES, Embeddings, read_embeddings, read_shards, write_embeddings
+from .writers import OUTPUT_SUFFIXES, Embeddings, is_embeddings, read_embeddings, read_shards, write_embeddings
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -20,6 +20,7 @@ __all__ = [
     "Embeddings",
     "Inputs",
     "expand_inputs",
+    "is_embeddings",
     "read_embeddings",
     "read_shards",
     "run",

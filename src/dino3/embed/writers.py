@@ -93,6 +93,16 @@ class Embeddings:
         return self.features[self.offsets[i] : self.offsets[i + 1]].reshape(h, w, -1)
 
 
+def is_embeddings(path: str | os.PathLike) -> bool:
+    """Whether `path` names a `dino3 embed` output: a file of one of its formats (by the suffix; a URL
+    never), or a Ray engine output folder (its manifest beside it)."""
+    text = os.fspath(path)
+    if text.startswith(("http://", "https://")):
+        return False
+    path = Path(text)
+    return path.suffix.lower() in OUTPUT_SUFFIXES or (path.is_dir() and manifest_path(path).is_file())
+
+
 def check_output(path: str | os.PathLike, may_be_ragged: bool = False) -> Path:
     """Refuse, before any work, an output that could not be written at the end."""
     path = Path(path)

@@ -400,12 +400,15 @@ def _checked_loader(settings: dict[str, Any], what: str):
 # -- inputs ---------------------------------------------------------------------------------------------------
 def _embedding_files(inputs: Sequence[str]) -> list[str]:
     """The inputs when they are all `dino3 embed` outputs; [] when none is; mixing is refused."""
-    from ..embed import OUTPUT_SUFFIXES
+    from ..embed import is_embeddings
 
     inputs = [os.fspath(i) for i in inputs]
-    files = [i for i in inputs if Path(i).suffix.lower() in OUTPUT_SUFFIXES and not i.startswith(URL_PREFIXES)]
+    files = [i for i in inputs if is_embeddings(i)]
     if files and len(files) != len(inputs):
-        raise UsageError("give either images or `dino3 embed` outputs (.npz, .npy, .safetensors, .parquet), not both")
+        raise UsageError(
+            "give either images or `dino3 embed` outputs (.npz, .npy, .safetensors, .parquet, or a Ray engine's "
+            "folder), not both"
+        )
     return files
 
 

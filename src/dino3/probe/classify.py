@@ -22,8 +22,11 @@ import numpy as np
 from ..embed import Inputs, expand_inputs, read_embeddings
 from ..errors import UsageError
 from .dataset import is_embeddings_file
-from .embedding import Embedded, embed_images, processing_options, resolve_model_name
+from .embedding import Embedded, embed_images
 from .probe import Predictions, Probe
+
+# what runs the probe's model another way (the same weights: its features stay the probe's)
+RUNTIME_OPTIONS = ("dtype", "quantize", "backend", "precision", "calibration")
 
 
 @dataclass
@@ -69,30 +72,20 @@ def features_for(
                 f"{probe.feature_dim} ({probe.pool} features of {probe.model_name})"
             )
         return Embedded(data.paths, features, data.meta or {})
-    from ..api import load as default_load
-    from ..recipe import fingerprint as model_fingerprint
-    from ..recipe import identity as model_identity
-
-    name = resolve_model_name(model) if model is not None else probe.model_name
-
-    def checked_load(name_or_path: Any, **load_options: Any) -> Any:
-        loaded = default_load(name_or_path, **load_options)
-        probe.check_model(model_identity(loaded), str(name_or_path), model_fingerprint(loaded))  # before any image
-        return loaded
-
-    given = {key: value for key, value in options.items() if value is not None}
-    run_options = {**processing_options(probe.processor), **_embedding_defaults(probe), **given}
+    runtime = {key: options.pop(key) for key in RUNTIME_OPTIONS if options.get(key) is not None}
+    for key in RUNTIME_OPTIONS:
+        options.pop(key, None)
+    made = probe.made(model, device, **runtime)  # checked before any image is read
     with tempfile.TemporaryDirectory(prefix="dino3-probe-") as tmp:
         found = embed_images(
             inputs.paths,
-            name,
+            made.recipe,
             Path(tmp) / "embeddings.npz",
-            pool=probe.pool,
             skipped=inputs.skipped,
-            load=checked_load,
+            load=lambda *args, **kwargs: made.model,  # the model loaded and checked above
             device=device,
             progress=progress,
-            **run_options,
+            **options,
         )
     probe.check_embeddings(found.meta, "the embedded images")
     return found
@@ -128,15 +121,3 @@ def classify(
         found = features_for(probe, inputs, model=model, device=device, progress=progress, **options)
     predictions = probe.predict(found.features, top_k)
     return Classified(found.paths, predictions, found.failures, found.notes)
-
-
-def _embedding_defaults(probe: Probe) -> dict[str, Any]:
-    """The probe's own dtype and runtime, unless the caller chose others."""
-    settings = probe.settings.get("embedding") or {}
-    out = {}
-    if settings.get("dtype"):
-        out["dtype"] = settings["dtype"]
-    for key in ("quantize", "backend", "precision"):
-        if settings.get(key) is not None:
-            out[key] = settings[key]
-    return out

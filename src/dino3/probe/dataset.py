@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..embed import OUTPUT_SUFFIXES, expand_inputs, read_embeddings
+from ..embed import OUTPUT_SUFFIXES, expand_inputs, is_embeddings, read_embeddings
 from ..embed.inputs import URL_PREFIXES
 from ..errors import UsageError
 
@@ -50,8 +50,8 @@ class Dataset:
 
 
 def is_embeddings_file(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.suffix.lower() in OUTPUT_SUFFIXES and path.is_file()
+    """A `dino3 embed` output that is there: a file, or a Ray engine's folder."""
+    return is_embeddings(path) and Path(path).exists()
 
 
 def read_dataset(dataset: str | os.PathLike, labels: str | os.PathLike | None = None) -> Dataset:

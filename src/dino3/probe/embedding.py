@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,22 +23,9 @@ from .._io import unescape_field
 from ..embed import Inputs, read_embeddings, run
 from ..embed.store import input_stat
 from ..embed.writers import sidecars
+from ..recipe import Recipe
 
-# dino3.embed.run's options that decide the features (and may be given to probe training)
-EMBED_OPTIONS = (
-    "size",
-    "keep_aspect",
-    "target",
-    "fit",
-    "max_side",
-    "jpeg_draft",
-    "dtype",
-    "quantize",
-    "backend",
-    "precision",
-    "calibration",
-)
-# ... and those that only decide how fast
+# dino3.embed.run's options that decide only how fast (what decides the features is the recipe)
 RUN_OPTIONS = ("batch_size", "workers", "checkpoint_every", "check_hash")
 
 
@@ -53,54 +39,38 @@ class Embedded:
     reused: bool = False
 
 
-def processing_options(processor: dict[str, Any]) -> dict[str, Any]:
-    """The embed options that rebuild a processor's settings (those `dino3.embed.run` records)."""
-    out: dict[str, Any] = {"jpeg_draft": bool(processor.get("jpeg_draft", False))}
-    if processor.get("max_side") is not None:
-        out["max_side"] = processor["max_side"]
-    if processor.get("keep_aspect"):
-        out.update(keep_aspect=processor["keep_aspect"], target=processor.get("target_size"))
-        out["fit"] = processor.get("fit", "crop")
-    else:
-        out["size"] = int((processor.get("size") or {}).get("height", 224))
-    return out
-
-
 def embed_images(
     paths: list[str],
-    model: str,
+    recipe: Recipe,
     output: Path,
     *,
-    pool: str,
     skipped: list[tuple[str, str]] | None = None,
     load: Callable[..., Any] | None = None,
     device: str | None = None,
     progress: bool = True,
-    **options: Any,
+    **run_options: Any,
 ) -> Embedded:
-    """Embed `paths` into `output` (resuming an interrupted run of the same request) and read them back."""
+    """Embed `paths` by `recipe` into `output` (resuming an interrupted run of the same request) and read
+    them back."""
     result = run(
         Inputs(list(paths), list(skipped or [])),
-        model=model,
         output=output,
-        pool=pool,
+        recipe=recipe,
         device=device,
         resume=True,
         progress=progress,
         load=load,
-        **options,
+        **run_options,
     )
     data = read_embeddings(output)
     return Embedded(data.paths, np.asarray(data.features), data.meta, list(result.failures), list(result.notes))
 
 
 def cached_embed(
-    folder: Path, paths: list[str], model: str, *, pool: str, skipped: list[tuple[str, str]], **options: Any
+    folder: Path, paths: list[str], recipe: Recipe, *, skipped: list[tuple[str, str]], **run_options: Any
 ) -> Embedded:
     """Embed into `folder`, reusing (or resuming) the embeddings of an identical earlier request."""
-    defaults = {"size": 224, "jpeg_draft": False, "backend": "torch"}  # dino3.embed.run's: the same request
-    decisive = {k: options[k] for k in EMBED_OPTIONS if options.get(k) not in (None, defaults.get(k))}
-    request = json.dumps([model, pool, decisive, paths], default=str).encode("utf-8", "surrogateescape")
+    request = json.dumps([recipe.model, recipe.options(), paths], default=str).encode("utf-8", "surrogateescape")
     name = f"embeddings-{hashlib.sha256(request).hexdigest()[:16]}.npz"
     output = folder / name
     if output.is_file():
@@ -108,7 +78,7 @@ def cached_embed(
         if found is not None:
             return found
         output.unlink()  # the weights changed since: embed again
-    found = embed_images(paths, model, output, pool=pool, skipped=skipped, **options)
+    found = embed_images(paths, recipe, output, skipped=skipped, **run_options)
     for stale in folder.glob("embeddings-*"):  # other requests' files, now superseded
         if not stale.name.startswith(name):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -129,10 +99,3 @@ def _reuse(output: Path) -> Embedded | None:
             failures.append((unescape_field(path), unescape_field(reason)))
     note = f"reused the embeddings in {output.name} (same images, model and settings)"
     return Embedded(data.paths, np.asarray(data.features), data.meta, failures, [note], reused=True)
-
-
-def resolve_model_name(model: str | os.PathLike) -> str:
-    """A local model path made absolute (so that a probe finds its model from any folder); a preset
-    name or hub id as it is."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else str(model)

@@ -18,7 +18,7 @@ import math
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .._io import atomic_path, atomic_write_text
 from .._version import __version__
 from ..errors import UsageError
 from ..features import POOLS
+from ..recipe import Made, Recipe, differences
 from . import knn
 from .logreg import LinearModel
 
@@ -70,7 +71,7 @@ class Probe:
         self.classes = list(classes)
         self.tensors = tensors  # logreg: weight (K, D) float64, bias (K,); knn: features (N, D) unit rows, labels (N,)
         self.settings = settings
-        self._loaded: tuple[str, Any] | None = None  # (name, model) that `embed` loaded
+        self._loaded: tuple[Any, Made] | None = None  # (request, model) that `made` loaded
         self._check_tensors(where)
 
     # -- what it expects ----------------------------------------------------------------------------------
@@ -130,69 +131,86 @@ class Probe:
         return Predictions(labels, top.values.float().cpu().numpy(), indices)
 
     def embed(self, images: Any, *, model: Any = None, batch_size: int = 16, workers: int = 2) -> torch.Tensor:
-        """Images -> (N, D) features, as the probe's training embedded its images: the same model
-        (checked), pooling and preprocessing, through the batched engine of `dino3 embed`."""
-        from ..api import load
-        from ..features import extract
+        """Images -> (N, D) features, as the probe's training embedded its images: its recipe (the same
+        model, checked; pooling, preprocessing, dtype, quantization, backend), through the batched engine
+        of `dino3 embed`."""
         from ..pipeline import iter_batches
-        from ..processing import DINOv3ViTImageProcessor
-        from ..recipe import fingerprint as model_fingerprint
-        from ..recipe import identity as model_identity
 
-        if model is None or isinstance(model, (str, os.PathLike)):
-            name = str(model) if model is not None else self.model_name
-            loaded = self._loaded
-            if loaded is None or loaded[0] != name:  # loaded on first use, kept for the next calls
-                dtype = (self.settings.get("embedding") or {}).get("dtype")
-                loaded = self._loaded = (name, load(name, dtype=dtype))
-            model = loaded[1]
-        name = getattr(model, "name_or_path", None) or str(model)
-        self.check_model(model_identity(model), name, model_fingerprint(model))
-        processor = DINOv3ViTImageProcessor.from_dict(self.processor)
+        made = self.made(model)
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         rows: list[torch.Tensor | None] = [None] * len(sources)
-        for batch in iter_batches(sources, processor, batch_size, workers):
-            values, _ = extract(model, batch.pixel_values, self.pool)
+        for batch in iter_batches(sources, made.processor, batch_size, workers):
+            values, _ = made.features(batch.pixel_values)
             for row, index in enumerate(batch.indices):
                 rows[index] = values[row].float().cpu()
         return torch.stack(rows) if rows else torch.zeros(0, self.feature_dim)
 
-    # -- refusals -----------------------------------------------------------------------------------------
-    def check_model(self, identity: dict[str, Any], name: str, fingerprint: list[float] | None = None) -> None:
-        """Refuse a model other than the one the probe was made with, saying what differs. With the
-        model's fingerprint (`dino3.embed.model_fingerprint`), its weights count by what they compute,
-        wherever their files lie; without, by their files' sizes and modification times."""
-        from ..recipe import same_fingerprint
+    # -- the recipe of its features, and refusals -----------------------------------------------------------
+    @property
+    def recorded(self) -> dict[str, Any]:
+        """How the probe's features were made, in dino3.recipe's keys (what Recipe.from_meta reads)."""
+        s, embedding = self.settings, self.settings.get("embedding") or {}
+        return {
+            "model": s["model"],
+            "model_identity": s["model_identity"],
+            "model_fingerprint": s.get("model_fingerprint"),
+            "pool": s["features"],
+            "layers": None,
+            "processor": s["processor"],
+            "recipe": s.get("recipe"),
+            **{key: embedding.get(key) for key in ("dtype", "quantize", "backend", "precision")},
+        }
 
-        recorded = self.settings.get("model_fingerprint")
-        by_numbers = recorded is not None and fingerprint is not None
-        differences = identity_differences(self.settings["model_identity"], identity, files=not by_numbers)
-        if not differences and by_numbers and not same_fingerprint(recorded, fingerprint):
-            differences = ["its weights compute other numbers"]
-        if differences:
+    def made(self, model: Any = None, device: str | None = None, **runtime: Any) -> Made:
+        """The probe's recipe with its model: loaded (once; `model`: where it lies now, if it moved), or
+        `model` itself if it is a loaded one; checked to be the probe's. `runtime` (dtype, quantize,
+        backend, precision, calibration) runs the same weights another way."""
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            recipe = Recipe.from_meta(self.recorded)
+            made = Made(recipe, model, recipe.processor_for(model))
+            self.check_made(made, getattr(model, "name_or_path", None) or type(model).__name__)
+            return made
+        name = os.fspath(model) if model is not None else self.model_name
+        key = (name, device, tuple(sorted(runtime.items())))
+        if self._loaded is None or self._loaded[0] != key:  # loaded on first use, kept for the next calls
+            recipe = Recipe.from_meta(self.recorded, model=name)
+            if runtime:
+                recipe = replace(recipe, **runtime)
+            made = recipe.load(device=device)
+            self.check_made(made, name)
+            self._loaded = (key, made)
+        return self._loaded[1]
+
+    def check_made(self, made: Made, name: str) -> None:
+        """Refuse a model other than the one the probe was made with, saying what differs. Its weights
+        count by what they compute (the fingerprint), wherever their files lie; its dtype, quantization
+        and backend may differ (the same weights, run another way)."""
+        self._refuse_other_model(made.describe(), name)
+
+    def _refuse_other_model(self, found: dict[str, Any], name: str) -> None:
+        changed = differences(self.recorded, found, keys=("model_identity",))  # without fingerprints: the files
+        if changed:
             raise UsageError(
                 f"this probe was made with {self.model_name}; {name} is another model ("
-                + "; ".join(differences)
+                + "; ".join(changed[:6])
                 + "). Use the probe's model, or train a probe for this one"
             )
 
     def check_embeddings(self, meta: dict[str, Any], source: str) -> None:
         """Refuse features (an embeddings file's settings) that are not the ones the probe expects."""
-        identity = meta.get("model_identity")
-        if identity is None:
+        if meta.get("model_identity") is None:
             raise UsageError(f"{source} records no model identity; it was not written by `dino3 embed`")
-        self.check_model(identity, f"{source}'s model ({meta.get('model')})", meta.get("model_fingerprint"))
+        self._refuse_other_model(meta, f"{source}'s model ({meta.get('model')})")
         if meta.get("pool") != self.pool or meta.get("layers") is not None:
             raise UsageError(
                 f"this probe takes {self.pool} features; {source} holds {meta.get('pool')!r} features"
                 + (f" of layers {meta.get('layers')}" if meta.get("layers") is not None else "")
                 + f": embed with --pool {self.pool}"
             )
-        processor = meta.get("processor")
-        if processor is not None and _canonical(processor) != _canonical(self.processor):
-            changed = _changed_keys(self.processor, processor)
+        changed = differences(self.recorded, meta, keys=("processor",)) if meta.get("processor") is not None else []
+        if changed:
             raise UsageError(
-                f"{source} was preprocessed differently from the probe's images ({', '.join(changed)}); "
+                f"{source} was preprocessed differently from the probe's images ({'; '.join(changed[:3])}); "
                 "embed with the probe's preprocessing (probe.json, 'processor')"
             )
 
@@ -372,29 +390,6 @@ def _check_settings(method: Any, classes: Any, settings: dict[str, Any], where: 
             raise damaged("temperature", temperature, f"a finite number > 0 (Meta's is {knn.TEMPERATURE})")
 
 
-def identity_differences(made_with: dict[str, Any], given: dict[str, Any], files: bool = True) -> list[str]:
-    """What differs between two model identities (`dino3.embed.model_identity`). The weight files
-    (unless files=False) count by size and modification time, not by where they are: a moved folder
-    is the same model."""
-    made_with, given = _canonical(made_with), _canonical(given)
-    out = []
-    config_a, config_b = made_with.get("config") or {}, given.get("config") or {}
-    changed = [k for k in sorted(config_a.keys() | config_b.keys()) if config_a.get(k) != config_b.get(k)]
-    if changed:
-        shown = ", ".join(f"{k} {config_a.get(k)!r} vs {config_b.get(k)!r}" for k in changed[:3])
-        out.append(f"its config differs: {shown}" + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
-    if made_with.get("quantization") != given.get("quantization"):
-        out.append(f"quantization {made_with.get('quantization')!r} vs {given.get('quantization')!r}")
-    files_a = [tuple(f[1:]) for f in made_with.get("weight_files") or []]
-    files_b = [tuple(f[1:]) for f in given.get("weight_files") or []]
-    if files and not out and files_a != files_b:
-        out.append(
-            "its weight files differ in size or modification time (new weights, or a copy that did not keep the "
-            "times, count as another model)"
-        )
-    return out
-
-
 def _is_features(inputs: Any) -> bool:
     """A floating-point (N, D) or (D,) array or tensor is features; anything else (a list, a path, an
     image, an integer array) is images. A single grayscale image as a float array goes in a list."""
@@ -407,11 +402,6 @@ def _is_features(inputs: Any) -> bool:
 
 def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_json_default))
-
-
-def _changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    a, b = _canonical(a), _canonical(b)
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)][:3]
 
 
 def _json_default(value: Any) -> Any:

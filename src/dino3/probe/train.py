@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..recipe import Recipe
 from . import knn, logreg
 from .dataset import Dataset, read_dataset, stratified_split
-from .embedding import EMBED_OPTIONS, RUN_OPTIONS, Embedded, cached_embed, embed_images, resolve_model_name
+from .embedding import RUN_OPTIONS, Embedded, cached_embed, embed_images
 from .probe import FEATURES, METHODS, SETTINGS_FILE, WEIGHTS_FILE, Probe
 
 DEFAULT_FEATURES = "cls+mean"  # Meta's linear-probe input
+# The recipe's options that probe training takes (the model and pooling are its own arguments)
+RECIPE_OPTIONS = tuple(name for name in Recipe.__dataclass_fields__ if name not in ("model", "pool", "layers"))
 
 
 @dataclass
@@ -62,7 +65,8 @@ def train(
     method: "logreg" (multinomial logistic regression, C chosen on held-out images) or "knn".
     features: the pooling, "cls+mean" by default (an embeddings file: the file's own).
     C / k: fix the choice instead of choosing it on the held-out images.
-    embed_options: `dino3.embed.run`'s (size, keep_aspect, target, fit, dtype, batch_size, workers, ...).
+    embed_options: the recipe's (size, keep_aspect, target, fit, dtype, quantize, backend, ...; see
+        dino3.recipe.Recipe) and the embed job's (batch_size, workers, checkpoint_every, check_hash).
     """
     started = time.perf_counter()
     # -- everything checked before any work -----------------------------------------------------------------
@@ -78,7 +82,9 @@ def train(
         raise UsageError(f"C is logistic regression's (a number > 0); got C={C!r} with method {method!r}")
     if k is not None and (method != "knn" or isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise UsageError(f"k is k-NN's (an integer >= 1); got k={k!r} with method {method!r}")
-    unknown = sorted(set(embed_options) - set(EMBED_OPTIONS) - set(RUN_OPTIONS))
+    recipe_options = {k: v for k, v in embed_options.items() if k in RECIPE_OPTIONS and v is not None}
+    run_options = {k: v for k, v in embed_options.items() if k in RUN_OPTIONS and v is not None}
+    unknown = sorted(set(embed_options) - set(RECIPE_OPTIONS) - set(RUN_OPTIONS))
     if unknown:
         raise TypeError(f"train() got unexpected keyword arguments: {', '.join(unknown)}")
     folder = _check_output(output, overwrite)
@@ -95,11 +101,14 @@ def train(
             raise UsageError(f"{data.source} already holds features (made by {made_by}); leave out the model")
         if features is not None and features != data.meta.get("pool"):
             raise UsageError(f"{data.source} holds {data.meta.get('pool')!r} features, not {features!r}")
-        given = sorted(k for k in embed_options if k in EMBED_OPTIONS and embed_options[k] is not None)
-        if given:
-            raise UsageError(f"{', '.join(given)}: embedding options do not apply to features already embedded")
+        if recipe_options:
+            given = ", ".join(sorted(recipe_options))
+            raise UsageError(f"{given}: embedding options do not apply to features already embedded")
+        recipe = None
     elif model is None:
         raise UsageError("give the model that embeds the images (-m vits16, a folder or a weights file)")
+    else:  # every embedding option checked here, before any image is read
+        recipe = Recipe(os.fspath(model), pool=features or DEFAULT_FEATURES, **recipe_options)
     if C is None and k is None and len(stratified_split(data.targets(classes), val_fraction, seed)[1]) == 0:
         raise _nothing_held_out(method)
 
@@ -107,7 +116,7 @@ def train(
     try:
         # -- the features ------------------------------------------------------------------------------------
         if data.features is None:
-            embedded = _embed(data, model, features or DEFAULT_FEATURES, folder, device, progress, embed_options)
+            embedded = _embed(data, recipe, folder, device, progress, run_options)
             failures, meta = embedded.failures, embedded.meta
             notes += embedded.notes
             row = {p: i for i, p in enumerate(data.paths)}
@@ -161,6 +170,7 @@ def train(
             "model_fingerprint": meta.get("model_fingerprint"),
             "processor": meta.get("processor"),
             "embedding": {key: meta.get(key) for key in ("dtype", "quantize", "backend", "precision")},
+            "recipe": meta.get("recipe"),
             **chosen_settings,
             "validation": validation,
             "trained_on": {
@@ -246,26 +256,23 @@ def _lock(folder: Path | None):
 
 def _embed(
     data: Dataset,
-    model: str | os.PathLike,
-    pool: str,
+    recipe: Recipe,
     folder: Path | None,
     device: str | None,
     progress: bool,
     options: dict[str, Any],
 ) -> Embedded:
-    model = resolve_model_name(model)
     if folder is not None:
         return cached_embed(
-            folder, data.paths, model, pool=pool, skipped=data.skipped, device=device, progress=progress, **options
+            folder, data.paths, recipe, skipped=data.skipped, device=device, progress=progress, **options
         )
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dino3-probe-") as tmp:
         return embed_images(
             data.paths,
-            model,
+            recipe,
             Path(tmp) / "embeddings.npz",
-            pool=pool,
             skipped=data.skipped,
             device=device,
             progress=progress,
