@@ -589,3 +589,19 @@ def test_digits_logistic_probe_reaches_about_0_9_and_its_C_holds_against_scikit_
     chosen = probe.settings["C"]
     print(f"digits: probe top-1 {accuracy:.3f} at C = {chosen:.3g}; scikit-learn's best on the grid {best:.3f}")
     assert accuracy >= best - 0.03, (accuracy, best, probe.settings["C"])
+
+
+def test_a_probe_replays_its_whole_recipe_on_images(tiny, small_digits, tmp_path):
+    from dino3.probe import Probe, train
+
+    """The bug this pins: Probe.embed reloaded the model with the dtype only, where training had also
+    quantized it: the images were then embedded by another recipe than the probe's (classify replayed
+    it). Probe.made gives the probe's model exactly as its training ran it."""
+    folder = tmp_path / "int8"
+    train(str(small_digits / "train"), str(tiny), folder, quantize="int8-dynamic", method="knn", progress=False)
+    probe = Probe.load(folder)
+    made = probe.made()
+    assert made.model.quantization == "int8-dynamic" and made.recipe.quantize == "int8-dynamic"
+    image = next((small_digits / "test").rglob("*.png"))
+    features = probe.embed([str(image)])
+    assert features.shape == (1, probe.feature_dim) and torch.isfinite(features).all()
