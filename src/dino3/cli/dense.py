@@ -20,8 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, ImageError, UsageError, VideoError
-from .common import add_model_arguments, add_runtime_arguments, add_video_arguments, positive_int, video_sampling
+from ..errors import ImageError, UsageError, VideoError
+from .common import (
+    add_model_arguments,
+    add_runtime_arguments,
+    add_video_arguments,
+    positive_int,
+    recipe_from_args,
+    use_threads,
+    video_sampling,
+)
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 OVERLAYS = "overlays"  # dino3 foreground: the subfolder of each mask over its image
@@ -344,31 +352,9 @@ def _matches_json(a: str, b: str, matches: list[dict]) -> str:
 
 # -- shared ---------------------------------------------------------------------------------------------------------
 def _load_model(args: argparse.Namespace):
-    """The model as --model, --backend, --dtype, ... say; options are checked before it is loaded."""
-    import torch
-
-    from ..api import load
-    from ..runtime import check_backend
-
-    if args.threads:
-        torch.set_num_threads(args.threads)  # the command owns its process; the library never does this
-    calibration = [args.calibration] if args.calibration else None
-    try:
-        precision = check_backend(args.backend, args.precision, calibration)
-    except (ValueError, BackendError) as e:  # an option that cannot work: the command's mistake
-        raise UsageError(str(e)) from None
-    options: dict[str, Any] = {"check_hash": not args.no_hash_check}
-    if args.backend == "torch":
-        options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
-    else:
-        if args.dtype not in (None, "float32") or args.quantize or args.device not in (None, "cpu"):
-            raise UsageError("with --backend onnxruntime/openvino, choose the precision with --precision")
-        if calibration:
-            from ..embed.inputs import expand_inputs
-
-            calibration = expand_inputs(calibration).paths
-        options.update(backend=args.backend, precision=precision, calibration=calibration)
-    return load(args.model, **options)
+    """The model as --model, --backend, --dtype, ... say (the recipe's options, checked before loading)."""
+    use_threads(args)
+    return recipe_from_args(args).load(device=args.device, check_hash=not args.no_hash_check).model
 
 
 def _foreground(choice: str, model: Any):

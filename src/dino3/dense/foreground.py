@@ -21,7 +21,7 @@ component has no sign, so it is turned so that the image's border is mostly on t
 It is a heuristic: it works on photos of one object, not on scenes.
 
 A classifier is saved with safetensors (no pickle), with what it needs to refuse a model it was not
-made for: the model's answer to a fixed probe image (`model_probe`), compared at cosine 0.99, which
+made for: the model's fingerprint (dino3.recipe.fingerprint, `model_probe`), compared at cosine 0.99, which
 bf16, int8 and the compiled runtimes pass and other weights do not.
 """
 
@@ -68,7 +68,6 @@ __all__ = [
 CS = tuple(float(c) for c in np.logspace(-7, 0, 8))  # Meta's sweep of C
 CLEAR_LABEL = 0.01  # patches with a label within this of 0 or 1 are kept for training
 FORMAT = "dino3-foreground"
-PROBE_COSINE = 0.99  # the least cosine of a model's probe answer to the classifier's model
 
 
 # -- labels -------------------------------------------------------------------------------------------------
@@ -353,13 +352,13 @@ class ForegroundClassifier:
             )
         if self.probe is None:
             return
-        answer = model_probe(model)
-        cosine = float(F.cosine_similarity(answer.flatten(), self.probe.float().flatten(), dim=0))
-        if not cosine >= PROBE_COSINE:
+        from ..recipe import same_fingerprint
+
+        if not same_fingerprint(self.probe.flatten().tolist(), model_probe(model).tolist()):
             raise UsageError(
-                f"{name} was trained on another model's features ({trained_on}): this model answers a fixed probe "
-                f"image differently (cosine {cosine:.3f} < {PROBE_COSINE}). Train one for this model: "
-                "dino3 foreground train IMAGES --masks DIR -m MODEL -o FILE"
+                f"{name} was trained on another model's features ({trained_on}): this model computes other "
+                "numbers (its fingerprint differs; a classifier from dino3 0.2 or earlier must be trained again). "
+                "Train one for this model: dino3 foreground train IMAGES --masks DIR -m MODEL -o FILE"
             )
 
 
@@ -439,20 +438,9 @@ def unsupervised_foreground(grid: torch.Tensor) -> torch.Tensor:
 
 
 # -- the model a classifier belongs to --------------------------------------------------------------------------
-def probe_pixels(size: int = 128) -> torch.Tensor:
-    """A fixed (1, 3, size, size) input: smooth waves and a disc, in the range of normalised pixels."""
-    coords = torch.linspace(-1.0, 1.0, size, dtype=torch.float32)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    red = torch.sin(3.0 * xx + 1.0) + 0.5 * torch.cos(5.0 * yy)
-    green = torch.cos(4.0 * (xx + yy)) - 0.5 * torch.sin(2.0 * yy)
-    blue = ((xx - 0.2).square() + (yy + 0.1).square() < 0.3).float() * 2.0 - 1.0
-    return torch.stack([red, green, blue])[None]
-
-
 def model_probe(model: Any) -> torch.Tensor:
-    """The model's last-layer patch features of `probe_pixels()`, (n, D) float32: what tells one
-    model's features from another's."""
-    from ..features import extract
+    """The model's fingerprint (dino3.recipe.fingerprint: what it computes for a fixed input), which a
+    classifier keeps to refuse a model whose features it was not trained on."""
+    from ..recipe import fingerprint
 
-    grid, _ = extract(model, probe_pixels(), "patches")  # (1, h, w, D)
-    return grid[0].reshape(-1, grid.shape[-1]).float().cpu()
+    return torch.tensor(fingerprint(model), dtype=torch.float32)
