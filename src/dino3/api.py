@@ -36,9 +36,19 @@ def load(
     for OpenVINO's int8, calibration=[images]) returns a compiled RuntimeModel instead, cached under
     runtime_cache (default $DINO3_CACHE/compiled).
     """
+    from .models.text import DINOv3TextModel, is_text_checkpoint
     from .runtime import check_backend
 
     precision = check_backend(backend, precision, calibration)
+    if is_text_checkpoint(name_or_path):  # dino.txt: its backbone, vision head and text tower
+        if backend != "torch" or kwargs.get("quantize") is not None:
+            raise UsageError("a dino.txt model runs on the torch backend, in float32 or bfloat16 (no quantization)")
+        allowed = {"dtype", "device", "check_hash", "attn_implementation", "quantize"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise UsageError(f"{', '.join(unknown)}: not options of a dino.txt model")
+        kwargs.pop("quantize", None)
+        return DINOv3TextModel.from_pretrained(name_or_path, **kwargs)
     if backend == "torch":
         if runtime_cache is not None:
             raise UsageError("runtime_cache is for backend='onnxruntime' or 'openvino'")

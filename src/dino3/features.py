@@ -2,9 +2,11 @@
 
 Pooling: "cls" (the normed CLS token, the pooled token for ConvNeXt: Transformers' pooler_output),
 "mean" (the mean of the patch tokens, registers left out), "cls+mean" (both, concatenated: Meta's
-linear-probe input) or "patches" (the patch grid, (h, w, D)). Layers: None for the model's output,
-or, as Meta's `get_intermediate_layers` takes them, a count of last blocks (ConvNeXt: stages) or
-their 0-based indices; each is normed with the final norm and the features gain a layer axis.
+linear-probe input), "patches" (the patch grid, (h, w, D)) or, for a dino.txt model, "text" (its image
+embedding, in the space of its text embeddings); a dino.txt model's other poolings are its backbone's.
+Layers: None for the model's output, or, as Meta's `get_intermediate_layers` takes them, a count of
+last blocks (ConvNeXt: stages) or their 0-based indices; each is normed with the final norm and the
+features gain a layer axis.
 
 The pipeline, the embed job, the service, search, probes and the dense tools all call `extract`,
 so that a feature means the same thing everywhere.
@@ -19,7 +21,7 @@ import torch
 
 from .errors import UsageError
 
-POOLS = ("cls", "mean", "cls+mean", "patches")
+POOLS = ("cls", "mean", "cls+mean", "patches", "text")
 Layers = int | list[int] | None
 
 
@@ -83,6 +85,16 @@ def extract(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Features of a batch of pixels: (B, ...) as `pool` says (with a layer axis after B when
     `layers` is given), and the patch grid (h, w) of the batch. Runs under inference_mode."""
+    if hasattr(model, "encode_text"):  # dino.txt: its image embedding, or its backbone's features
+        if pool == "text":
+            if layers is not None:
+                raise UsageError("pool 'text' is the image embedding of the model's output: give no layers")
+            with torch.inference_mode():
+                pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+                return model.encode_image(pixel_values), model.backbone.grid_size(*pixel_values.shape[-2:])
+        model = model.backbone
+    elif pool == "text":
+        raise UsageError("pool 'text' (the image embedding in the space of texts) needs a dino.txt model")
     with torch.inference_mode():
         pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
         if layers is None:
@@ -96,6 +108,11 @@ def extract(
 
 def feature_shape(model: Any, pool: str, layers: Layers, grid: tuple[int, int] | None = None) -> tuple[int, ...]:
     """The shape of one image's features (grid needed for "patches")."""
+    if pool == "text":
+        return (model.config.embed_dim,)
+    config = getattr(model.config, "backbone_config", None)  # a dino.txt model: its backbone's features
+    if config is not None:
+        model = type("Backbone", (), {"config": config})()
     dim = model.config.feature_dim if layers is None else _layer_dim(model, layers)
     shape: tuple[int, ...] = {"cls": (dim,), "mean": (dim,), "cls+mean": (2 * dim,)}.get(pool) or (*grid, dim)
     if layers is not None:

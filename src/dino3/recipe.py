@@ -135,9 +135,17 @@ class Recipe:
         return options
 
     def processor_for(self, model: Any):
-        """The processor of a loaded model with this recipe's preprocessing."""
+        """The processor of a loaded model with this recipe's preprocessing (a dino.txt model's: Meta's
+        transform, which its text space was trained with)."""
         from .processing import DINOv3ViTImageProcessor
 
+        if hasattr(model, "encode_text"):
+            if self.keep_aspect is not None or self.size != 224 or self.resample is not None:
+                raise UsageError(
+                    "a dino.txt model embeds images with Meta's transform (shorter side 256, centre crop 224): "
+                    "leave out size, keep_aspect and resample"
+                )
+            return DINOv3ViTImageProcessor.for_dinotxt(jpeg_draft=self.jpeg_draft, max_side=self.processing["max_side"])
         return DINOv3ViTImageProcessor.for_model(model, **self.processing)
 
     def load(self, device: str | None = None, check_hash: bool = True, load: Callable[..., Any] | None = None) -> Made:
@@ -264,6 +272,13 @@ def fingerprint(model: Any) -> list[float]:
     pixels = torch.randn(1, 3, 64, 64, generator=generator)  # 64: a multiple of 16 (ViT) and 32 (ConvNeXt)
     grid, _ = extract(model, pixels, "patches")  # (1, h, w, D)
     values = grid.reshape(-1, grid.shape[-1])[:, :FINGERPRINT_SIZE].float().cpu().reshape(-1)
+    if hasattr(model, "encode_text"):  # dino.txt: its head and text tower too, not only its backbone
+        import torch
+
+        with torch.inference_mode():
+            image = extract(model, pixels, "text")[0][0, :FINGERPRINT_SIZE].float().cpu()
+            text = model.encode_text(["a photo of a cat"])[0, :FINGERPRINT_SIZE].float().cpu()
+        values = torch.cat([values, image, text])
     return [round(float(v), 5) for v in values]
 
 

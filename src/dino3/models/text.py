@@ -444,6 +444,20 @@ class DINOv3TextModel(nn.Module):
         return model.eval()
 
 
+def is_text_checkpoint(name_or_path: str | os.PathLike) -> bool:
+    """Whether a name is a dino.txt model: a dino.txt preset, or a folder its save_pretrained wrote."""
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        return find_text_preset(str(name_or_path)) is not None
+    config = local / CONFIG_NAME
+    if not local.is_dir() or not config.is_file():
+        return False
+    try:
+        return read_json_object(config).get("model_type") == DINOv3TextConfig.model_type
+    except Exception:  # noqa: BLE001  (a damaged config is the loader's to report)
+        return False
+
+
 def _is_text_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
 
