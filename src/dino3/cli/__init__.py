@@ -20,7 +20,7 @@ import sys
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 
 # The command modules, in the order of `dino3 --help`; each has add_commands(subparsers).
-ROOMS = ("embed", "models", "serve", "probe", "dense", "index", "anomaly")
+ROOMS = ("embed", "models", "serve", "probe", "dense", "index", "anomaly", "text")
 
 
 def build_parser() -> argparse.ArgumentParser:

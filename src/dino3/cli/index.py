@@ -53,7 +53,11 @@ def add_commands(subparsers) -> None:
     build.add_argument("inputs", nargs="+", metavar="INPUT", help="images, folders, globs, lists, URLs; or embeddings")
     add_model_arguments(build, required=False)
     _index_argument(build)
-    build.add_argument("--pool", choices=INDEX_POOLS, default="cls", help="the vector of an image (default: cls)")
+    build.add_argument(
+        "--pool",
+        choices=INDEX_POOLS,
+        help="the vector of an image (default: cls; with a dino.txt model: text, its image embedding)",
+    )
     add_processing_arguments(build)
     add_runtime_arguments(build)
     add_batch_arguments(build)
@@ -89,10 +93,17 @@ def add_commands(subparsers) -> None:
         description="Embed the query images as the index's images were, and list the k most similar indexed "
         "images of each, best first, with their cosine similarity.",
         epilog="examples:\n  dino3 search query.jpg --index photos.index -k 10\n"
+        '  dino3 search --text "a red bicycle" --index photos.index --json results.json\n'
         "  dino3 search queries/ --index photos.index --json results.json --html results.html",
         formatter_class=raw,
     )
-    search.add_argument("queries", nargs="+", metavar="QUERY", help="image files, folders, globs, lists, URLs")
+    search.add_argument("queries", nargs="*", metavar="QUERY", help="image files, folders, globs, lists, URLs")
+    search.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="search by this text instead (an index of a dino.txt model's image embeddings); may be repeated",
+    )
     _index_argument(search)
     search.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default: 10)")
     _report_arguments(search)
@@ -228,6 +239,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     _threads(args)
     _check_outputs(args)
+    if args.text and args.queries:
+        raise _usage("give query images or --text, not both")
+    if args.text:
+        return _search_text(args)
+    if not args.queries:
+        raise _usage("give query images (or --text TEXT)")
     found = expand_inputs(args.queries)
     failures = list(found.skipped)
     if not found.paths:
@@ -260,6 +277,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     if failures:
         _print_failures(failures, "query images could not be read")
         return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+def _search_text(args: argparse.Namespace) -> int:
+    from ..index.index import open_index
+
+    index = open_index(args.index)
+    try:
+        k = min(args.k, len(index)) if len(index) else args.k
+        results = index.search_text(args.text, k=k, exact=args.exact, model=args.model, device=args.device)
+    finally:
+        index.close()
+    for result in results:
+        print(result["query"])
+        for neighbour in result["neighbors"]:
+            print(f"  {neighbour['score']:.4f}  {neighbour['path']}")
+    _write_reports(args, {"results": results}, "search")
     return EXIT_OK
 
 

@@ -94,16 +94,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     classify = commands.add_parser(
         "classify",
-        help="classify images with a probe",
+        help="classify images with a probe, or zero-shot by label names (dino.txt)",
         description="Classify images (files, folders, globs, list files, as `dino3 embed` takes them) or a "
         "`dino3 embed` output with a probe: the top classes of each image and their scores, best first. A probe "
-        "made with another model is refused.",
+        "made with another model is refused. Or, with a dino.txt model and --labels, zero-shot: each image "
+        "against the names' text embeddings (as Transformers' zero-shot-image-classification pipeline).",
         epilog="examples:\n  dino3 classify photos/ --probe flowers-probe\n"
-        "  dino3 classify a.jpg b.jpg --probe flowers-probe -k 3 --json predictions.json",
+        "  dino3 classify a.jpg b.jpg --probe flowers-probe -k 3 --json predictions.json\n"
+        '  dino3 classify photos/ -m dinotxt-vitl16 --labels "cat,dog,car" --template "a photo of a {}." --json p.json',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     classify.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders, globs, list files, URLs")
-    classify.add_argument("--probe", required=True, help="the probe folder")
+    chosen = classify.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--probe", help="the probe folder")
+    chosen.add_argument("--labels", help="zero-shot with a dino.txt model (-m): comma-separated class names")
+    classify.add_argument(
+        "--template",
+        action="append",
+        help='with --labels: a prompt with {} for the name (default: "This is a photo of {}.")',
+    )
     classify.add_argument("-k", "--top-k", type=positive_int, default=5, help="classes per image (default: 5)")
     classify.add_argument("--json", help='write {"predictions": [{"path", "labels", "scores"}]} to this file')
     _add_use_arguments(classify, add_model_arguments, add_runtime_arguments, add_batch_arguments)
@@ -167,6 +176,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from ..probe.classify import classify
 
     use_threads(args)
+    if args.labels is not None:
+        return _classify_zero_shot(args)
+    if args.template:
+        from ..errors import UsageError
+
+        raise UsageError("--template goes with --labels (zero-shot); a probe has its own classes")
     found = classify(
         args.images,
         args.probe,
@@ -185,6 +200,48 @@ def cmd_classify(args: argparse.Namespace) -> int:
             best = "\t".join(f"{label}\t{score:.4f}" for label, score in zip(labels, scores))
             print(f"{escape_field(path)}\t{best}")
     return report_failures(found.failures, "images could not be embedded, not classified")
+
+
+def _classify_zero_shot(args: argparse.Namespace) -> int:
+    """dino3 classify IMAGES -m DINOTXT --labels a,b,c: the same output as a probe's classification."""
+    from ..embed.inputs import expand_inputs
+    from ..errors import ImageError, UsageError
+    from ..text import classify
+    from .text import load_text_model, split_labels
+
+    if args.model is None:
+        raise UsageError("--labels classifies with a dino.txt model: give it with -m (e.g. -m dinotxt-vitl16)")
+    labels = split_labels(args.labels)
+    found = expand_inputs(args.images)
+    if not found.paths:
+        raise UsageError(found.none_found())
+    made = load_text_model(args)
+    templates = args.template or "This is a photo of {}."
+    rows, failures = [], list(found.skipped)
+
+    def add(paths: list[str]) -> None:
+        for path, best in zip(paths, classify(made.model, paths, labels, templates, top_k=args.top_k)):
+            rows.append({"path": path, "labels": [b["label"] for b in best], "scores": [b["score"] for b in best]})
+
+    for start in range(0, len(found.paths), args.batch_size):
+        part = found.paths[start : start + args.batch_size]
+        try:
+            add(part)
+        except ImageError:  # a bad image among them: the others one by one, the bad one listed
+            for path in part:
+                try:
+                    add([path])
+                except ImageError as e:
+                    failures.append((path, str(e)))
+    document = {"predictions": rows}
+    if args.json:
+        atomic_write_text(args.json, json.dumps(document, indent=1, allow_nan=False) + "\n")
+        print(f"wrote {args.json}: {len(rows)} images", file=sys.stderr)
+    else:
+        for row in rows:
+            best = "\t".join(f"{label}\t{score:.4f}" for label, score in zip(row["labels"], row["scores"]))
+            print(f"{escape_field(row['path'])}\t{best}")
+    return report_failures(failures, "images could not be read, not classified")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

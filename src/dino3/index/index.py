@@ -114,6 +114,7 @@ class Index:
         batch_size: int = 16,
         workers: int = 2,
         on_error: Callable[[int, Any, Exception], None] | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """The k nearest images of each query, best first:
         [{"query": name, "neighbors": [{"id": item, "path": p, "score": cosine}, ...]}, ...].
@@ -129,7 +130,7 @@ class Index:
         k = self._check_k(k)
         if is_vectors(queries):
             vectors = as_vectors(queries, self.dim)
-            names = [f"vector {i}" for i in range(len(vectors))]
+            names = list(names) if names is not None else [f"vector {i}" for i in range(len(vectors))]
         else:
             vectors, names = self.embed(
                 queries, model=model, device=device, batch_size=batch_size, workers=workers, on_error=on_error
@@ -149,6 +150,32 @@ class Index:
             }
             for name, row_s, row_i in zip(names, scores, ids)
         ]
+
+    def search_text(
+        self,
+        texts: str | Sequence[str],
+        k: int = 10,
+        *,
+        exact: bool | None = None,
+        model: Any = None,
+        device: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The k indexed images nearest to each text, best first, in search()'s format: for an index
+        of a dino.txt model's image embeddings (pool "text"), whose text embeddings share their space."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise UsageError("give one text or a list of texts to search by")
+        if self.settings.get("pool") != "text":
+            raise UsageError(
+                f"the index {self.folder} holds {self.settings.get('pool')!r} features, not a dino.txt model's image "
+                "embeddings: build it with a dino.txt model (-m dinotxt-vitl16, pool text) to search it by text"
+            )
+        made = self._made(model, device)
+        import torch
+
+        with torch.inference_mode():
+            vectors = made.model.encode_text(texts, normalize=True).float().cpu().numpy()  # (Q, D)
+        return self.search(vectors, k, exact=exact, names=texts)
 
     def nearest(self, vectors: np.ndarray, k: int, exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k nearest items of each vector (Q, D), best first; id -1: none found."""

@@ -29,7 +29,7 @@ from .maintenance import maintain, write_ann
 from .store import Entry
 from .vectors import unit, vectors_of
 
-INDEX_POOLS = ("cls", "mean", "cls+mean")  # one vector per image
+INDEX_POOLS = ("cls", "mean", "cls+mean", "text")  # one vector per image ("text": a dino.txt model's)
 URL_PREFIXES = ("http://", "https://")
 OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
 
@@ -59,7 +59,7 @@ def build(
     model: str | os.PathLike | None = None,
     folder: str | os.PathLike | None = None,
     *,
-    pool: str = "cls",
+    pool: str | None = None,
     size: int = 224,
     keep_aspect: str | None = None,
     target: int | None = None,
@@ -85,6 +85,10 @@ def build(
     if folder is None:
         raise UsageError("give the index folder (--index DIR)")
     folder = Path(folder)
+    if pool is None:  # a dino.txt model's image embeddings (searchable by text), else the CLS token
+        from ..models.text import is_text_checkpoint
+
+        pool = "text" if model is not None and is_text_checkpoint(model) else "cls"
     if pool not in INDEX_POOLS:
         raise UsageError(f"an index holds one vector per image: pool must be one of {INDEX_POOLS}, got {pool!r}")
     files = _embedding_files(inputs)
