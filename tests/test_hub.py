@@ -232,3 +232,17 @@ def test_info_reads_no_weights(hub_cache, monkeypatch, capsys):
     assert main(["info", REPO]) == 0
     assert fetched == ["config.json"]
     assert "DINOv3 ViT" in capsys.readouterr().out
+
+
+def test_a_preset_not_in_the_cache_offline_says_how_to_go_on(tmp_path, monkeypatch):
+    """A newcomer offline with `vits16` (the README's name) learns both ways on: Meta's downloaded file
+    as it is, or random weights of its shape from `dino3 init-random`."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubAccessError) as e:
+        dino3.load("vits16")
+    message = str(e.value)
+    assert "dino3 init-random vits16 DIR" in message and "dinov3_vits16_pretrain_lvd1689m-08c60483.pth" in message
+    assert "\n" not in message

@@ -776,3 +776,20 @@ def test_the_demo_runs_offline(tmp_path, monkeypatch):  # 27
     assert time.monotonic() - started < 120
     data = read_embeddings(tmp_path / "out" / "embeddings-random.npz")
     assert len(data) == len(list(PHOTOS.glob("*.[jp][pn]g")))
+
+
+def test_every_output_has_one_file_mode(checkpoint, tmp_path):
+    """The bug this pins: files written by safetensors (model.safetensors, probe.safetensors,
+    features.safetensors) were 0600 while the others were 0644."""
+    import stat
+
+    from dino3._io import file_mode
+
+    out = tmp_path / "f.safetensors"
+    assert embed(str(PHOTOS / NAMES[0]), "-m", str(checkpoint), "-o", str(out)) == 0
+    assert main(["convert", str(checkpoint), str(tmp_path / "hf")]) == 0
+    written = [out, *sorted((tmp_path / "hf").iterdir())]
+    assert len(written) >= 3
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode(), path
+    assert file_mode() & 0o044  # readable by others under the usual umask, as any file a tool writes

@@ -2,15 +2,31 @@
 
 Every file dino3 writes goes to a temporary name beside its destination, is flushed to disk, and is
 renamed over the destination (an atomic step on POSIX file systems); the folder is then flushed too,
-so that the rename itself survives a power cut.
+so that the rename itself survives a power cut. Every output gets one mode, the one a plain open()
+gives under the process's umask (0644 under the usual 022), whatever wrote it: safetensors creates
+its files 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+
+@functools.cache
+def file_mode() -> int:
+    """0o666 less the process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -37,6 +53,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

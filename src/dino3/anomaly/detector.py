@@ -254,7 +254,6 @@ class Detector:
         }
         with atomic_path(folder / BANK_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "id": bank_id})
-            os.chmod(tmp, 0o644)  # safetensors creates its files 0600
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

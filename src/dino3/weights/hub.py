@@ -112,6 +112,18 @@ def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
         return False
 
 
+def _offline_hint(repo_id: str) -> str:
+    """What to do without the hub: where Meta's file goes, and random weights of the same shape."""
+    preset = find_preset(repo_id)
+    if preset is None:
+        return ""
+    meta = f" (Meta's `{preset.meta_file}` loads as it is: -m path/to/{preset.meta_file})" if preset.meta_file else ""
+    return (
+        f"{meta}; to try dino3 without the weights, `dino3 init-random {preset.name} DIR` writes random weights of "
+        f"{preset.name}'s shape to DIR, which loads like any folder (-m DIR)"
+    )
+
+
 def download(repo_id: str, filename: str, hub: HubOptions | None = None) -> str:
     """One file of a hub repo, through huggingface_hub's cache. Errors say how to fix access."""
     import huggingface_hub
@@ -154,7 +166,7 @@ def download(repo_id: str, filename: str, hub: HubOptions | None = None) -> str:
         )
         raise HubAccessError(
             f"{filename} of {repo_id} is not in the local cache and {why}. Download it once with network "
-            "access, or pass a local folder or weights file."
+            f"access, or pass a local folder or weights file{_offline_hint(repo_id)}."
         ) from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo_id} has no file {filename}") from None
