@@ -503,8 +503,9 @@ def _ingest(
 
 def _absolute_paths(file: str, paths: list[str], relative_to: str | os.PathLike | None) -> list[str]:
     """The paths of an embeddings file, absolute: a relative one (an older dino3 wrote them as given)
-    only against `relative_to`, never against whatever folder this runs in."""
-    relative = [p for p in paths if not p.startswith(URL_PREFIXES) and not os.path.isabs(p)]
+    only against `relative_to`, never against whatever folder this runs in. URLs (http, s3, ...) stay."""
+    as_is = [p.startswith(URL_PREFIXES) or "://" in p or os.path.isabs(p) for p in paths]
+    relative = [p for p, kept in zip(paths, as_is) if not kept]
     if relative and relative_to is None:
         raise UsageError(
             f"{file} names {len(relative)} images by relative paths ({relative[0]}, ...: written by an older dino3), "
@@ -512,7 +513,7 @@ def _absolute_paths(file: str, paths: list[str], relative_to: str | os.PathLike 
             "(--relative-to DIR, or relative_to=), or embed them again (dino3 now records absolute paths)"
         )
     base = os.path.abspath(os.fspath(relative_to)) if relative_to is not None else ""
-    return [p if p.startswith(URL_PREFIXES) else os.path.normpath(os.path.join(base, p)) for p in paths]
+    return [p if kept and "://" in p else os.path.normpath(os.path.join(base, p)) for p, kept in zip(paths, as_is)]
 
 
 def _written_at(file: str) -> int:
