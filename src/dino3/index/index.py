@@ -88,8 +88,9 @@ class Index:
     def __init__(self, folder: Path, state: State) -> None:
         self.folder = folder
         self._view = _View(state)
-        self._lock = threading.Lock()  # the models and the database connection
+        self._lock = threading.Lock()  # the models
         self._models: dict[str, Any] = {}  # loaded once per device, for the queries
+        self._db_lock = threading.Lock()  # one thread at a time on the connection (not held while a model loads)
         self._db: sqlite3.Connection | None = None  # for the rows of results, opened on first use
         self._db_file: tuple[int, int] | None = None  # which database file it is connected to
 
@@ -159,7 +160,7 @@ class Index:
 
     def close(self) -> None:
         self._view.state.close()
-        with self._lock:
+        with self._db_lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -276,7 +277,7 @@ class Index:
         """`read(connection)` in one read transaction, refused (StaleIndexError) if the database holds
         another build than `state`'s (None: any). The connection follows the database file when a
         build replaced it (the old file's connection would never see the new one)."""
-        with self._lock:  # one thread at a time on the connection
+        with self._db_lock:
             found = store.file_identity(self.folder)
             if self._db is None or found != self._db_file:
                 if self._db is not None:
