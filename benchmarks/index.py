@@ -205,7 +205,7 @@ def exact_truth(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
 # -- dino3's index at one size ------------------------------------------------------------------------------
 def index_rows(count: int, dim: int, work: Path) -> dict:
     """Build an index of `count` x `dim` vectors here; measure searching it in a fresh process."""
-    from dino3.index import index as index_module
+    from dino3.index import update as update_module
     from dino3.index.store import Entry
 
     started = time.perf_counter()
@@ -218,7 +218,7 @@ def index_rows(count: int, dim: int, work: Path) -> dict:
     base = rss_mb()
     reset_peak()
     start = time.perf_counter()
-    index_module._create(folder, settings, rows, vectors)
+    update_module._create(folder, settings, rows, vectors)
     out = {"count": count, "dim": dim, "data_s": made, "build_s": time.perf_counter() - start}
     out["build_peak_mb"] = peak_mb() - base
     del rows, vectors
@@ -282,7 +282,7 @@ def add_rows(count: int, work: Path) -> dict:
     import dino3.index
     from dino3.cli import main
     from dino3.embed.store import input_stat
-    from dino3.index import index as index_module
+    from dino3.index import update as update_module
     from dino3.index.store import Entry
 
     model = work / "vits16-random"
@@ -298,7 +298,7 @@ def add_rows(count: int, work: Path) -> dict:
 
     probe = work / "probe.npz"
     dino3.embed.run([str(new / photos[0].name)], model=str(model), output=probe, progress=False)
-    settings = index_module._settings(dino3.embed.read_embeddings(probe).meta, None)
+    settings = update_module._settings(dino3.embed.read_embeddings(probe).meta)
     links = work / "indexed"
     links.mkdir()
     paths, rows = [], []
@@ -313,7 +313,7 @@ def add_rows(count: int, work: Path) -> dict:
         rows.append(Entry(0, str(path), size, mtime, "0" * 64, (14, 14)))
     vectors, _ = clustered(count, 384, queries=1, seed=3)
     folder = work / "add-index"
-    index_module._create(folder, settings, rows, vectors)
+    update_module._create(folder, settings, rows, vectors)
 
     index = dino3.index.open(folder)
     start = time.perf_counter()

@@ -57,3 +57,8 @@ class RunLockedError(UsageError):
 class BadIndexError(Dino3Error, ValueError):
     """A folder that is not a usable dino3 index: damaged, incomplete, or written in an index format
     that this dino3 does not read."""
+
+
+class StaleIndexError(Dino3Error, RuntimeError):
+    """An opened index whose folder now holds another index (built again since it was opened): its
+    item ids would name other images. Reopen it (`Index.refresh()`, or `dino3.index.open` again)."""

@@ -28,7 +28,6 @@ def add_commands(subparsers) -> None:
         add_processing_arguments,
         add_runtime_arguments,
         positive_int,
-        unit_interval,
     )
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -64,6 +63,7 @@ def add_commands(subparsers) -> None:
     build.add_argument(
         "--overwrite", action="store_true", help="replace the index in DIR (usable until the new one is)"
     )
+    _relative_to_argument(build)
     build.set_defaults(run=cmd_index_build)
 
     add = commands.add_parser(
@@ -81,6 +81,7 @@ def add_commands(subparsers) -> None:
     add.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_batch_arguments(add)
     add.add_argument("--no-hash-check", action="store_true", help="skip the SHA-256 check of Meta's file names")
+    _relative_to_argument(add)
     add.set_defaults(run=cmd_index_add)
 
     info = commands.add_parser("info", help="what an index holds and how it was made")
@@ -122,9 +123,30 @@ def add_commands(subparsers) -> None:
         formatter_class=raw,
     )
     _index_argument(dedup)
-    dedup.add_argument("--threshold", type=unit_interval, default=0.95, help="cosine of a duplicate (default 0.95)")
+    dedup.add_argument(
+        "--threshold", type=cosine_threshold, default=0.95, help="cosine of a duplicate, in (0, 1] (default 0.95)"
+    )
     _report_arguments(dedup)
     dedup.set_defaults(run=cmd_dedup)
+
+
+def cosine_threshold(text: str) -> float:
+    """A dedup threshold: a cosine in (0, 1], as Index.dedup takes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (a cosine above 0), got {value}")
+    return value
+
+
+def _relative_to_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--relative-to",
+        metavar="DIR",
+        help="for `dino3 embed` outputs of an older dino3 that hold relative paths: the folder they are relative to",
+    )
 
 
 def _index_argument(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +196,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         check_hash=not args.no_hash_check,
         progress=not args.quiet,
+        relative_to=args.relative_to,
     )
     return _report_update(update, f"built {update.folder}: {_plural(update.count, 'image')}")
 
@@ -192,6 +215,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
             check_hash=not args.no_hash_check,
             progress=not args.quiet,
             model=args.model,
+            relative_to=args.relative_to,
         )
     finally:
         index.close()

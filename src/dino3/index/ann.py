@@ -8,8 +8,10 @@ millisecond; FAISS's HNSW built faster than usearch's and searched faster, and k
 vectors, so its scores are exact cosines, as the exact search's.
 
 An HNSW graph cannot drop a vector; removed items are left in the graph (they still help to find
-the way) and filtered out of every search (`keep_only`). The index rebuilds the graph when too many are
-dead, and searches what was added since the graph was written exactly, beside it (`Approximate`).
+the way) and filtered out of every search (`keep_only`): a program that reads the graph file with
+FAISS itself gets them back unless it leaves out the ids of store.py's `tombstones` too. The index
+rebuilds the graph when too many are dead, and searches what was added since the graph was written
+exactly, beside it (`Approximate`).
 `ef_search` (how many candidates a search keeps) is chosen when the graph is built, on the index's
 own data: the smallest that finds RECALL_TARGET of the exact 10 nearest neighbours of a sample of
 its vectors, held out of the graph until then. FAISS runs on its own threads (OpenMP); nothing here
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import BadIndexError, UsageError
 
 RECALL_TARGET = 0.96  # recall@10 the calibration asks for (the goal is 0.95; this leaves a margin)
 CALIBRATION_QUERIES = 1000  # at most a tenth of the vectors; 256 were too few (a noisy choice)
@@ -125,11 +127,27 @@ class HNSW:
         np.save(ids_file, self.ids)
 
     @classmethod
-    def read(cls, file, ids: np.ndarray, info: dict[str, Any]) -> HNSW:
+    def read(
+        cls, file, ids: np.ndarray, info: dict[str, Any], folder: Any = "the index", dim: int | None = None
+    ) -> HNSW:
+        """The graph written by `write` (its file open; `ids` read), checked against what the index
+        records of it: a damaged one is a BadIndexError naming `folder`, not FAISS's exception."""
         faiss = faiss_module()
-        file.seek(0)
-        index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
-        return cls(index, np.asarray(ids, np.int64), ef_search=int(info["ef_search"]))
+        try:
+            file.seek(0)
+            index = faiss.read_index(faiss.PyCallbackIOReader(file.read))
+            ef_search = int(info["ef_search"])
+        except (RuntimeError, OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            why = str(e).strip().rpartition("Error: ")[2][:120] or type(e).__name__
+            raise BadIndexError(
+                f"{folder}: the approximate index cannot be read ({why}); build the index again"
+            ) from None
+        if index.ntotal != len(ids) or (dim is not None and index.d != dim):
+            raise BadIndexError(
+                f"{folder}: its approximate index is damaged (a graph of {index.ntotal} {index.d}-d vectors, "
+                f"{len(ids)} ids); build the index again"
+            )
+        return cls(index, np.asarray(ids, np.int64), ef_search=ef_search)
 
     def info(self) -> dict[str, Any]:
         return {"kind": "faiss-hnsw-flat", "links": LINKS, "ef_search": self.ef_search}

@@ -4,6 +4,7 @@ grows and shrinks. Runs inside a build's or add's writer lock, after its transac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def maintain(folder: Path, con) -> None:
             if rebuild:
                 ann = write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
         elif extend:
-            graph = HNSW.read(state.ann_file, state.ann_ids, info)
+            graph = HNSW.read(state.ann_file, state.ann_ids, info, folder, state.dim)
             added, added_ids = live_after(state, int(info["max_id"]))
             graph.add(added, added_ids)
             ann = write_ann(folder, graph, max(int(info["max_id"]), *added_ids.tolist()), generation)
@@ -78,5 +79,8 @@ def write_ann(folder: Path, graph, max_id: int, generation: int) -> dict[str, An
         open(ids_tmp, "wb") as ids_file,
     ):
         graph.write(file, ids_file)
+        file.flush()
+        size = os.fstat(file.fileno()).st_size  # checked when read: a cut file is named, not given to FAISS
     info = {"file": f"{name}.faiss", "ids_file": f"{name}.ids.npy", "max_id": max_id, "count": graph.count}
+    info["bytes"] = size
     return {**graph.info(), **info}

@@ -1,4 +1,5 @@
-"""Contact sheets: search results and duplicate groups as one HTML file that opens without a server.
+"""Contact sheets: search results and duplicate groups as one HTML file that opens without a server,
+and `load_picture`, what an indexed path shows (an image file, or a video frame from its video).
 
 Thumbnails are embedded as JPEG data URLs (the page can be moved or mailed on its own); an image on
 the web is linked by its URL. An image that cannot be read shows its name and the reason instead.
@@ -45,10 +46,9 @@ class Thumbnails:
         from PIL import Image
 
         from ..errors import ImageError
-        from ..images import load_image
 
         try:
-            pixels = load_image(path, draft_size=(self.size, self.size))  # (3, H, W)
+            pixels = load_picture(path, draft_size=(self.size, self.size))  # (3, H, W)
         except ImageError as e:
             return None, str(e)
         if pixels.dtype.is_floating_point:
@@ -58,6 +58,17 @@ class Thumbnails:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), None
+
+
+def load_picture(path: str, *, draft_size: tuple[int, int] | None = None, max_pixels: int | None = None):
+    """What an indexed path shows, as a (3, H, W) tensor: its image file, or, for a video frame
+    (`clip.mp4#t=12.480`, see dino3.video), that frame decoded from its video. For thumbnails of
+    indexed images (contact sheets, the server's); an ImageError (VideoError) says why not."""
+    from ..images import load_image
+    from ..video import frame_sources
+
+    with frame_sources([path]) as (source,):
+        return load_image(source, draft_size=draft_size, max_pixels=max_pixels)
 
 
 def _figure(thumbs: Thumbnails, path: str, caption: str, css: str = "") -> str:

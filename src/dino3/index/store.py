@@ -4,23 +4,38 @@
     DIR/vectors/*.npy    float32 (n, D) unit vectors, written once and never changed
     DIR/ann/*            the approximate index (see ann.py) when the index is large: the graph
                          (.faiss) and the item id of each of its vectors (.ids.npy)
-    DIR/work/            the embedding job of a build or add in progress (temporary)
+    DIR/work/            the embedding job of a build or add in progress (resumed by the next one)
     DIR/index.lock       held while a build or add writes (one writer at a time)
 
 Why the split: SQLite gives atomic, durable transactions (a writer killed at any instant leaves the
 previous state, rolled back from the journal at the next open) and the path lookups of `add`; but
 it reads large blobs at ~200 MB/s (measured: 6-10 s for 1M 384-d vectors), so the vectors live in
-.npy files that are memory-mapped in no time. A vector file or approximate index is written and
-flushed before the transaction that names it, and never changed after; files that no committed state
-names (left by a killed writer, or replaced by a compaction) are deleted by the next writer. The
-transaction is thus the one step that changes an index, and a reader always sees one whole state:
-it maps the files it needs inside its read transaction, during which no writer can commit.
+.npy files that are memory-mapped in no time. A vector file or approximate index is written under a
+temporary name, flushed to disk and renamed into place before the transaction that names it, and
+never changed after; files that no committed state names (left by a killed writer, or replaced by a
+compaction), and the temporary files of a killed writer (`.NAME.<pid>.<hex>.tmp`, a SQLite journal
+beside a temporary database), are deleted by the next writer. The transaction is thus the one step
+that changes an index, and a reader always sees one whole state: it maps the files it needs inside
+its read transaction, during which no writer can commit.
+
+Each build gets a random `build` token, and its item ids start after those of the index it replaces
+(`index build --overwrite`). An opened index checks the token whenever it reads item rows, so that it
+never pairs its vectors with the rows of another build (StaleIndexError; `Index.refresh()` reopens).
 
 Tables:
-    meta(key, value)        JSON values: format, versions, embedding settings, dim, next_id, ann
+    meta(key, value)        JSON values: format, versions, build, generation, embedding settings,
+                            dim, next_id, ann
     items(id, path, size, mtime_ns, sha256, grid_h, grid_w)    one row per image; ids never reused
     segments(name, ids)     each vector file, with the item id of each of its rows (an int64 blob)
     tombstones(id)          removed items whose rows are still in a vector file (until compaction)
+
+For FAISS users: the graph file `ann/*.faiss` is a plain `faiss.IndexHNSWFlat` (inner product) whose
+labels are positions in `ann/*.ids.npy` (the item id of each). An HNSW graph cannot drop a vector, so
+it still holds removed images (their ids are in `tombstones` until the vector files are merged, and
+never again in `items`), and dino3 filters them out of every search: a program that searches the
+graph with FAISS itself must keep only the ids that `items` lists. The graph is built again once a
+quarter of it is removed, and holds no image added after it was written (ids above `ann.max_id`,
+which dino3 searches exactly beside it).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -39,11 +55,13 @@ import numpy as np
 
 from .._io import atomic_path, fsync_dir
 from .._version import __version__
-from ..errors import BadIndexError, UsageError
+from ..errors import BadIndexError, StaleIndexError, UsageError
 
 FORMAT = 1  # the index format this dino3 reads and writes; raise it on any incompatible change
 DB_NAME = "index.sqlite3"
 VECTORS, ANN, WORK = "vectors", "ann", "work"
+REQUIRED_META = {"format": int, "dim": int, "embedding": dict, "next_id": int, "generation": int}
+LEFTOVER = re.compile(r"\..+\.\d+\.[0-9a-f]+\.tmp(-journal|-wal|-shm)?")  # a killed writer's temporary file
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -97,6 +115,16 @@ class State:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def build(self) -> str | None:
+        """The build's random token (None in an index written before dino3 recorded one)."""
+        return self.meta.get("build")
+
+    @property
+    def identity(self) -> tuple[str | None, int]:
+        """(build, generation): changes with every committed change to the index."""
+        return (self.build, int(self.meta["generation"]))
 
     def blocks(self, rows: int = 32768) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """(vectors (m, D), ids (m,), alive (m,) or None) in pieces of at most `rows` rows."""
@@ -171,6 +199,17 @@ def read_meta(con: sqlite3.Connection, folder: Path) -> dict[str, Any]:
             f"{folder}/{DB_NAME} is not a dino3 index or is damaged ({e}); build it again with `dino3 index build`"
         ) from None
     check_format(meta, folder)
+    for key, kind in REQUIRED_META.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "is missing" if key not in meta else f"is {value!r}"
+            raise BadIndexError(f"{folder}/{DB_NAME} is damaged: its setting {key!r} {what}; build the index again")
+    missing = [k for k in ("model", "pool", "processor") if k not in meta["embedding"]]
+    if missing or meta["dim"] < 1:
+        raise BadIndexError(
+            f"{folder}/{DB_NAME} is damaged: its embedding settings lack {', '.join(missing) or 'a dimension'}; "
+            "build the index again"
+        )
     return meta
 
 
@@ -194,39 +233,117 @@ def read_state(folder: Path, con: sqlite3.Connection | None = None) -> State:
     folder = Path(folder)
     own = con is None
     con = con or connect(folder)
+    ann_file = None
     try:
-        con.execute("BEGIN")
-        try:
+        with reading(con, folder):
             meta = read_meta(con, folder)
             tombstones = np.fromiter((r[0] for r in con.execute("SELECT id FROM tombstones")), np.int64)
             segments = [
-                _map_segment(folder, name, np.frombuffer(ids, np.int64), int(meta["dim"]), tombstones)
+                _map_segment(folder, name, _ids(ids, folder, name), int(meta["dim"]), tombstones)
                 for name, ids in con.execute("SELECT name, ids FROM segments ORDER BY rowid")
             ]
             count = con.execute("SELECT count(*) FROM items").fetchone()[0]
-            ann_file = ann_ids = None
+            ann_ids = None
             if meta.get("ann"):
-                info = meta["ann"]
-                try:
-                    ann_file = open(folder / ANN / info["file"], "rb")  # noqa: SIM115  (kept open: see State)
-                    ann_ids = np.load(folder / ANN / info["ids_file"], mmap_mode="r", allow_pickle=False)
-                except (OSError, ValueError) as e:
-                    raise BadIndexError(
-                        f"{folder}: the approximate index in {ANN}/ cannot be read ({e}); build the index again"
-                    ) from None
+                ann_file, ann_ids = _open_ann(folder, meta["ann"])
+        live = sum(len(s.ids) if s.alive is None else int(s.alive.sum()) for s in segments)
+        if live != count:
+            raise BadIndexError(
+                f"{folder} is inconsistent: {count} images listed but {live} live vectors stored; build the index again"
+            )
+    except BaseException:
+        if ann_file is not None:
+            ann_file.close()
+        raise
+    finally:
+        if own:
+            con.close()
+    return State(folder, meta, segments, tombstones, count, ann_file, ann_ids)
+
+
+def read_current(folder: Path, attempts: int = 3) -> State:
+    """read_state, again when the index was built again meanwhile (`index build --overwrite` replaces
+    the database, then deletes the old one's files, which a reader of the old one may not have mapped
+    yet): damage seen while the database file changed is that, not damage."""
+    for attempt in range(attempts):
+        before = file_identity(folder)
+        try:
+            return read_state(folder)
+        except BadIndexError:
+            if attempt == attempts - 1 or file_identity(folder) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def file_identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the database file: another one once a build replaced it."""
+    try:
+        st = os.stat(db_path(folder))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def read_identity(con: sqlite3.Connection) -> tuple[str | None, int | None]:
+    """(build, generation) of the committed state, in one small query (see State.identity)."""
+    query = "SELECT key, value FROM meta WHERE key IN ('build', 'generation')"
+    try:
+        found = {key: json.loads(value) for key, value in con.execute(query)}
+    except ValueError as e:
+        raise sqlite3.DatabaseError(str(e)) from None
+    return (found.get("build"), found.get("generation"))
+
+
+def check_build(con: sqlite3.Connection, folder: Path, build: str | None) -> None:
+    """Refuse to read item rows of another build than `build` (inside the caller's read transaction)."""
+    if read_identity(con)[0] != build:
+        raise StaleIndexError(
+            f"the index {folder} was built again since it was opened (`dino3 index build --overwrite`): its "
+            "vectors and item ids are another index's now; reopen it (Index.refresh(), or dino3.index.open)"
+        )
+
+
+@contextlib.contextmanager
+def reading(con: sqlite3.Connection, folder: Path) -> Iterator[sqlite3.Connection]:
+    """One read transaction (no writer can commit meanwhile), SQLite's errors given as BadIndexError."""
+    try:
+        con.execute("BEGIN")
+        try:
+            yield con
         finally:
             con.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         raise BadIndexError(f"{folder}/{DB_NAME} is damaged ({e}); build the index again") from None
-    finally:
-        if own:
-            con.close()
-    live = sum(len(s.ids) if s.alive is None else int(s.alive.sum()) for s in segments)
-    if live != count:
+
+
+def _ids(blob: Any, folder: Path, name: str) -> np.ndarray:
+    if not isinstance(blob, bytes) or len(blob) % 8:
+        raise BadIndexError(f"{folder}/{DB_NAME} is damaged: the ids of {VECTORS}/{name} are cut; build it again")
+    return np.frombuffer(blob, np.int64)
+
+
+def _open_ann(folder: Path, info: Any) -> tuple[Any, np.ndarray]:
+    """The approximate index's graph file (kept open: see State) and its ids (mapped), checked."""
+    where = f"{folder}: the approximate index in {ANN}/"
+    try:
+        count = int(info["count"])
+        ids = np.load(folder / ANN / info["ids_file"], mmap_mode="r", allow_pickle=False)
+        file = open(folder / ANN / info["file"], "rb")  # noqa: SIM115  (kept open: see State)
+    except (OSError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise BadIndexError(f"{where} cannot be read ({e}); build the index again") from None
+    size = os.fstat(file.fileno()).st_size
+    if info.get("bytes") is not None and size != info["bytes"]:
+        file.close()
         raise BadIndexError(
-            f"{folder} is inconsistent: {count} images listed but {live} live vectors stored; build the index again"
+            f"{where} is damaged: {info['file']} holds {size} bytes, not the {info['bytes']} written; build it again"
         )
-    return State(folder, meta, segments, tombstones, count, ann_file, ann_ids)
+    if ids.dtype != np.int64 or ids.shape != (count,):
+        file.close()
+        raise BadIndexError(
+            f"{where} is damaged: {info['ids_file']} holds {ids.dtype} {ids.shape}, expected int64 ({count},); "
+            "build the index again"
+        )
+    return file, ids
 
 
 def _map_segment(folder: Path, name: str, ids: np.ndarray, dim: int, tombstones: np.ndarray) -> Segment:
@@ -242,6 +359,14 @@ def _map_segment(folder: Path, name: str, ids: np.ndarray, dim: int, tombstones:
             f"{folder}: the vector file {VECTORS}/{name} holds {vectors.dtype} {vectors.shape}, "
             f"expected float32 ({len(ids)}, {dim}); build the index again"
         )
+    if len(ids):  # a few rows, in no time: a file of zeros or NaN (damaged, or written by hand) is refused
+        sample = np.asarray(vectors[np.unique([0, len(ids) // 2, len(ids) - 1])], dtype=np.float64)
+        norms = np.linalg.norm(sample, axis=1)
+        if not (np.isfinite(norms).all() and np.all(np.abs(norms - 1) < 1e-3)):
+            raise BadIndexError(
+                f"{folder}: the vector file {VECTORS}/{name} holds vectors that are not unit length (NaN, zeros or "
+                "other numbers than dino3 writes): it is damaged; build the index again"
+            )
     alive = np.isin(ids, tombstones, invert=True) if len(tombstones) else None
     if alive is not None and alive.all():
         alive = None
@@ -264,23 +389,58 @@ def entries(con: sqlite3.Connection, ids: Sequence[int] | None = None) -> list[E
     return [found[int(i)] for i in ids if int(i) in found]
 
 
-# -- writing (the caller holds the index's RunLock) --------------------------------------------------------
-def create(folder: Path, meta: dict[str, Any]) -> None:
-    """A new, empty index in `folder`: the database is made under a temporary name and renamed, so
-    that a folder never holds half a database."""
-    folder = Path(folder)
-    (folder / VECTORS).mkdir(parents=True, exist_ok=True)
-    (folder / ANN).mkdir(exist_ok=True)
-    meta = {"format": FORMAT, "dino3_version": __version__, "next_id": 1, "generation": 0, "ann": None, **meta}
+# -- writing (the caller holds the index's writer lock) --------------------------------------------------------
+def create(folder: Path, meta: dict[str, Any], rows: Sequence[Entry], segment: str, first: int) -> None:
+    """Write a whole new index database whose items are `rows`, with ids from `first` on (see
+    `first_id`), their vectors the rows of the vector file `segment` (written already): made under a
+    temporary name and renamed into place, so that a folder never holds half a database and an index
+    there before stays whole until that instant. `meta` holds the embedding settings, dim and ann;
+    the format, version and a new build token are added here."""
+    meta = {"format": FORMAT, "dino3_version": __version__, "generation": 1, **meta, "build": secrets.token_hex(8)}
+    meta["next_id"] = first
     with atomic_path(db_path(folder)) as tmp:
         con = sqlite3.connect(tmp, isolation_level=None)
         try:
             con.executescript(SCHEMA)
-            con.execute("BEGIN")
-            con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-            con.execute("COMMIT")
+            with transaction(con):
+                set_meta(con, **meta)
+                insert_items(con, meta, rows, segment)
         finally:
             con.close()
+
+
+def first_id(folder: Path) -> int:
+    """The first item id of a new build in `folder`: after those of the index it replaces, if any,
+    so that an id never names two images of one folder (a server's thumbnail link stays right)."""
+    if not db_path(folder).is_file():
+        return 1
+    try:
+        con = connect(Path(folder))
+        try:
+            found = con.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
+        finally:
+            con.close()
+        return max(1, int(json.loads(found[0])))
+    except (sqlite3.DatabaseError, BadIndexError, TypeError, ValueError):  # the index replaced is damaged
+        return 1
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """The temporary files that a killed writer left in the index folder (a database being made, its
+    journal; vector and graph files being written: see LEFTOVER)."""
+    folder = Path(folder)
+    found = []
+    for sub in (folder, folder / VECTORS, folder / ANN):
+        with contextlib.suppress(OSError):
+            found += [f for f in sub.iterdir() if LEFTOVER.fullmatch(f.name) and f.is_file()]
+    return found
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete what `leftovers` finds (the caller holds the writer lock: no writer is alive to own them)."""
+    for file in leftovers(folder):
+        with contextlib.suppress(OSError):
+            file.unlink()
 
 
 def write_vectors(folder: Path, vectors: np.ndarray, generation: int) -> str:
@@ -342,8 +502,10 @@ def replace_segments(con: sqlite3.Connection, segment: str, ids: np.ndarray) -> 
 
 
 def collect_garbage(folder: Path, con: sqlite3.Connection) -> None:
-    """Delete the files that the committed state does not name (a killed writer's, replaced ones)."""
+    """Delete the files that the committed state does not name (a killed writer's, replaced ones),
+    and a killed writer's temporary files."""
     folder = Path(folder)
+    remove_leftovers(folder)
     keep = {name for (name,) in con.execute("SELECT name FROM segments")}
     ann = json.loads(con.execute("SELECT value FROM meta WHERE key = 'ann'").fetchone()[0])
     if ann:

@@ -4,7 +4,13 @@ build or add (SIGKILL included) leaves the index as it was; the writer lock, one
 
 An add sorts its inputs into unchanged (same size and modification time), touched (same bytes, new
 time), changed and new, embeds only the last two (a file with the same bytes as an indexed one takes
-its vector), and drops indexed files that are gone from the disk.
+its vector), and drops indexed files that are gone from the disk (a video frame, `clip.mp4#t=1.000`,
+when its video is). Its embedding job saves its work every ADD_CHECKPOINT images: an add interrupted
+while it embeds continues where it stopped when run again with the same inputs.
+
+A `dino3 embed` output is trusted only as far as it can be checked: its paths must be absolute (an
+older dino3 wrote them as given; `relative_to` names the folder they were relative to), and an image
+modified after the output was written is left out (listed with the failures; `index add` embeds it).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..errors import UsageError
-from ..recipe import DECIDING, Made, Recipe, check_model, differences
+from ..errors import BadIndexError, UsageError
+from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest
+from ..video import source_file
 from . import maintenance, store
 from .maintenance import maintain, write_ann
 from .store import Entry
@@ -32,6 +40,7 @@ from .vectors import unit, vectors_of
 INDEX_POOLS = ("cls", "mean", "cls+mean", "text")  # one vector per image ("text": a dino.txt model's)
 URL_PREFIXES = ("http://", "https://")
 OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
+ADD_CHECKPOINT = 256  # images an add embeds between two saves of its work (what an interrupted add keeps)
 
 
 @dataclass
@@ -77,11 +86,13 @@ def build(
     overwrite: bool = False,
     check_hash: bool = True,
     progress: bool = True,
+    relative_to: str | os.PathLike | None = None,
 ) -> Update:
     """A new index in `folder` from images (embedded with `model`; the options are `dino3.embed.run`'s)
-    or from `dino3 embed` outputs (which name their model). An interrupted build is continued by
-    running it again; with overwrite=True, an index already in the folder is replaced, and stays
-    usable until the new one is complete."""
+    or from `dino3 embed` outputs (which name their model; `relative_to`: the folder that an older
+    output's relative paths are relative to). An interrupted build is continued by running it again;
+    with overwrite=True, an index already in the folder is replaced, and stays usable until the new
+    one is complete (an index opened on it then refuses to read on: see Index.refresh)."""
     if folder is None:
         raise UsageError("give the index folder (--index DIR)")
     folder = Path(folder)
@@ -103,7 +114,7 @@ def build(
         )  # fmt: skip
     options = dict(
         device=device, batch_size=batch_size, workers=workers, resume=not overwrite, overwrite=overwrite,
-        check_hash=check_hash, progress=progress,
+        check_hash=check_hash, progress=progress, relative_to=relative_to,
     )  # fmt: skip
     if store.db_path(folder).exists() and not overwrite:
         raise UsageError(
@@ -113,7 +124,9 @@ def build(
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; give a folder for the index")
     if folder.is_dir() and not store.db_path(folder).exists():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_NAMES and not p.name.endswith(".tmp"))
+        foreign = sorted(
+            p.name for p in folder.iterdir() if p.name not in OWN_NAMES and not store.LEFTOVER.fullmatch(p.name)
+        )
         if foreign:
             raise UsageError(
                 f"{folder} is not empty and holds no index ({', '.join(foreign[:3])}"
@@ -142,11 +155,13 @@ def _build_in(folder: Path, files, model, recipe, inputs, update: Update, option
     from ..embed import expand_inputs, run
 
     workers = options["workers"]
+    relative_to = options.pop("relative_to")
     with _writer_lock(folder):
+        store.remove_leftovers(folder)  # a killed build's or add's temporary files
         if files:
             if model is not None:
                 raise UsageError("embeddings files name the model that made them: give them without -m/--model")
-            settings, rows, vectors = _ingest(files, update)
+            settings, rows, vectors = _ingest(files, update, relative_to)
         else:
             if model is None:
                 raise UsageError("give the model to embed the images with (-m/--model)")
@@ -173,7 +188,7 @@ def _build_in(folder: Path, files, model, recipe, inputs, update: Update, option
             settings = _settings(data.meta)
             rows = [Entry(0, p, *stats[p][:2], stats[p][2], _grid(g)) for p, g in zip(data.paths, data.grid_sizes)]
             vectors = unit(_features(data, output))
-            update.embedded = len(rows)
+            update.embedded = result.computed
         if not rows:
             raise _NothingToIndex("the embeddings files hold no image, so there is nothing to index")
         _create(folder, settings, rows, vectors)
@@ -182,33 +197,21 @@ def _build_in(folder: Path, files, model, recipe, inputs, update: Update, option
 
 
 def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: np.ndarray) -> None:
-    """Write a whole new index: its vector file and approximate index, then its database under a
-    temporary name, renamed into place (an index there before stays whole until that instant)."""
-    from .._io import atomic_path
-
+    """Write a whole new index: its vector file and approximate index, then its database (store.create:
+    renamed into place, so that an index there before stays whole until that instant)."""
     (folder / store.VECTORS).mkdir(parents=True, exist_ok=True)
     (folder / store.ANN).mkdir(exist_ok=True)
     generation = 1
     segment = store.write_vectors(folder, vectors, generation)
-    ids = np.arange(1, len(rows) + 1, dtype=np.int64)
+    first = store.first_id(folder)
     ann = None
     if vectors.size > maintenance.EXACT_LIMIT:
         from .ann import HNSW
 
+        ids = np.arange(first, first + len(rows), dtype=np.int64)
         ann = write_ann(folder, HNSW.build(vectors, ids), int(ids.max()), generation)
-    meta = {"format": store.FORMAT, "dino3_version": __version__, "generation": generation, "next_id": 1}
-    meta.update(embedding=settings, dim=int(vectors.shape[1]), ann=ann)
-    with atomic_path(store.db_path(folder)) as tmp:
-        import sqlite3
-
-        con = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            con.executescript(store.SCHEMA)
-            with store.transaction(con):
-                store.set_meta(con, **meta)
-                store.insert_items(con, meta, rows, segment)
-        finally:
-            con.close()
+    meta = {"generation": generation, "embedding": settings, "dim": int(vectors.shape[1]), "ann": ann}
+    store.create(folder, meta, rows, segment, first)
     con = store.connect(folder)
     try:
         store.collect_garbage(folder, con)
@@ -217,19 +220,30 @@ def _create(folder: Path, settings: dict[str, Any], rows: list[Entry], vectors: 
 
 
 def update_index(
-    folder: Path, inputs: Sequence[str], *, batch_size, workers, device, check_hash, progress, model=None
+    folder: Path,
+    inputs: Sequence[str],
+    *,
+    batch_size,
+    workers,
+    device,
+    check_hash,
+    progress,
+    model=None,
+    relative_to=None,
 ) -> Update:
-    from ..embed import expand_inputs, run
+    from ..embed import expand_inputs
 
     started = time.perf_counter()
     update = Update(folder)
     files = _embedding_files(inputs)
     with _writer_lock(folder):
+        store.remove_leftovers(folder)  # a killed build's or add's temporary files
         con = store.connect(folder)
         try:
             state = store.read_state(folder, con)
             meta, settings = state.meta, state.meta["embedding"]
-            known = {e.path: e for e in store.entries(con)}
+            with store.reading(con, folder):
+                known = {e.path: e for e in store.entries(con)}
             by_hash = {e.sha256: e for e in known.values() if e.sha256}
 
             # -- what is gone, what changed, what is new ------------------------------------------------
@@ -244,20 +258,16 @@ def update_index(
             removed += [e.id for e in gone]
             update.dropped = len(gone)
             if files:
-                new_settings, candidates, candidate_vectors = _ingest(files, update)
+                new_settings, candidates, candidate_vectors = _ingest(files, update, relative_to)
                 _check_same_settings(settings, new_settings, f"the index {folder}")
-                fresh: list[Entry] = []
-                fresh_vectors = []
-                for row, vector in zip(candidates, candidate_vectors):
+                for row in candidates:
                     old = known.get(row.path)
                     if old is not None:
                         removed.append(old.id)
                         update.replaced += 1
                     else:
                         update.added += 1
-                    fresh.append(row)
-                    fresh_vectors.append(vector)
-                vectors = np.stack(fresh_vectors) if fresh else np.zeros((0, state.dim), np.float32)
+                fresh, vectors = candidates, candidate_vectors.reshape(-1, state.dim)
                 touched: list[tuple[int, int, int]] = []
             else:
                 found = expand_inputs(list(inputs))
@@ -269,30 +279,17 @@ def update_index(
                 touched = plan.touched
                 fresh, vectors = plan.reused, vectors_of(state, plan.reused_from)
                 if plan.todo:
-                    work = folder / store.WORK
-                    output = work / "add.npz"
-                    result = run(
-                        _inputs(plan.todo, []),
-                        output=output,
-                        recipe=_replayed(settings, model, f"the index {folder}"),
-                        batch_size=batch_size,
-                        workers=workers,
-                        device=device,
-                        check_hash=check_hash,
-                        progress=progress,
-                        overwrite=True,
-                        load=_checked_loader(settings, f"the index {folder}"),
-                    )
-                    update.notes += result.notes
-                    update.failures += list(result.failures)
-                    data = _read(output)
+                    options = dict(batch_size=batch_size, workers=workers, device=device, check_hash=check_hash)
+                    result, data = _embed_new(folder, plan.todo, settings, model, options, progress, update)
                     stats = plan.stats
                     embedded = [
                         Entry(0, p, *stats[p][:2], stats[p][2], _grid(g)) for p, g in zip(data.paths, data.grid_sizes)
                     ]
                     fresh = fresh + embedded
-                    vectors = np.concatenate([vectors, unit(_features(data, output))]) if embedded else vectors
-                    update.embedded = len(embedded)
+                    vectors = (
+                        np.concatenate([vectors, unit(_features(data, folder / store.WORK))]) if embedded else vectors
+                    )
+                    update.embedded = result.computed
                     failed = {p for p, _ in result.failures}
                     update.added -= len([p for p in plan.new if p in failed])
                     update.replaced -= len([p for p in plan.changed if p in failed])
@@ -312,11 +309,58 @@ def update_index(
             update.count = con.execute("SELECT count(*) FROM items").fetchone()[0]
             maintain(folder, con)
             store.collect_garbage(folder, con)
+        except sqlite3.DatabaseError as e:
+            raise BadIndexError(f"{folder}/{store.DB_NAME} is damaged ({e}); build the index again") from None
         finally:
             con.close()
         shutil.rmtree(folder / store.WORK, ignore_errors=True)
     update.seconds = time.perf_counter() - started
     return update
+
+
+def _embed_new(folder: Path, todo: list[str], settings, model, options: dict[str, Any], progress: bool, update):
+    """Embed an add's new and changed images with the index's recipe, in DIR/work/add.npz; an
+    interrupted add with the same images to embed is resumed (the embed job's saved chunks), any
+    other left work is started over. Returns the job's result and its output."""
+    from ..embed import run
+
+    output = folder / store.WORK / "add.npz"
+    partial = output.with_name(output.name + ".partial")
+    if output.exists():  # killed after its embedding, before its commit: embedded again
+        output.unlink()
+    resume = partial.exists() and _saved_inputs(partial) == (digest(todo), len(todo))
+    if partial.exists() and not resume:
+        update.notes.append("the images to embed changed since an interrupted add: its work is started over")
+    what = f"the index {folder}"
+    job = dict(
+        output=output, recipe=_replayed(settings, model, what), load=_checked_loader(settings, what),
+        progress=progress, checkpoint_every=ADD_CHECKPOINT, **options,
+    )  # fmt: skip
+    try:
+        result = run(_inputs(todo, []), resume=resume, overwrite=not resume, **job)
+    except UsageError as e:  # the interrupted add's work cannot be resumed (the model moved, ...): start over
+        if not resume:
+            raise
+        update.notes.append(
+            f"the work of an interrupted add cannot be resumed ({str(e).splitlines()[0]}): started over"
+        )
+        result = run(_inputs(todo, []), overwrite=True, **job)
+    update.notes += result.notes
+    update.failures += list(result.failures)
+    if result.computed < result.count:
+        update.notes.append(f"{result.count - result.computed} images were embedded by an interrupted add already")
+    return result, _read(output)
+
+
+def _saved_inputs(partial: Path) -> tuple[str, int] | None:
+    """(digest, count) of the inputs of the embedding job saved in `partial`, or None."""
+    import json
+
+    try:
+        manifest = json.loads((partial / "manifest.json").read_text(encoding="utf-8"))
+        return (manifest["inputs_sha256"], manifest["count"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
@@ -416,8 +460,11 @@ def _embedding_files(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def _ingest(files: list[str], update: Update) -> tuple[dict[str, Any], list[Entry], np.ndarray]:
-    """Rows and unit vectors of `dino3 embed` outputs (one vector per image, made with one model)."""
+def _ingest(
+    files: list[str], update: Update, relative_to: str | os.PathLike | None = None
+) -> tuple[dict[str, Any], list[Entry], np.ndarray]:
+    """Rows and unit vectors of `dino3 embed` outputs (one vector per image, made with one model),
+    checked as far as they can be (see the module docstring)."""
     settings = None
     rows: list[Entry] = []
     parts = []
@@ -436,20 +483,54 @@ def _ingest(files: list[str], update: Update) -> tuple[dict[str, Any], list[Entr
         else:
             _check_same_settings(settings, _settings(data.meta), files[0])
         features = _features(data, file)
-        paths = [os.path.abspath(p) if not p.startswith(URL_PREFIXES) else p for p in data.paths]
+        paths = _absolute_paths(file, [str(p) for p in data.paths], relative_to)
         keep = [i for i, p in enumerate(paths) if not (p in seen or seen.add(p))]
         if len(keep) < len(paths):
             update.notes.append(f"{file}: {len(paths) - len(keep)} images listed twice; the first kept")
         stats = _stats_and_hashes([paths[i] for i in keep], 4)
-        missing = sum(1 for i in keep if stats[paths[i]][0] < 0 and not paths[i].startswith(URL_PREFIXES))
+        local = [i for i in keep if not paths[i].startswith(URL_PREFIXES)]
+        missing = sum(1 for i in local if stats[paths[i]][0] < 0)
         if missing:
             update.notes.append(f"{file}: {missing} of its images are not on this disk; `dino3 index add` drops them")
+        written = _written_at(file)
+        changed = {i for i in local if stats[paths[i]][1] > written}  # modified after their vector was made
+        update.failures += [
+            (paths[i], f"modified after {file} was written (its vector may be an older version's): left out; "
+             "`dino3 index add` embeds it")
+            for i in sorted(changed)
+        ]  # fmt: skip
+        keep = [i for i in keep if i not in changed]
         for i in keep:
-            size, mtime, digest = stats[paths[i]]
-            rows.append(Entry(0, paths[i], size, mtime, digest, _grid(data.grid_sizes[i])))
+            size, mtime, sha = stats[paths[i]]
+            rows.append(Entry(0, paths[i], size, mtime, sha, _grid(data.grid_sizes[i])))
         parts.append(features[keep])
     vectors = unit(np.concatenate(parts)) if parts else np.zeros((0, 0), np.float32)
     return settings, rows, vectors
+
+
+def _absolute_paths(file: str, paths: list[str], relative_to: str | os.PathLike | None) -> list[str]:
+    """The paths of an embeddings file, absolute: a relative one (an older dino3 wrote them as given)
+    only against `relative_to`, never against whatever folder this runs in. URLs (http, s3, ...) stay."""
+    as_is = [p.startswith(URL_PREFIXES) or "://" in p or os.path.isabs(p) for p in paths]
+    relative = [p for p, kept in zip(paths, as_is) if not kept]
+    if relative and relative_to is None:
+        raise UsageError(
+            f"{file} names {len(relative)} images by relative paths ({relative[0]}, ...: written by an older dino3), "
+            "which would be read against this folder, maybe not the one they were embedded from: give that folder "
+            "(--relative-to DIR, or relative_to=), or embed them again (dino3 now records absolute paths)"
+        )
+    base = os.path.abspath(os.fspath(relative_to)) if relative_to is not None else ""
+    return [p if kept and "://" in p else os.path.normpath(os.path.join(base, p)) for p, kept in zip(paths, as_is)]
+
+
+def _written_at(file: str) -> int:
+    """When an embeddings output was written (ns): its file's modification time, or its newest file's
+    (a Parquet dataset folder)."""
+    path = Path(file)
+    times = [path.stat().st_mtime_ns]
+    if path.is_dir():
+        times += [p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()]
+    return max(times)
 
 
 def _read(path: str | os.PathLike):
@@ -484,8 +565,9 @@ def _unique_local(paths: list[str], update: Update) -> list[str]:
 
 
 def _is_gone(path: str) -> bool:
+    """Whether an indexed file is gone from the disk (a video frame's: its video)."""
     try:
-        os.stat(path)
+        os.stat(source_file(path))
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
