@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import dino3
-from dino3.errors import CheckpointError, ConfigError, UnknownModelError, UsageError
+from dino3.errors import CheckpointError, ConfigError, UsageError
 from dino3.models.text import infer_config
 from dino3.weights import formats
 from helpers import dinotxt_meta_files
@@ -194,11 +194,13 @@ def test_save_and_load_round_trip_exactly(model, golden, tmp_path):
         for a, b in zip(model.encode_image_with_patch_tokens(pixels), loaded.encode_image_with_patch_tokens(pixels)):
             assert torch.equal(a, b)
         assert torch.equal(model.encode_text(tokens), loaded.encode_text(tokens))
-    # the backbone folder is an ordinary backbone checkpoint; the whole folder is no backbone
+    # the backbone folder is an ordinary backbone checkpoint; dino3.load takes the whole folder as dino.txt
     backbone = dino3.load(tmp_path / "saved" / "backbone")
     assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.state_dict().items())
-    with pytest.raises(ConfigError, match="DINOv3TextModel.from_pretrained"):
-        dino3.load(tmp_path / "saved")
+    again = dino3.load(tmp_path / "saved")
+    assert isinstance(again, dino3.DINOv3TextModel) and torch.equal(
+        again.encode_text(tokens), loaded.encode_text(tokens)
+    )
 
 
 def test_a_model_loads_in_bfloat16(meta_files, golden):
@@ -267,8 +269,8 @@ def test_the_preset_without_its_files_says_in_one_line_what_to_get(tmp_path, mon
         str(tmp_path / "cache" / "dinotxt"),
     ):
         assert part in message
-    with pytest.raises(UnknownModelError, match="dino.txt model"):
-        dino3.load("dinotxt-vitl16")
+    with pytest.raises(CheckpointError, match="dinov3_vitl16_dinotxt_vision_head_and_text_encoder"):
+        dino3.load("dinotxt-vitl16")  # dino3.load takes the dino.txt preset too
 
 
 def test_the_preset_loads_metas_files_from_a_folder(meta_files, tmp_path):
