@@ -72,7 +72,7 @@ def test_url(tmp_path):
         limit = images.MAX_DOWNLOAD_BYTES
         images.MAX_DOWNLOAD_BYTES = 1000
         try:
-            with pytest.raises(ImageError, match="larger than 0 MiB, the download limit"):
+            with pytest.raises(ImageError, match="larger than 1000 bytes, the download limit"):
                 load_image(f"{base}/cat.png")
         finally:
             images.MAX_DOWNLOAD_BYTES = limit

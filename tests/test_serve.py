@@ -33,15 +33,18 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from dino3.serve import ServeSettings, create_app  # noqa: E402
+from dino3.serve.server import uvicorn_config  # noqa: E402
 
 PHOTOS = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.[jp][pn]g"))
 
 
 class Server:
-    """A uvicorn server for one app, on a free port of 127.0.0.1, in a thread."""
+    """A uvicorn server for one app, on a free port of 127.0.0.1, in a thread, configured as
+    `dino3 serve` configures it (dino3.serve.server: timeouts, connection limit)."""
 
     def __init__(self, app) -> None:
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        settings = app.state.service.settings
+        self.config = uvicorn_config(app, "127.0.0.1", 0, settings, log_level="warning")
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -64,9 +64,9 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
         from ..dense import pca_rgb
         from ..dense.render import colour_map
 
-        payload = await parse(request, PcaRequest, service.settings.max_body_bytes)
-        blobs, names = await service.images([payload.input])
-        pixels = await service.pixels(blobs, names, processor)
+        payload = await parse(request, PcaRequest, service.settings)
+        sources, names = await service.inputs([payload.input])
+        pixels = await service.pixels(sources, names, processor)
         (grid,) = await service.features(pixels, "patches")  # (h, w, D)
         height, width = pixels[0].shape[-2:]
 

@@ -8,7 +8,6 @@ served model, which must be the index's), batched with every other request's ima
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,13 +15,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from ..errors import Dino3Error
+from .routes import input_list
 from .service import ApiError, Service, parse
 
 THUMBNAIL_SIDES = (64, 512)  # the smallest and largest side a client may ask for
 
 
 class SearchRequest(BaseModel):
-    input: str | list[str]
+    input: Any
     k: int = 10
     exact: bool | None = None  # None: the index's default
 
@@ -49,11 +49,11 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/search", summary="The indexed images nearest to each input image")
     async def search(request: Request):
         index = the_index()
-        payload = await parse(request, SearchRequest, settings.max_body_bytes)
+        payload = await parse(request, SearchRequest, settings)
         if not 1 <= payload.k <= min(len(index), 1000):
             raise ApiError(400, f"k must lie in 1..{min(len(index), 1000)} (the index holds {len(index)})", "k")
-        blobs, names = await service.images([payload.input] if isinstance(payload.input, str) else payload.input)
-        pixels = await service.pixels(blobs, names, service.extras["index_processor"])
+        sources, names = await service.inputs(input_list(payload.input))
+        pixels = await service.pixels(sources, names, service.extras["index_processor"])
         vectors = await service.features(pixels, index.settings["pool"])  # each (D,)
         queries = [v.float().numpy() for v in vectors]
 
@@ -71,6 +71,8 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
         index = the_index()
         if not THUMBNAIL_SIDES[0] <= size <= THUMBNAIL_SIDES[1]:
             raise ApiError(400, f"size must lie in {THUMBNAIL_SIDES[0]}..{THUMBNAIL_SIDES[1]}", "size")
+        if not 0 <= item < 2**63:  # ids are SQLite integers: anything else names no item
+            raise ApiError(404, f"the index holds no item {item}", "item")
         entry = await asyncio.to_thread(index.entry, item)
         if entry is None:
             raise ApiError(404, f"the index holds no item {item}", "item")
@@ -81,17 +83,12 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
 
 
 def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
-    """The image at `path` (a file the index lists) scaled to fit size x size, as JPEG bytes."""
-    from PIL import Image
+    """The file at `path` (one the index lists, never a URL) scaled to fit size x size, as JPEG bytes."""
+    from ..images import is_data_url, is_object_uri, is_url, make_thumbnail
 
-    from ..images import load_image
-
+    if is_url(path) or is_data_url(path) or is_object_uri(path):  # the server reads only local files
+        raise ApiError(404, "this item is not a local file of the index's", "item")
     try:
-        pixels = load_image(path, draft_size=(size, size), max_pixels=max_pixels)  # (3, H, W) uint8
+        return make_thumbnail(path, size, max_pixels=max_pixels)
     except (Dino3Error, OSError) as e:
         raise ApiError(404, f"the indexed file cannot be read now: {e}", "item") from None
-    picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    picture.thumbnail((size, size))
-    out = io.BytesIO()
-    picture.save(out, format="JPEG", quality=85)
-    return out.getvalue()
