@@ -169,23 +169,6 @@ def test_every_bad_request_gets_its_4xx_and_the_server_goes_on(server):
     assert httpx.post(url, json={"input": [good]}, timeout=60).status_code == 200  # still serving
 
 
-def test_a_full_queue_answers_429_with_retry_after(checkpoint):
-    model = dino3.load(checkpoint)
-    slow = Server(create_app(model, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=2, max_images=8)))
-    try:
-        body = {"input": [data_url(PHOTOS[0])] * 2}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            responses = list(
-                pool.map(lambda _: httpx.post(f"{slow.url}/v1/embeddings", json=body, timeout=120), range(8))
-            )
-        statuses = sorted(r.status_code for r in responses)
-        assert 200 in statuses and 429 in statuses, statuses
-        refused = next(r for r in responses if r.status_code == 429)
-        assert int(refused.headers["retry-after"]) >= 1 and error_of(refused)["type"] == "rate_limit_error"
-    finally:
-        slow.stop()
-
-
 def test_api_key_and_urls(checkpoint):
     model = dino3.load(checkpoint)
     guarded = Server(create_app(model, ServeSettings(api_key="s3cret", allow_urls=True)))
@@ -281,60 +264,3 @@ def test_decoding_is_done_off_the_event_loop(server):
         assert slow.result().status_code in (200, 413)
     assert quick < 1.0
     assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
-
-
-class _CountingModel:
-    """Stands in for a model in the batcher: records each forward's batch size."""
-
-    device, dtype = "cpu", None
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def __call__(self, pixels):
-        from types import SimpleNamespace
-
-        self.batches.append(len(pixels))
-        tokens = pixels.mean(dim=(2, 3))[:, None, :]  # (B, 1, 3)
-        return SimpleNamespace(cls_token=tokens[:, 0], patch_tokens=tokens, grid_size=(1, 1))
-
-
-def test_the_batcher_waits_only_for_images_on_their_way():
-    import asyncio
-
-    import torch
-
-    from dino3.serve.batcher import Batcher
-
-    model = _CountingModel()
-    batcher = Batcher(model, max_batch=8, max_wait_ms=3000)
-    image = torch.ones(3, 4, 4)
-
-    async def scenario():
-        # a lone request: nothing else is being decoded, so no waiting out the 3 s for companions
-        started = time.perf_counter()
-        batcher.expect(1)
-        await batcher.compute([image], "cls", expected=1)
-        alone = time.perf_counter() - started
-        # two requests decoding at once: the first one in the queue waits for the second
-        batcher.expect(2)
-        first = asyncio.ensure_future(batcher.compute([image], "cls", expected=1))
-        await asyncio.sleep(0.3)
-        assert not first.done()
-        await batcher.compute([image * 2], "cls", expected=1)
-        await first
-        # an announced image that fails to decode: the waiting one goes at once
-        batcher.expect(2)
-        started = time.perf_counter()
-        waiting = asyncio.ensure_future(batcher.compute([image], "cls", expected=1))
-        await asyncio.sleep(0.05)
-        batcher.expect(-1)
-        await waiting
-        return alone, time.perf_counter() - started
-
-    try:
-        alone, withdrawn = asyncio.run(scenario())
-    finally:
-        batcher.stop()
-    assert alone < 1.0 and withdrawn < 1.0
-    assert model.batches == [1, 2, 1]
