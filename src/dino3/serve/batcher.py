@@ -34,6 +34,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Stopped(Exception):
+    """The batcher is stopping (the server shuts down): it takes no more images."""
+
+
 @dataclass
 class Job:
     pixels: torch.Tensor  # (3, H, W)
@@ -82,7 +86,7 @@ class Batcher:
         with self.condition:
             self.expected = max(0, self.expected - expected)
             if self.stopping:
-                raise QueueFull(1.0)
+                raise Stopped("the server is shutting down")
             if len(self.jobs) + len(jobs) > self.max_queue:
                 raise QueueFull(max(1.0, (len(self.jobs) + len(jobs)) * self.seconds_per_image))
             self.jobs += jobs

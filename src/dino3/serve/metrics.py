@@ -32,6 +32,7 @@ class Metrics:
         self.batch_seconds = Histogram("dino3_batch_seconds", "Time of one forward", registry=self.registry)
         self.queue_depth = Gauge("dino3_queue_depth", "Images waiting for the model", registry=self.registry)
         self.images = Counter("dino3_images", "Images embedded", registry=self.registry)
+        self.in_progress = Gauge("dino3_requests_in_progress", "Requests being answered", registry=self.registry)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -48,11 +49,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def route_label(app: Any, scope: dict) -> str:
-    """The path template of the route a request's scope matches (its method aside), or UNMATCHED."""
+def route_label(router: Any, scope: dict) -> str:
+    """The path template of the route of `router` that a request's scope matches (its method aside),
+    or UNMATCHED."""
     from starlette.routing import Match
 
-    for route in app.router.routes:
+    for route in router.routes:
         match, _ = route.matches(scope)
         if match != Match.NONE:
             return getattr(route, "path", UNMATCHED)

@@ -8,7 +8,6 @@ text, never as HTML.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from importlib import resources
@@ -74,7 +73,7 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
             rgb = pca_rgb(grid.float())  # (h, w, 3) in [0, 1]
             return colour_map(rgb, (int(height), int(width)))  # each patch a block of whole pixels
 
-        picture = await asyncio.get_running_loop().run_in_executor(service.decoders, render)
+        picture = await service.submit(service.decoders, render)
         return {"object": "pca", "grid": list(grid.shape[:2]), "image": _png_data_url(picture)}
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from .metrics import route_label
-from .service import EMBEDDING_POOLS, ENCODINGS, ApiError, ServeSettings, Service, body_of, encode, parse
+from .service import EMBEDDING_POOLS, ENCODINGS, SHUTTING_DOWN, ApiError, ServeSettings, Service, body_of, encode, parse
 
 TOKEN_ARRAYS = (
     "input holds token arrays (numbers), the way OpenAI clients send text; this server embeds images, "
@@ -111,28 +111,7 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
         body = {"error": {"message": message, "type": "invalid_request_error", "param": where, "code": None}}
         return JSONResponse(body, status_code=400)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            if settings.api_key is not None and request.url.path not in service.public_routes:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                    raise ApiError(
-                        401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key"
-                    )
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-                raise ApiError(
-                    413, f"the body is {int(length)} bytes; this server takes at most {settings.max_body_bytes}"
-                )
-            response = await call_next(request)
-        except ApiError as error:
-            response = await api_error(request, error)
-        except asyncio.CancelledError:  # uvicorn's shutdown timeout ran out while this request ran
-            response = await api_error(request, ApiError(503, "the server is shutting down; retry elsewhere"))
-        service.metrics.request(route_label(app, request.scope), response.status_code, time.perf_counter() - started)
-        return response
+    app.add_middleware(Guard, service=service, router=app.router)
 
     def check_request(payload: EmbeddingRequest | PatchesRequest, pools=EMBEDDING_POOLS) -> tuple[list[Any], str]:
         """The inputs and the model name to answer with, once every field is checked."""
@@ -232,6 +211,62 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, the Content-Length limit, the metrics (by
+    route), and a 503 for a request cancelled before its answer began (uvicorn's shutdown timeout):
+    a plain ASGI layer, so that catching the cancellation here leaves no task group to re-raise it."""
+
+    def __init__(self, app: Any, service: Service, router: Any) -> None:
+        self.app, self.service, self.router = app, service, router
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status, answering = time.perf_counter(), 500, False
+
+        async def sent(message: dict) -> None:
+            nonlocal status, answering
+            if message["type"] == "http.response.start":
+                status, answering = message["status"], True
+            await send(message)
+
+        self.service.metrics.in_progress.inc()
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await _answer(refusal, scope, receive, sent)
+            else:
+                await self.app(scope, receive, sent)
+        except asyncio.CancelledError:
+            if answering:
+                raise
+            await _answer(ApiError(503, SHUTTING_DOWN), scope, receive, sent)
+        finally:
+            self.service.metrics.in_progress.dec()
+            seconds = time.perf_counter() - started
+            self.service.metrics.request(route_label(self.router, scope), status, seconds)
+
+    def refusal(self, scope: dict) -> ApiError | None:
+        from starlette.datastructures import Headers
+
+        settings, headers = self.service.settings, Headers(scope=scope)
+        if settings.api_key is not None and scope["path"] not in self.service.public_routes:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return ApiError(
+                413, f"the body is {int(length)} bytes; this server takes at most {settings.max_body_bytes}"
+            )
+        return None
+
+
+async def _answer(error: ApiError, scope: dict, receive: Any, send: Any) -> None:
+    await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
 
 
 def _replayed(request: Request, body: bytes) -> Request:

@@ -31,11 +31,12 @@ import numpy as np
 from .._openmp import helper_thread
 from ..errors import ImageError, ImageTooLargeError, UsageError
 from ..images import MAX_PIXELS, MemoryBudget, decode_base64, decode_data_url, fetch_bytes, is_data_url, is_url
-from .batcher import Batcher, QueueFull
+from .batcher import Batcher, QueueFull, Stopped
 from .metrics import Metrics
 
 EMBEDDING_POOLS = ("cls", "mean", "cls+mean")
 ENCODINGS = ("float", "base64")
+SHUTTING_DOWN = "the server is shutting down; retry elsewhere"
 DOWNLOADS_PER_REQUEST = 4  # URLs of one request fetched at once: one request cannot take the whole pool
 
 
@@ -210,7 +211,6 @@ class Service:
     async def _download(self, urls: list[str], names: list[str]) -> list[bytes]:
         """The URLs' bytes, a few at a time in the download pool; the first failure (or the request's
         cancellation) cancels the rest: queued ones at once, running ones at their next read."""
-        loop = asyncio.get_running_loop()
         cancel = threading.Event()
         turns = asyncio.Semaphore(DOWNLOADS_PER_REQUEST)
         fetch = partial(
@@ -224,7 +224,7 @@ class Service:
         async def one(url: str, name: str) -> bytes:
             async with turns:
                 try:
-                    return await loop.run_in_executor(self.downloads, fetch, url)
+                    return await self.submit(self.downloads, fetch, url)
                 except ImageTooLargeError as e:
                     raise ApiError(413, f"{name}: {e}", name) from None
                 except ImageError as e:
@@ -250,7 +250,6 @@ class Service:
     async def pixels(self, sources: list[bytes | str], names: list[str], processor=None):
         """Decode and preprocess every image on the decoding threads (with the service's processor, or
         `processor`); the first bad one is a 400 (413 over a size limit) that names it."""
-        loop = asyncio.get_running_loop()
         processor = processor or self.processor
 
         def decode(source: bytes | str, name: str):
@@ -259,7 +258,7 @@ class Service:
 
         self.batcher.expect(len(sources))  # the batcher waits for them (features() takes them in)
         try:
-            tasks = [loop.run_in_executor(self.decoders, decode, s, n) for s, n in zip(sources, names)]
+            tasks = [self.submit(self.decoders, decode, s, n) for s, n in zip(sources, names)]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             for name, result in zip(names, results):
                 if isinstance(result, ApiError):
@@ -267,7 +266,7 @@ class Service:
                 if isinstance(result, ImageTooLargeError):
                     raise ApiError(413, f"{name}: {_reason(result)}", name)
                 if isinstance(result, asyncio.CancelledError):  # the pool was shut down under it
-                    raise ApiError(503, "the server is shutting down; retry elsewhere")
+                    raise ApiError(503, SHUTTING_DOWN)
                 if isinstance(result, BaseException):
                     raise ApiError(400, f"{name}: {_reason(result)}", name)
         except BaseException:  # a bad image, a client gone: they will not come
@@ -281,6 +280,15 @@ class Service:
             return await self.batcher.compute(pixels, pool, expected=len(pixels))
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(int(e.retry_after + 0.999))}) from None
+        except Stopped:
+            raise ApiError(503, SHUTTING_DOWN) from None
+
+    def submit(self, pool: ThreadPoolExecutor, fn, *args) -> asyncio.Future:
+        """`fn(*args)` on one of the service's pools, awaitable; a 503 once close() has shut them."""
+        try:
+            return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            raise ApiError(503, SHUTTING_DOWN) from None
 
 
 def _reason(error: BaseException) -> str:
