@@ -152,6 +152,10 @@ def test_the_page_shows_pca_and_neighbours_in_a_real_browser(server, indexed):
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('served').textContent.includes('index')")
+            # before any upload: no empty pictures (a CSS display rule once overrode `hidden`: two
+            # broken-image icons greeted every visitor)
+            assert page.locator("#pictures").is_hidden() and page.locator("#search").is_hidden()
+            assert page.locator("img:visible").count() == 0
             page.set_input_files("#file", str(photos / HOSTILE))
             page.wait_for_selector("body[data-done='1']", timeout=60_000)
             assert (
