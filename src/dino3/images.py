@@ -74,6 +74,7 @@ def load_image(
     draft_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    timeout: float | None = None,
 ):
     """One image-like `source` as a (3, H, W) tensor (uint8, or float32 in [0, 1]).
 
@@ -82,9 +83,11 @@ def load_image(
         then decoded at a reduced scale (1/2, 1/4 or 1/8, never below draft_size): much faster, with
         slightly different pixels. None (the default) decodes at full size.
     max_pixels: refuse larger images (default: dino3.images.MAX_PIXELS).
-    cancel: an event that stops a download in progress (within about a second) when set.
+    cancel: an event that stops a download in progress (at its next read) when set.
+    timeout: seconds for a whole download (default URL_TIMEOUT_SECONDS).
     """
-    return decode(open_image(source, draft_size=draft_size, max_pixels=max_pixels, cancel=cancel), alpha=alpha)
+    opened = open_image(source, draft_size=draft_size, max_pixels=max_pixels, cancel=cancel, timeout=timeout)
+    return decode(opened, alpha=alpha)
 
 
 def open_image(
@@ -93,6 +96,7 @@ def open_image(
     draft_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    timeout: float | None = None,
 ) -> Opened:
     """Open a source far enough to know its size (the header of a file); see `load_image`. An `Opened`
     (from `named`) passes through, so that messages keep its name."""
@@ -110,7 +114,7 @@ def open_image(
         return Opened("array", (tensor.shape[2], tensor.shape[1]), array=tensor)
     name = _describe(source)
     try:
-        image = _open_pil(source, name, cancel)
+        image = _open_pil(source, name, cancel, timeout)
         width, height = image.size
     except ImageError:
         raise
@@ -192,13 +196,13 @@ def _describe(source: Any) -> str:
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
 
 
-def _open_pil(source: Any, name: str, cancel: threading.Event | None):
+def _open_pil(source: Any, name: str, cancel: threading.Event | None, timeout: float | None = None):
     """A PIL image, opened (its header read) but not decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
         return source
-    stream = _stream(source, name, cancel)
+    stream = _stream(source, name, cancel, timeout)
     try:
         return Image.open(stream)
     except UnidentifiedImageError:
@@ -217,7 +221,7 @@ def _draft_request(size: tuple[int, int], draft_size: tuple[int, int]) -> tuple[
     return (min(side, size[0]), min(side, size[1]))
 
 
-def _stream(source: Any, name: str, cancel: threading.Event | None):
+def _stream(source: Any, name: str, cancel: threading.Event | None, timeout: float | None = None):
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source))
     if hasattr(source, "read"):
@@ -225,7 +229,7 @@ def _stream(source: Any, name: str, cancel: threading.Event | None):
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, str) and (is_url(text) or is_data_url(text) or is_object_uri(text)):
-            return io.BytesIO(fetch_bytes(text, cancel=cancel))
+            return io.BytesIO(fetch_bytes(text, cancel=cancel, timeout=timeout))
         path = Path(text).expanduser()
         _check_regular_file(path, name)
         return path  # PIL opens it, and closes it once the pixels are loaded
