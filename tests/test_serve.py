@@ -200,7 +200,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("grace", [None, 0.2])
 def test_sigterm_under_load_lets_requests_finish_and_exits_0(checkpoint, grace):
     """Bug pinned (attacker finding 7): SIGTERM under load (32 requests x 8 images) gave 19-23
