@@ -72,7 +72,7 @@ def test_url(tmp_path):
         limit = images.MAX_DOWNLOAD_BYTES
         images.MAX_DOWNLOAD_BYTES = 1000
         try:
-            with pytest.raises(ImageError, match="larger than 0 MiB, the download limit"):
+            with pytest.raises(ImageError, match="larger than 1000 bytes, the download limit"):
                 load_image(f"{base}/cat.png")
         finally:
             images.MAX_DOWNLOAD_BYTES = limit
@@ -188,3 +188,201 @@ def test_bad_arrays(array, message):
 def test_unknown_source_type():
     with pytest.raises(ImageError, match="<int>: not an image source; pass a path, URL"):
         load_image(42)
+
+
+# -- odd modes: 32-bit integers and floats (attacker findings) ------------------------------------------
+def test_32_bit_integer_images_holding_8_bit_values_are_read_as_8_bit(tmp_path):
+    """Bug pinned: a 32-bit "I" image holding 0..255 (PIL's own convert("I") of a grey image) divided
+    by 65535: black. Read as PIL's conversions (and Transformers' loader) read it."""
+    grey = np.array([[0, 50, 128, 255]], dtype=np.uint8)
+    Image.fromarray(grey).convert("I").save(tmp_path / "grey.tif")
+    with Image.open(tmp_path / "grey.tif") as opened:
+        assert opened.mode == "I"
+    got = load_image(tmp_path / "grey.tif")
+    assert got.dtype == torch.uint8 and got[:, 0].tolist() == [[0, 50, 128, 255]] * 3
+    wide = Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.int32))  # 16-bit values in 32 bits
+    assert torch.allclose(load_image(wide)[0, 0], torch.tensor([0.0, 1000 / 65535, 1.0]))
+    with pytest.raises(ImageError, match=r"32-bit integer pixels in \[0, 70000\]"):
+        load_image(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
+def test_a_float_tiff_outside_0_1_is_refused_with_advice_for_a_file(tmp_path):
+    """Bug pinned: a float TIFF refused with advice for tensors ("pass normalised tensors straight to
+    the model"), which a user with a file cannot follow."""
+    Image.fromarray(np.array([[0.0, 300.0]], dtype=np.float32), "F").save(tmp_path / "depth.tif")
+    with pytest.raises(ImageError) as refused:
+        load_image(tmp_path / "depth.tif")
+    message = str(refused.value)
+    assert "depth.tif" in message and "rescale it into [0, 1], or save it as an 8- or 16-bit image" in message
+    assert "tensor" not in message
+
+
+def test_a_decoded_image_keeps_its_name_in_messages(tmp_path):
+    """Bug pinned: `dino3 match` on a 1 x 60000 image named the input "tensor" (the image is decoded
+    before the processor sees it): images.named keeps the file's name."""
+    from dino3.images import named
+    from dino3.processing import DINOv3ViTImageProcessor
+
+    thin = torch.zeros(3, 1, 60000, dtype=torch.uint8)
+    processor = DINOv3ViTImageProcessor(keep_aspect="shorter", target_size=768)
+    with pytest.raises(ImageError, match=r"^thin\.png: 60000x1 px would be resized"):
+        processor.pixels(named(thin, "thin.png"))
+
+
+# -- the one fetcher ----------------------------------------------------------------------------------
+def test_data_urls_and_fetch_bytes_of_every_kind(tmp_path):
+    import base64
+
+    data = CAT.read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert images.fetch_bytes(url) == data and images.fetch_bytes(CAT) == data
+    assert torch.equal(load_image(url), load_image(CAT))
+    assert images.fetch_bytes("data:text/plain,a%20b") == b"a b"
+    with pytest.raises(ImageError, match="is not valid base64"):
+        images.fetch_bytes("data:image/png;base64,%%%")
+    with pytest.raises(images.ImageTooLargeError, match="larger than 100 bytes"):
+        images.fetch_bytes(CAT, max_bytes=100)
+    with pytest.raises(ImageError, match="no such file"):
+        images.fetch_bytes(tmp_path / "nope.png")
+
+
+def test_object_storage_goes_through_pyarrow(tmp_path, monkeypatch):
+    """s3:// and friends are read with pyarrow.fs (a local file system stands in for the bucket)."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    (tmp_path / "cat.png").write_bytes(CAT.read_bytes())
+    asked = []
+
+    def from_uri(uri):
+        asked.append(uri)
+        return pafs.LocalFileSystem(), str(tmp_path / uri.rsplit("/", 1)[1])
+
+    from types import SimpleNamespace
+
+    import pyarrow
+
+    stand_in = SimpleNamespace(FileSystem=SimpleNamespace(from_uri=from_uri), FileType=pafs.FileType)
+    monkeypatch.setattr(pyarrow, "fs", stand_in)
+    assert torch.equal(load_image("s3://bucket/photos/cat.png"), load_image(CAT))
+    assert asked == ["s3://bucket/photos/cat.png"]
+    with pytest.raises(ImageError, match="s3://bucket/gone.png: no such object"):
+        images.fetch_bytes("s3://bucket/gone.png")
+    with pytest.raises(images.ImageTooLargeError):
+        images.fetch_bytes("s3://bucket/photos/cat.png", max_bytes=10)
+
+
+def test_one_thumbnail_maker_for_every_kind_of_image(tmp_path):
+    """make_thumbnail fits the image in size x size, and takes 16-bit images (float pixels) too."""
+    jpeg = Image.open(io.BytesIO(images.make_thumbnail(CAT, 128)))
+    assert jpeg.format == "JPEG" and max(jpeg.size) == 128 and jpeg.size == (128, 85)
+    deep = (np.linspace(0, 65535, 300 * 200).reshape(200, 300)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    small = Image.open(io.BytesIO(images.make_thumbnail(tmp_path / "deep.png", 64)))
+    assert small.size == (64, 43) and np.asarray(small.convert("L"))[-1, -1] > 200
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers /redirect with a 302 to `location`, anything else with the cat; records each path."""
+
+    hits: list[str]
+    location = ""
+
+    def do_GET(self):  # noqa: N802
+        self.hits.append(self.path)
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", self.location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = CAT.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def recording_server():
+    handler = type("Handler", (Recorder,), {"hits": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+PUBLIC = "93.184.216.34"  # a public address (example.com's); never actually reached by these tests
+
+
+def test_a_rebinding_name_cannot_send_the_download_to_a_private_address(monkeypatch):
+    """Bug pinned (attacker finding 4): the guard resolved the name, found it public, and then urllib
+    resolved it again (a rebinding DNS answers 127.0.0.1 the second time) and fetched from the
+    server's own network. The download must connect to the address that was checked."""
+    import socket
+
+    server, handler = recording_server()
+    real_resolve, real_connect = socket.getaddrinfo, socket.create_connection
+    answers = iter([PUBLIC])  # first answer public, every later one the loopback
+
+    def resolve(host, port, *args, **kwargs):
+        if host != "rebind.test":
+            return real_resolve(host, port, *args, **kwargs)
+        address = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    def connect(address, *args, **kwargs):
+        if address[0] == PUBLIC:
+            raise ConnectionRefusedError("the public host is not there (no network in tests)")
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    try:
+        with pytest.raises(ImageError, match="download failed"):
+            images.fetch_bytes(f"http://rebind.test:{server.server_port}/cat.png", public_only=True, timeout=5)
+        assert handler.hits == []  # the server's own network was never reached
+    finally:
+        server.shutdown()
+
+
+def test_every_redirect_hop_is_checked(monkeypatch):
+    """Bug pinned (attacker finding 4): a public URL that answers 302 to http://127.0.0.1/... was
+    followed unchecked, and the private resource fetched and embedded."""
+    import socket
+
+    public, _ = recording_server()
+    private, private_handler = recording_server()
+    public.RequestHandlerClass.location = f"http://127.0.0.1:{private.server_port}/secret.png"
+    real_resolve, real_connect = socket.getaddrinfo, socket.create_connection
+
+    def resolve(host, port, *args, **kwargs):
+        if host == "public.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))]
+        return real_resolve(host, port, *args, **kwargs)
+
+    def connect(address, *args, **kwargs):  # the "public" host is the first local server
+        if address[0] in (PUBLIC, "public.test"):
+            address = ("127.0.0.1", public.server_port)
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    try:
+        url = f"http://public.test:{public.server_port}"
+        assert images.fetch_bytes(f"{url}/cat.png", public_only=True) == CAT.read_bytes()  # a public host works
+        with pytest.raises(ImageError, match="127.0.0.1 is on a private network"):
+            images.fetch_bytes(f"{url}/redirect", public_only=True)
+        assert private_handler.hits == []
+        assert images.fetch_bytes(f"{url}/redirect") == CAT.read_bytes()  # without the guard: followed
+    finally:
+        public.shutdown()
+        private.shutdown()
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "10.1.2.3", "localhost"],
+)
+def test_private_addresses_in_every_spelling_are_refused(host):
+    with pytest.raises(ImageError, match="private network"):
+        images.fetch_bytes(f"http://{host}:9/x.png", public_only=True)

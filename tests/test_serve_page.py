@@ -152,6 +152,10 @@ def test_the_page_shows_pca_and_neighbours_in_a_real_browser(server, indexed):
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('served').textContent.includes('index')")
+            # before any upload: no empty pictures (a CSS display rule once overrode `hidden`: two
+            # broken-image icons greeted every visitor)
+            assert page.locator("#pictures").is_hidden() and page.locator("#search").is_hidden()
+            assert page.locator("img:visible").count() == 0
             page.set_input_files("#file", str(photos / HOSTILE))
             page.wait_for_selector("body[data-done='1']", timeout=60_000)
             assert (
@@ -193,3 +197,51 @@ def test_the_page_asks_for_the_key(checkpoint):
             browser.close()
     finally:
         guarded.stop()
+
+
+def test_slow_url_downloads_never_hold_up_thumbnails_or_search(checkpoint, indexed):
+    """Bug pinned (finding 8): a request of 64 slow URLs took every thread of asyncio's shared default
+    pool, which the thumbnails and the search use too: a thumbnail took 197 s. Downloads now run in a
+    pool of their own, a few at a time per request."""
+    import concurrent.futures
+    import http.server
+    import threading
+    import time
+
+    from test_serve_security import Trickle
+
+    _, index = indexed
+    Trickle.ending.clear()
+    trickle = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=trickle.serve_forever, daemon=True).start()
+    slow = f"http://127.0.0.1:{trickle.server_port}/slow"
+    settings = ServeSettings(allow_urls=True, allow_private_urls=True, max_images=64, url_timeout_s=60)
+    server = Server(create_app(dino3.load(checkpoint), settings, index=index))
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        stuck = pool.submit(httpx.post, f"{server.url}/v1/embeddings", json={"input": [slow] * 64}, timeout=120)
+        deadline = time.monotonic() + 30
+        while Trickle.open_now < 4:
+            assert time.monotonic() < deadline and not stuck.done()
+            time.sleep(0.05)
+        started = time.monotonic()
+        first = index.entries()[0]
+        assert httpx.get(f"{server.url}/v1/thumbnails/{first.id}", timeout=60).status_code == 200
+        found = httpx.post(f"{server.url}/v1/search", json={"input": data_url(PHOTOS[0]), "k": 2}, timeout=60)
+        assert found.status_code == 200 and time.monotonic() - started < 5
+    finally:
+        Trickle.ending.set()
+        stuck.result(timeout=60)
+        pool.shutdown()
+        server.stop()
+        trickle.shutdown()
+
+
+def test_a_huge_thumbnail_id_is_a_404_and_invalid_utf8_a_400(server):
+    """Bug pinned (finding 13): a thumbnail id beyond SQLite's integers (OverflowError) and invalid
+    UTF-8 in /v1/search's JSON answered 500."""
+    for item in (2**63, 10**30, -1):
+        answer = httpx.get(f"{server.url}/v1/thumbnails/{item}")
+        assert answer.status_code == 404 and answer.json()["error"]["param"] == "item", answer.text
+    bad = httpx.post(f"{server.url}/v1/search", content=b'{"input": "\xc3\x28"}')
+    assert bad.status_code == 400 and "UTF-8" in bad.json()["error"]["message"]

@@ -32,13 +32,16 @@ def load(
 
     Keyword arguments: dtype, device, device_map, quantize, config (for a bare weights file),
     check_hash, rope_periods, attn_implementation (ViT), and the hub's token, revision, cache_dir,
-    local_files_only. backend="onnxruntime" or "openvino" (with precision="f32" / "bf16" / "int8" and,
+    local_files_only, force_download; Transformers' torch_dtype (deprecated there too) means dtype.
+    backend="onnxruntime" or "openvino" (with precision="f32" / "bf16" / "int8" and,
     for OpenVINO's int8, calibration=[images]) returns a compiled RuntimeModel instead, cached under
     runtime_cache (default $DINO3_CACHE/compiled).
     """
+    from .models.pretrained import transformers_arguments
     from .models.text import DINOv3TextModel, is_text_checkpoint
     from .runtime import check_backend
 
+    kwargs = transformers_arguments(kwargs)  # torch_dtype= and the like, as Transformers takes them
     precision = check_backend(backend, precision, calibration)
     if is_text_checkpoint(name_or_path):  # dino.txt: its backbone, vision head and text tower
         if backend != "torch" or kwargs.get("quantize") is not None:

@@ -1,9 +1,11 @@
-"""Anything image-like -> an RGB image tensor, or an ImageError that names the input and the reason.
+"""Anything image-like -> an RGB image tensor, or an ImageError that names the input and the reason;
+the one byte fetcher and the one thumbnail maker of every room.
 
-Accepted: a path (str or pathlib.Path), an http(s) URL, bytes, a binary file object, a PIL image, a
-numpy array (HWC or HW; uint8, uint16, or float in [0, 1]), a torch tensor (CHW or HW, same dtypes),
-and lists of these. Every image comes out as a (3, H, W) tensor: uint8 for 8-bit sources, float32
-in [0, 1] for 16-bit grayscale and float sources (so no precision is thrown away).
+Accepted: a path (str or pathlib.Path), an http(s) URL, a data URL, an object-storage URI (s3://,
+gs://, ...; needs pyarrow), bytes, a binary file object, a PIL image, a numpy array (HWC or HW;
+uint8, uint16, or float in [0, 1]), a torch tensor (CHW or HW, same dtypes), and lists of these.
+Every image comes out as a (3, H, W) tensor: uint8 for 8-bit sources, float32 in [0, 1] for 16-bit
+grayscale and float sources (so no precision is thrown away).
 
 Conversions: the EXIF orientation is applied; grayscale and bitmap are repeated to three channels;
 palette, CMYK, YCbCr and the like go through PIL's RGB conversion; 16-bit grayscale keeps its
@@ -14,7 +16,12 @@ away instead, as Transformers' pipeline (`load_image`, PIL's `convert("RGB")`) d
 
 Whatever goes wrong with one input (a truncated file, a corrupt EXIF block, a header PIL cannot
 parse, an image too large to decode safely) is an ImageError about that input, never another
-exception. Nothing here changes process-wide state (warning filters, PIL's limits), so that decoding
+exception. `fetch_bytes` is where every room gets the bytes a name points to; with public_only=True
+(the server's URLs) it refuses private addresses, connects to the very address it checked (no
+second DNS lookup that could be rebound) and checks every redirect hop the same way.
+`make_thumbnail` makes the small JPEG of an image that the server and the contact sheets show.
+
+Nothing here changes process-wide state (warning filters, PIL's limits), so that decoding
 threads and the user's own code never see each other's settings.
 """
 
@@ -67,6 +74,7 @@ def load_image(
     draft_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    timeout: float | None = None,
 ):
     """One image-like `source` as a (3, H, W) tensor (uint8, or float32 in [0, 1]).
 
@@ -75,9 +83,11 @@ def load_image(
         then decoded at a reduced scale (1/2, 1/4 or 1/8, never below draft_size): much faster, with
         slightly different pixels. None (the default) decodes at full size.
     max_pixels: refuse larger images (default: dino3.images.MAX_PIXELS).
-    cancel: an event that stops a download in progress (within about a second) when set.
+    cancel: an event that stops a download in progress (at its next read) when set.
+    timeout: seconds for a whole download (default URL_TIMEOUT_SECONDS).
     """
-    return decode(open_image(source, draft_size=draft_size, max_pixels=max_pixels, cancel=cancel), alpha=alpha)
+    opened = open_image(source, draft_size=draft_size, max_pixels=max_pixels, cancel=cancel, timeout=timeout)
+    return decode(opened, alpha=alpha)
 
 
 def open_image(
@@ -86,10 +96,14 @@ def open_image(
     draft_size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    timeout: float | None = None,
 ) -> Opened:
-    """Open a source far enough to know its size (the header of a file); see `load_image`."""
+    """Open a source far enough to know its size (the header of a file); see `load_image`. An `Opened`
+    (from `named`) passes through, so that messages keep its name."""
     import torch
 
+    if isinstance(source, Opened):
+        return source
     if isinstance(source, torch.Tensor):
         array = _from_array(source.detach().cpu(), "tensor", channels_first=True)
         return Opened("tensor", (array.shape[2], array.shape[1]), array=array)
@@ -100,7 +114,7 @@ def open_image(
         return Opened("array", (tensor.shape[2], tensor.shape[1]), array=tensor)
     name = _describe(source)
     try:
-        image = _open_pil(source, name, cancel)
+        image = _open_pil(source, name, cancel, timeout)
         width, height = image.size
     except ImageError:
         raise
@@ -123,19 +137,40 @@ def open_image(
     return Opened(name, image.size, image=image)
 
 
+def named(image: Any, name: str) -> Opened:
+    """A decoded image (a tensor or array, as load_image returns) that keeps the name of where it came
+    from: processors and messages then say `name`, not "tensor"."""
+    opened = open_image(image)
+    opened.name = str(name)
+    return opened
+
+
 def decode(opened: Opened, *, alpha: str = "white"):
     """The pixels of an opened source as a (3, H, W) tensor, EXIF orientation applied."""
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
     if opened.array is not None:
         return opened.array
+    return _decoded(opened, lambda image: _from_pil(image, opened.name, alpha))
+
+
+def load_pil(source: Any, *, max_pixels: int | None = None, cancel: threading.Event | None = None):
+    """The PIL image a source (a path, URL, data URL, object URI, bytes, file object) names, decoded,
+    EXIF orientation applied, in its own mode (for readers of masks and other non-RGB pictures)."""
+    opened = open_image(source, max_pixels=max_pixels, cancel=cancel)
+    if opened.image is None:
+        raise ImageError(f"{opened.name}: an array, not an image file")
+    return _decoded(opened, lambda image: image)
+
+
+def _decoded(opened: Opened, convert):
+    """`convert` of the opened image once loaded and turned upright; every failure an ImageError."""
     from PIL import ImageOps
 
     try:
         image = opened.image
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return _from_pil(image, opened.name, alpha)
+        return convert(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except MemoryError:
@@ -152,6 +187,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _describe(source: Any) -> str:
+    if is_data_url(source):
+        return f"<data URL of {len(source)} characters>"
     if isinstance(source, (str, Path)):
         return str(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -159,13 +196,13 @@ def _describe(source: Any) -> str:
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
 
 
-def _open_pil(source: Any, name: str, cancel: threading.Event | None):
+def _open_pil(source: Any, name: str, cancel: threading.Event | None, timeout: float | None = None):
     """A PIL image, opened (its header read) but not decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
         return source
-    stream = _stream(source, name, cancel)
+    stream = _stream(source, name, cancel, timeout)
     try:
         return Image.open(stream)
     except UnidentifiedImageError:
@@ -184,30 +221,99 @@ def _draft_request(size: tuple[int, int], draft_size: tuple[int, int]) -> tuple[
     return (min(side, size[0]), min(side, size[1]))
 
 
-def _stream(source: Any, name: str, cancel: threading.Event | None):
+def _stream(source: Any, name: str, cancel: threading.Event | None, timeout: float | None = None):
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source))
     if hasattr(source, "read"):
         return source
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if isinstance(text, str) and text.startswith(("http://", "https://")):
-            return io.BytesIO(download(text, cancel=cancel))
+        if isinstance(text, str) and (is_url(text) or is_data_url(text) or is_object_uri(text)):
+            return io.BytesIO(fetch_bytes(text, cancel=cancel, timeout=timeout))
         path = Path(text).expanduser()
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            raise ImageError(f"{name}: no such file") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
-        if stat.S_ISDIR(mode):
-            raise ImageError(f"{name}: is a folder, not an image file")
-        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
-            raise ImageError(f"{name}: not a regular file (a pipe, socket or device)")
+        _check_regular_file(path, name)
         return path  # PIL opens it, and closes it once the pixels are loaded
     raise ImageError(
         f"{name}: not an image source; pass a path, URL, bytes, file object, PIL image, numpy array or torch tensor"
     )
+
+
+def _check_regular_file(path: Path, name: str) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{name}: is a folder, not an image file")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+        raise ImageError(f"{name}: not a regular file (a pipe, socket or device)")
+
+
+# -- bytes: the one fetcher ------------------------------------------------------------------------------
+URL_PREFIXES = ("http://", "https://")
+OBJECT_STORE_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")  # read through pyarrow.fs
+MAX_REDIRECTS = 5
+IDLE_SECONDS = 10.0  # how long one read of a download may wait for data
+
+
+def is_url(text: Any) -> bool:
+    """Whether `text` is an http(s) URL."""
+    return isinstance(text, str) and text.lower().startswith(URL_PREFIXES)
+
+
+def is_data_url(text: Any) -> bool:
+    return isinstance(text, str) and text[:5].lower() == "data:"
+
+
+def is_object_uri(text: Any) -> bool:
+    """Whether `text` names an object in a store (s3://, gs://, ...) rather than a local file."""
+    return isinstance(text, str) and text.lower().startswith(OBJECT_STORE_PREFIXES)
+
+
+def fetch_bytes(
+    source: str | os.PathLike,
+    *,
+    public_only: bool = False,
+    max_bytes: int | None = None,
+    timeout: float | None = None,
+    cancel: threading.Event | None = None,
+) -> bytes:
+    """The bytes that a local path, an http(s) URL, a data URL or an object-storage URI names, within
+    a size limit (default MAX_DOWNLOAD_BYTES) and, for downloads, a deadline for the whole transfer
+    (default URL_TIMEOUT_SECONDS); `cancel` stops a download at its next read.
+
+    public_only: for URLs from someone else (a server's clients): refuse hosts on private, loopback or
+        link-local networks, connect to the very address that was checked (no second DNS lookup that
+        a rebinding name could answer otherwise), and check each redirect hop the same way. Proxies
+        from the environment are not used then. Without it, URLs are fetched as urllib does (proxies,
+        redirects).
+    """
+    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
+    text = os.fspath(source)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if is_data_url(text):
+        data = decode_data_url(text)
+        if len(data) > max_bytes:
+            raise ImageTooLargeError(_too_large("the data URL", max_bytes))
+        return data
+    if is_url(text):
+        budget = URL_TIMEOUT_SECONDS if timeout is None else timeout
+        if public_only:
+            return _download_public(text, max_bytes, budget, cancel)
+        return _download(text, max_bytes, budget, cancel)
+    if is_object_uri(text):
+        return _read_object(text, max_bytes)
+    path = Path(text).expanduser()
+    _check_regular_file(path, text)
+    if path.stat().st_size > max_bytes:
+        raise ImageTooLargeError(_too_large(text, max_bytes))
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{text}: cannot be read ({e.strerror or e})") from None
 
 
 def download(
@@ -216,48 +322,219 @@ def download(
     max_bytes: int | None = None,
     timeout: float | None = None,
     cancel: threading.Event | None = None,
+    public_only: bool = False,
 ) -> bytes:
-    """The bytes at an http(s) URL, within a deadline for the whole download (not per read) and a
-    size limit; `cancel` stops it within about a second."""
+    """The bytes at an http(s) URL (see fetch_bytes)."""
+    if not is_url(url):
+        raise ImageError(f"{url}: not an http(s) URL")
+    return fetch_bytes(url, max_bytes=max_bytes, timeout=timeout, cancel=cancel, public_only=public_only)
+
+
+def decode_data_url(text: str) -> bytes:
+    """The bytes of a data URL (`data:image/png;base64,...`, or percent-encoded without ;base64)."""
+    import urllib.parse
+
+    header, comma, payload = text.partition(",")
+    if not comma:
+        raise ImageError("a data URL without a comma: expected data:[<type>][;base64],<data>")
+    if header.lower().endswith(";base64"):
+        return decode_base64(payload, "the data URL")
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def decode_base64(text: str, name: str = "the input") -> bytes:
+    """Standard base64 (whitespace allowed, as line-wrapped encoders write it) -> bytes."""
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{name} is not valid base64") from None
+
+
+def _download(url: str, max_bytes: int, budget: float, cancel: threading.Event | None) -> bytes:
     import urllib.error
     import urllib.request
 
-    max_bytes = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
-    budget = URL_TIMEOUT_SECONDS if timeout is None else timeout
     deadline = time.monotonic() + budget
     request = urllib.request.Request(url, headers={"User-Agent": "dino3"})
-    chunks, total = [], 0
-    try:  # each read waits at most 10 s for data; the deadline bounds the whole download
-        with urllib.request.urlopen(request, timeout=min(10.0, budget)) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise ImageTooLargeError(_too_large(url, max_bytes))
-            while True:
-                if cancel is not None and cancel.is_set():
-                    raise ImageError(f"{url}: download cancelled")
-                if time.monotonic() > deadline:
-                    raise ImageError(f"{url}: download took longer than {budget:.0f} s; gave up")
-                chunk = response.read1(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > max_bytes:
-                    raise ImageTooLargeError(_too_large(url, max_bytes))
+    try:
+        with urllib.request.urlopen(request, timeout=min(IDLE_SECONDS, budget)) as response:
+            return _read_response(response, url, max_bytes, deadline, budget, cancel)
     except ImageError:
         raise
     except urllib.error.HTTPError as e:
         raise ImageError(f"{url}: download failed with HTTP {e.code} {e.reason}") from None
-    except TimeoutError:
-        raise ImageError(f"{url}: the server sent nothing for 10 s; gave up") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ImageError(f"{url}: download failed ({reason})") from None
-    return b"".join(chunks)
+    except Exception as e:  # noqa: BLE001  (socket, TLS and protocol errors alike)
+        raise _download_error(url, e) from None
 
 
-def _too_large(url: str, max_bytes: int) -> str:
-    return f"{url}: larger than {max_bytes // 2**20} MiB, the download limit (dino3.images.MAX_DOWNLOAD_BYTES)"
+def _download_public(url: str, max_bytes: int, budget: float, cancel: threading.Event | None) -> bytes:
+    """A download from public addresses only; every hop's host is resolved once, checked, and the
+    connection made to that checked address."""
+    import urllib.parse
+
+    deadline = time.monotonic() + budget
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(current)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ImageError(f"{url}: redirected to {current}, which is not an http(s) URL")
+        try:
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError:
+            raise ImageError(f"{url}: {current} has an invalid port") from None
+        addresses = public_addresses(parts.hostname, port, url)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection = None
+        try:
+            connection = _connect_pinned(parts.scheme.lower(), parts.hostname, port, addresses, deadline, url)
+            connection.request("GET", target, headers={"User-Agent": "dino3", "Accept-Encoding": "identity"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                current = urllib.parse.urljoin(current, response.getheader("Location"))
+                continue
+            if response.status >= 400:
+                raise ImageError(f"{url}: download failed with HTTP {response.status} {response.reason}")
+            return _read_response(response, url, max_bytes, deadline, budget, cancel)
+        except ImageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _download_error(url, e) from None
+        finally:
+            if connection is not None:
+                connection.close()
+    raise ImageError(f"{url}: more than {MAX_REDIRECTS} redirects; gave up")
+
+
+def public_addresses(host: str, port: int, name: str) -> list[str]:
+    """The addresses `host` resolves to, all of them public, or an ImageError: a name with any private,
+    loopback, link-local or reserved address is refused (whatever the spelling: decimal, octal, IPv6,
+    IPv4-mapped)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ImageError(f"{name}: cannot resolve {host!r}") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if not ip.is_global or (mapped is not None and not mapped.is_global):
+            raise ImageError(f"{name}: {host} is on a private network; only public URLs are fetched")
+    if not addresses:
+        raise ImageError(f"{name}: cannot resolve {host!r}")
+    return addresses
+
+
+def _connect_pinned(scheme: str, host: str, port: int, addresses: list[str], deadline: float, name: str):
+    """An HTTP(S) connection to `host` made to one of the checked `addresses` (the Host header and the
+    TLS server name stay `host`)."""
+    import http.client
+    import socket
+    import ssl
+
+    def dial() -> socket.socket:
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                wait = max(0.1, min(IDLE_SECONDS, deadline - time.monotonic()))
+                return socket.create_connection((address, port), wait)
+            except OSError as e:
+                last = e
+        raise last or OSError("no address to connect to")
+
+    class Pinned(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = dial()
+
+    class PinnedTLS(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            self.sock = tls.wrap_socket(dial(), server_hostname=host)
+
+    tls = ssl.create_default_context()
+    timeout = max(0.1, min(IDLE_SECONDS, deadline - time.monotonic()))
+    if scheme == "https":
+        return PinnedTLS(host, port, timeout=timeout, context=tls)
+    return Pinned(host, port, timeout=timeout)
+
+
+def _read_response(response, url: str, max_bytes: int, deadline: float, budget: float, cancel) -> bytes:
+    """The body of an HTTP response, read within the deadline and the size limit."""
+    length = response.getheader("Content-Length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ImageTooLargeError(_too_large(url, max_bytes))
+    chunks, total = [], 0
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise ImageError(f"{url}: download cancelled")
+        if time.monotonic() > deadline:
+            raise ImageError(f"{url}: download took longer than {budget:.0f} s; gave up")
+        chunk = response.read1(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageTooLargeError(_too_large(url, max_bytes))
+
+
+def _download_error(url: str, error: Exception) -> ImageError:
+    if isinstance(error, TimeoutError):
+        return ImageError(f"{url}: the server sent nothing for {IDLE_SECONDS:.0f} s; gave up")
+    reason = getattr(error, "reason", None) or error
+    return ImageError(f"{url}: download failed ({type(error).__name__}: {_first_line(reason)})")
+
+
+def _read_object(uri: str, max_bytes: int) -> bytes:
+    """An object's bytes from a store that pyarrow.fs reaches (S3, GCS, HDFS, Azure)."""
+    try:
+        import pyarrow.fs as pafs
+    except ImportError:
+        raise ImageError(f"{uri}: reading object storage needs pyarrow: pip install 'dino3[parquet]'") from None
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise ImageError(f"{uri}: no such object")
+        if info.size is not None and info.size > max_bytes:
+            raise ImageTooLargeError(_too_large(uri, max_bytes))
+        chunks, total = [], 0
+        with filesystem.open_input_stream(inner) as stream:
+            while chunk := stream.read(1 << 20):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ImageTooLargeError(_too_large(uri, max_bytes))
+        return b"".join(chunks)
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001  (credentials, network, a missing bucket)
+        raise ImageError(f"{uri}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _too_large(what: str, max_bytes: int) -> str:
+    size = f"{max_bytes // 2**20} MiB" if max_bytes >= 2**20 else f"{max_bytes} bytes"
+    return f"{what}: larger than {size}, the download limit (dino3.images.MAX_DOWNLOAD_BYTES)"
+
+
+# -- thumbnails: the one maker ---------------------------------------------------------------------------
+def make_thumbnail(source: Any, size: int, *, max_pixels: int | None = None, quality: int = 85) -> bytes:
+    """The image that `source` names (anything load_image takes), scaled to fit size x size, as JPEG
+    bytes. JPEGs are decoded at a reduced scale where that still covers the size (fast)."""
+    from PIL import Image
+
+    pixels = load_image(source, draft_size=(size, size), max_pixels=max_pixels)  # (3, H, W)
+    if pixels.dtype.is_floating_point:  # 16-bit and float sources: [0, 1]
+        pixels = (pixels.clamp(0, 1) * 255).round()
+    picture = Image.fromarray(pixels.byte().permute(1, 2, 0).contiguous().numpy())
+    picture.thumbnail((size, size))
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def _from_pil(image, name: str, alpha: str):
@@ -266,14 +543,8 @@ def _from_pil(image, name: str, alpha: str):
     from PIL import Image
 
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float32) / 65535.0
-        if mode == "I" and (values.min() < 0 or values.max() > 1):
-            raise ImageError(f"{name}: 32-bit integer pixels outside 0..65535 have no defined brightness scale")
-        return torch.from_numpy(values)[None].expand(3, -1, -1).contiguous()
-    if mode == "F":
-        values = np.array(image, dtype=np.float32)
-        _check_unit_range(values, name)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = grey_levels(image, name)  # (H, W) uint8, or float32 in [0, 1]
         return torch.from_numpy(values)[None].expand(3, -1, -1).contiguous()
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     if has_alpha and alpha == "white":
@@ -329,6 +600,38 @@ def _check_unit_range(values, name: str) -> None:
             f"{name}: float pixels must lie in [0, 1], found [{low:.4g}, {high:.4g}]; pass uint8 for 0..255 values, "
             "or normalised tensors straight to the model"
         )
+
+
+def grey_levels(image, name: str) -> np.ndarray:
+    """A one-channel PIL image of 16 or 32 bits per pixel -> (H, W) brightness: uint8 where it holds
+    8-bit values, else float32 in [0, 1].
+
+    I;16 (16-bit PNG and TIFF): value / 65535, keeping the precision. I (32-bit integers): values within
+    0..255 are 8-bit brightness, as PIL's own conversions (and so Transformers' loader) read them;
+    values up to 65535 are 16-bit (/ 65535); beyond, there is no defined scale. F (32-bit float
+    files): brightness in [0, 1]."""
+    mode = image.mode
+    if mode == "F":
+        values = np.array(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails too
+            raise ImageError(
+                f"{name}: a 32-bit float image with values in [{low:.4g}, {high:.4g}]; dino3 reads float image "
+                "files as brightness in [0, 1]: rescale it into [0, 1], or save it as an 8- or 16-bit image"
+            )
+        return values
+    values = np.asarray(image, dtype=np.int64 if mode == "I" else np.uint16)
+    if mode != "I":
+        return values.astype(np.float32) / 65535.0
+    low, high = int(values.min()), int(values.max())
+    if low >= 0 and high <= 255:
+        return values.astype(np.uint8)
+    if low >= 0 and high <= 65535:
+        return values.astype(np.float32) / 65535.0
+    raise ImageError(
+        f"{name}: 32-bit integer pixels in [{low}, {high}], outside 0..65535, have no defined brightness scale; "
+        "save it as an 8- or 16-bit image"
+    )
 
 
 class MemoryBudget:

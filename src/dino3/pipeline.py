@@ -52,6 +52,7 @@ def iter_batches(
     workers: int = 2,
     on_error: Callable[[int, Any, Exception], None] | None = None,
     memory_pixels: int | None = None,
+    timeout: float | None = None,
 ) -> Iterator[Batch]:
     """Batches of processed images, in input order within each image size.
 
@@ -60,6 +61,7 @@ def iter_batches(
         skipped; without it, the error is raised. Every failure of one image is an ImageError.
     memory_pixels: how many pixels all threads may be decoding at once (default: MAX_PIXELS, so
         that one image of the largest allowed size runs alone).
+    timeout: seconds for each URL's whole download (default dino3.images.URL_TIMEOUT_SECONDS).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -68,7 +70,7 @@ def iter_batches(
     pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # images waiting for a full batch, by size
     waiting = 0
     max_waiting = 4 * batch_size  # mixed sizes: beyond this, the oldest group goes as a partial batch
-    for index, source, pixels in _processed(sources, processor, workers, memory_pixels):
+    for index, source, pixels in _processed(sources, processor, workers, memory_pixels, timeout):
         if isinstance(pixels, Exception):
             if on_error is None:
                 raise pixels
@@ -93,14 +95,20 @@ def _stack(items: list[tuple[int, torch.Tensor]]) -> Batch:
     return Batch([i for i, _ in items], torch.stack([pixels for _, pixels in items]))
 
 
-def _processed(sources: Iterable[Any], processor: DINOv3ViTImageProcessor, workers: int, memory_pixels: int | None):
+def _processed(
+    sources: Iterable[Any],
+    processor: DINOv3ViTImageProcessor,
+    workers: int,
+    memory_pixels: int | None,
+    timeout: float | None = None,
+):
     """(index, source, (3, H, W) pixels or the ImageError) for each source, in order."""
     memory = _images.MemoryBudget(memory_pixels or _images.MAX_PIXELS)
     cancel = threading.Event()
 
     def work(source):
         try:
-            return processor.pixels(source, memory=memory, cancel=cancel)
+            return processor.pixels(source, memory=memory, cancel=cancel, timeout=timeout)
         except ImageError as e:
             return e
         except Exception as e:  # noqa: BLE001  (anything else about one image is that image's failure)
@@ -180,12 +188,18 @@ class FeatureExtractionPipeline:
     task = TASK
 
     def __init__(
-        self, model: torch.nn.Module, processor: DINOv3ViTImageProcessor, batch_size: int = 1, workers: int = 0
+        self,
+        model: torch.nn.Module,
+        processor: DINOv3ViTImageProcessor,
+        batch_size: int = 1,
+        workers: int = 0,
+        call_defaults: dict[str, Any] | None = None,
     ):
         self.model = model.eval()
         self.processor = processor
         self.batch_size = batch_size
         self.workers = workers
+        self.call_defaults = dict(call_defaults or {})  # pool=, timeout=, ... given to pipeline() itself
 
     @property
     def dtype(self) -> torch.dtype:
@@ -198,11 +212,23 @@ class FeatureExtractionPipeline:
     def __call__(
         self,
         images: Any,
-        pool: bool | str = False,
-        return_tensors: bool = False,
+        pool: bool | str | None = None,
+        return_tensors: bool | None = None,
         batch_size: int | None = None,
         image_processor_kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        num_workers: int | None = None,
     ):
+        """pool: False (the default), True or a dino3 pooling name; timeout: seconds to fetch each
+        image given as a URL (Transformers' meaning); num_workers: threads decoding images for this
+        call (Transformers' name for `workers`). Those left out take what pipeline() was given."""
+        defaults = self.call_defaults
+        pool = defaults.get("pool", False) if pool is None else pool
+        return_tensors = defaults.get("return_tensors", False) if return_tensors is None else return_tensors
+        if image_processor_kwargs is None:
+            image_processor_kwargs = defaults.get("image_processor_kwargs")
+        if timeout is None:
+            timeout = defaults.get("timeout")
         if not isinstance(pool, bool) and pool not in POOLS:
             raise UsageError(f"pool must be True, False or one of {POOLS}, got {pool!r}")
         single = not isinstance(images, (list, tuple))
@@ -211,7 +237,8 @@ class FeatureExtractionPipeline:
         if image_processor_kwargs:
             processor = DINOv3ViTImageProcessor.from_dict(processor.to_dict(), **image_processor_kwargs)
         results: list[Any] = [None] * len(sources)
-        batches = iter_batches(sources, processor, batch_size or self.batch_size, self.workers)
+        workers = self.workers if num_workers is None else num_workers
+        batches = iter_batches(sources, processor, batch_size or self.batch_size, workers, timeout=timeout)
         for batch in batches:
             if isinstance(pool, str):
                 features, _ = extract(self.model, batch.pixel_values, pool)
@@ -225,39 +252,113 @@ class FeatureExtractionPipeline:
         return results[0] if single else results
 
 
+# Transformers' pipeline() arguments that dino3 refuses, and why; every other one it takes (tested
+# against the pinned Transformers' signature, so that a new one is noticed).
+NOT_IN_DINO3 = {
+    "config": "dino3 reads the checkpoint's config.json; to change it, load the model and pass it as model=",
+    "tokenizer": "an image model has no tokenizer",
+    "feature_extractor": "pass the image processor as processor= (or image_processor=)",
+    "video_processor": "video frames are images here: see dino3's video inputs",
+    "pipeline_class": "dino3 has one pipeline class",
+    "binary_output": "the results are tensors or nested lists",
+}
+
+
+CALL_OPTIONS = ("pool", "return_tensors", "image_processor_kwargs", "timeout")  # pipeline() takes them too
+
+
 def pipeline(
     task: str = TASK,
     model: str | os.PathLike | torch.nn.Module | None = None,
     *,
     processor: DINOv3ViTImageProcessor | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
+    device: int | str | torch.device | None = None,
     batch_size: int = 1,
     workers: int = 0,
+    image_processor: DINOv3ViTImageProcessor | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    num_workers: int | None = None,
+    framework: str | None = None,
     **load_kwargs: Any,
 ) -> FeatureExtractionPipeline:
     """A feature-extraction pipeline, like `transformers.pipeline("image-feature-extraction", ...)`.
 
     model: a preset name, hub id, local folder, or an already loaded dino3 model.
-    processor: defaults to the checkpoint's (with the preset's normalisation for official models).
-    dtype / device: for the model; the pixels are cast to match.
-    workers: threads that decode images ahead of the model (0: decode inline).
-    load_kwargs: for dino3.load, e.g. quantize="int8-dynamic", or backend="openvino", precision="bf16".
+    processor: defaults to the checkpoint's (with the preset's normalisation for official models);
+        image_processor= is Transformers' name for it.
+    dtype / device: for the model; the pixels are cast to match. device also takes Transformers'
+        integers: -1 leaves the model where it is (a new one on the CPU), 0, 1, ... the first,
+        second, ... GPU (the CPU where there is none, as Transformers does).
+    workers: threads that decode images ahead of the model (0: decode inline); num_workers= is
+        Transformers' name for it.
+    load_kwargs: for dino3.load, e.g. quantize="int8-dynamic", or backend="openvino", precision="bf16",
+        and Transformers' token=, revision=, device_map=, torch_dtype= (deprecated, as there);
+        model_kwargs= holds them as a dict, as in Transformers. framework= may only be "pt", and
+        use_fast= and trust_remote_code= change nothing here (one processor; no code is downloaded).
+        pool=, return_tensors=, image_processor_kwargs=, timeout= become the calls' defaults.
     """
     from .api import load
-    from .models.pretrained import resolve_device, resolve_dtype
+    from .models.pretrained import resolve_dtype
 
     if task != TASK:
         raise ValueError(f"dino3 provides the {TASK!r} task only, not {task!r}")
     if model is None:
         raise ValueError("pipeline() needs a model: a preset name (see dino3.list_models()), hub id or folder")
+    if framework not in (None, "pt"):
+        raise ValueError(f"framework={framework!r}: dino3 runs PyTorch models only (framework='pt')")
+    for name, reason in NOT_IN_DINO3.items():
+        if load_kwargs.get(name) is not None:
+            raise TypeError(f"{name}= is an argument of Transformers' pipeline() that dino3 does not take: {reason}")
+        load_kwargs.pop(name, None)
+    load_kwargs.pop("use_fast", None)
+    load_kwargs.pop("trust_remote_code", None)
+    defaults = {name: load_kwargs.pop(name) for name in CALL_OPTIONS if name in load_kwargs}  # as Transformers
+    overlap = sorted(set(model_kwargs or {}) & set(load_kwargs))
+    if overlap:
+        raise ValueError(f"{overlap} given both directly and in model_kwargs; use one")
+    load_kwargs = {**(model_kwargs or {}), **load_kwargs}
+    if (dtype is not None and "dtype" in load_kwargs) or (device is not None and "device" in load_kwargs):
+        raise ValueError("dtype or device given both as an argument and in model_kwargs; use one")
+    dtype = load_kwargs.pop("dtype", dtype)  # model_kwargs={"dtype": ...}, as Transformers allows
+    device = load_kwargs.pop("device", device)
+    if image_processor is not None:
+        if processor is not None:
+            raise ValueError("give processor= or image_processor= (the same thing), not both")
+        processor = image_processor
+    if num_workers is not None:
+        workers = num_workers
+    if "torch_dtype" in load_kwargs:  # Transformers' old name; a model given as an object needs it too
+        from .models.pretrained import transformers_arguments
+
+        load_kwargs = transformers_arguments({"dtype": dtype, **load_kwargs})
+        dtype = load_kwargs.pop("dtype")
+    device = transformers_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load(model, dtype=dtype, device=device, **load_kwargs)
     elif dtype is not None or device is not None:
+        from .models.pretrained import resolve_device
+
         model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype, allow_auto=False))
     if processor is None:
         processor = DINOv3ViTImageProcessor.for_model(model)
-    return FeatureExtractionPipeline(model, processor, batch_size=batch_size, workers=workers)
+    return FeatureExtractionPipeline(model, processor, batch_size=batch_size, workers=workers, call_defaults=defaults)
+
+
+def transformers_device(device: int | str | torch.device | None) -> str | torch.device | None:
+    """A device as Transformers' pipeline reads it: an integer n >= 0 is the n-th accelerator (the CPU
+    where there is none), -1 (or any negative) leaves the model where it is; anything else as is."""
+    if isinstance(device, bool) or not isinstance(device, int):
+        return device
+    if device < 0:
+        return None
+    if torch.cuda.is_available():
+        return f"cuda:{device}"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return f"xpu:{device}"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 class _CallableModule(types.ModuleType):

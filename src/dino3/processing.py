@@ -322,15 +322,17 @@ class DINOv3ViTImageProcessor:
         memory: MemoryBudget | None = None,
         cancel: threading.Event | None = None,
         max_pixels: int | None = None,
+        timeout: float | None = None,
     ) -> torch.Tensor:
         """One image-like input -> its (3, H, W) float32 pixel values.
 
         memory: a budget of pixels being decoded at once, shared with other threads (see
         dino3.images.MemoryBudget); cancel: an event that stops a download; max_pixels: refuse larger
-        images (default dino3.images.MAX_PIXELS). Anything that goes wrong is an ImageError that
-        names the input (ImageTooLargeError for a size limit).
+        images (default dino3.images.MAX_PIXELS); timeout: seconds for a URL's whole download.
+        Anything that goes wrong is an ImageError that names the input (ImageTooLargeError for a
+        size limit).
         """
-        opened = open_image(image, draft_size=self._draft_size(), cancel=cancel, max_pixels=max_pixels)
+        opened = open_image(image, draft_size=self._draft_size(), cancel=cancel, max_pixels=max_pixels, timeout=timeout)
         width, height = opened.size
         if self.keep_aspect is not None:
             h, w = self.aspect_size(height, width)

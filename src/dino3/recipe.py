@@ -45,7 +45,6 @@ from .features import POOLS, Layers, check_layers, check_pool, extract, parse_la
 DECIDING = ("model_identity", "pool", "layers", "processor", "dtype", "quantize", "backend", "precision", "calibration")
 FINGERPRINT_SIZE = 32  # values kept of each patch's features
 FINGERPRINT_COSINE = 0.99  # the least cosine of the same weights' fingerprints (bf16, int8, runtimes pass)
-URL_PREFIXES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -371,7 +370,9 @@ def digest(items: list[str]) -> str:
 
 def _absolute(path: Any) -> str:
     text = os.fspath(path)
-    return text if text.startswith(URL_PREFIXES) else os.path.abspath(text)
+    from .images import is_url
+
+    return text if is_url(text) else os.path.abspath(text)
 
 
 __all__ = [

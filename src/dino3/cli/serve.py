@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import signal
+import os
 import sys
 
 
 def add_commands(commands) -> None:
     from .common import add_model_arguments, add_runtime_arguments, natural, positive_int
 
+    def positive_float(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
     serve = commands.add_parser(
         "serve",
         help="serve a model over HTTP: embeddings in OpenAI's shape, dynamic batching, metrics",
         description="Serve a model over HTTP (FastAPI on uvicorn): a web page at /; POST /v1/embeddings, "
-        "/v1/embeddings/upload, /v1/patches, /v1/pca, /v1/search (with --index); GET /healthz, /readyz, /metrics, "
-        "/docs. Binds 127.0.0.1 unless told otherwise.",
+        "/v1/embeddings/upload, /v1/patches, /v1/pca, /v1/search (with --index); GET /v1/models, /healthz, "
+        "/readyz, /metrics, /docs. Binds 127.0.0.1 unless told otherwise.",
         epilog="example:\n  dino3 serve -m vits16 --port 8000 --max-batch 32\n"
-        '  curl -s localhost:8000/v1/embeddings -d \'{"input": "data:image/png;base64,..."}\'',
+        "  curl -s localhost:8000/v1/embeddings -H 'content-type: application/json' -d @request.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(serve)
@@ -38,28 +44,84 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-body-mb", type=positive_int, default=32, help="request body at most, MiB; then 413")
     serve.add_argument("--max-megapixels", type=float, default=40.0, help="pixels per image at most; then 413")
     serve.add_argument("--decode-threads", type=positive_int, default=2, help="threads decoding images (default: 2)")
-    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but the health checks")
+    serve.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help='the names clients give in "model" (as vLLM\'s flag; the first is the one answers carry); '
+        "default: the -m argument and its last part. The preset name and hub id of the checkpoint are "
+        "accepted too where dino3 knows the weights are that checkpoint (GET /v1/models lists them all)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("DINO3_API_KEY"),
+        help="require Authorization: Bearer KEY on every route but the health checks and the page's files "
+        "(default: $DINO3_API_KEY, which keeps the key out of the process list)",
+    )
     serve.add_argument("--allow-urls", action="store_true", help="fetch http(s) URLs given as inputs")
     serve.add_argument("--allow-private-urls", action="store_true", help="also from private networks (not advised)")
     serve.add_argument(
         "--cors-origin", action="append", default=[], help="allow this origin (repeatable); default: none"
     )
+    limits = serve.add_argument_group("connections and timeouts (see the README's Serve section)")
+    limits.add_argument("--max-connections", type=positive_int, default=1000, help="then 503 at once (default: 1000)")
+    limits.add_argument(
+        "--header-timeout", type=positive_float, default=10.0, help="seconds for a request's headers (default: 10)"
+    )
+    limits.add_argument(
+        "--body-timeout", type=positive_float, default=60.0, help="seconds for a request's body; then 408 (default: 60)"
+    )
+    limits.add_argument(
+        "--keep-alive", type=positive_int, default=5, help="seconds an idle connection is kept (default: 5)"
+    )
+    limits.add_argument(
+        "--url-timeout", type=positive_float, default=20.0, help="seconds for one URL's download (default: 20)"
+    )
+    limits.add_argument(
+        "--timeout-graceful-shutdown",
+        type=positive_float,
+        metavar="S",
+        help="on SIGTERM, wait at most S seconds for the requests in flight (default: until they finish)",
+    )
     serve.set_defaults(run=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
-        from ..errors import UsageError
-
         raise UsageError("dino3 serve needs FastAPI and uvicorn: pip install 'dino3[serve]'") from None
     from .._openmp import on_passing_thread
     from ..api import load
     from ..serve.app import create_app
+    from ..serve.server import serve
     from ..serve.service import ServeSettings
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty: give a real key (an empty one would guard nothing), or leave it out")
+    settings = ServeSettings(  # every setting checked before the model loads
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_images=args.max_images,
+        max_body_bytes=args.max_body_mb * 2**20,
+        max_pixels=int(args.max_megapixels * 1e6),
+        api_key=args.api_key,
+        allow_urls=args.allow_urls,
+        allow_private_urls=args.allow_private_urls,
+        cors_origins=args.cors_origin,
+        decode_threads=args.decode_threads,
+        served_model_names=args.served_model_name or [],
+        url_timeout_s=args.url_timeout,
+        body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
+        shutdown_timeout_s=args.timeout_graceful_shutdown,
+    )
     index = None
     if args.index:  # before the model loads: a wrong folder is told at once
         from ..index import open as open_index
@@ -76,29 +138,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Loaded on a thread that ends: the OpenMP team it builds goes with it, and the model's thread
     # (the batcher's) keeps the only one, so its forwards run at full speed (see dino3._openmp).
     model = on_passing_thread(load, args.model, **options)
-    settings = ServeSettings(
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_images=args.max_images,
-        max_body_bytes=args.max_body_mb * 2**20,
-        max_pixels=int(args.max_megapixels * 1e6),
-        api_key=args.api_key,
-        allow_urls=args.allow_urls,
-        allow_private_urls=args.allow_private_urls,
-        cors_origins=args.cors_origin,
-        decode_threads=args.decode_threads,
-        model_name=args.model,
-    )
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
-    app = create_app(model, settings, index=index)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
-    # uvicorn stops accepting on SIGTERM, lets the requests in flight finish, then raises the signal
-    # again for the handler that was there before: a quiet one, so that the service exits with 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    serve(create_app(model, settings, index=index), args.host, args.port, settings)
     return 0
 
 

@@ -81,27 +81,25 @@ def patch_labels(mask: torch.Tensor, processor: Any) -> torch.Tensor:
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """A mask image -> (H, W) float32 in [0, 1]: its alpha channel if it has one (Meta's label files),
-    else its grey level."""
-    from PIL import Image, ImageOps
-
+    """A mask image (anything dino3.images fetches: a path, URL, object URI) -> (H, W) float32 in
+    [0, 1]: its alpha channel if it has one (Meta's label files), else its grey level (16-bit and
+    32-bit masks on dino3.images' scales)."""
     from ..errors import ImageError
+    from ..images import grey_levels, load_pil
 
+    name = os.fspath(path)
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            bands = image.getbands()
-            if "A" in bands:
-                grey = image.getchannel("A")
-            elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return torch.from_numpy(np.asarray(image, dtype=np.float32) / 65535.0).clamp(0, 1)
-            else:
-                grey = image.convert("L")
-            return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such mask file") from None
-    except Exception as e:  # noqa: BLE001  (PIL raises anything on a bad file)
-        raise ImageError(f"{path}: cannot be read as a mask image ({type(e).__name__}: {e})") from None
+        image = load_pil(path)
+    except ImageError as e:
+        raise ImageError(f"{e} (a mask)") from None
+    if "A" in image.getbands():
+        grey = np.asarray(image.getchannel("A"), dtype=np.uint8)
+    elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = grey_levels(image, name)
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.uint8)
+    values = grey.astype(np.float32) / 255.0 if grey.dtype == np.uint8 else grey.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def mask_for(image: str | os.PathLike, folder: str | os.PathLike) -> Path:

@@ -196,15 +196,15 @@ def load_dense(
 ) -> DenseImage:
     """An image (anything dino3's image loader reads) -> its DenseImage at `height` px (Meta's recipe).
     processor_options (keep_aspect, target_size, fit, ...) replace the recipe's resize."""
-    from ..images import load_image
+    from ..images import load_image, named
 
     image = load_image(source)  # (3, H0, W0), EXIF orientation applied
+    if name is None:
+        name = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
     if processor_options:
         processor = DINOv3ViTImageProcessor.for_model(model, **processor_options)
     else:
         processor = processor_for(model, height, tuple(image.shape[-2:]))
-    pixels = processor.pixels(image)
+    pixels = processor.pixels(named(image, name))  # a refusal names the image, not "tensor"
     features = dense_features(model, pixels, tiles, max_attention_bytes)
-    if name is None:
-        name = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
     return DenseImage(name, image, pixels, features, processor)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError, VideoError
+from ..images import OBJECT_STORE_PREFIXES as URI_SCHEMES
+from ..images import URL_PREFIXES
 from ..video import VIDEO_SUFFIXES, Sampling, is_video, list_frames
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 TABLE_SUFFIXES = {".parquet", ".csv"}
-URL_PREFIXES = ("http://", "https://")
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")  # object storage, through pyarrow
 
 
 @dataclass

@@ -96,8 +96,10 @@ class Embeddings:
 def is_embeddings(path: str | os.PathLike) -> bool:
     """Whether `path` names a `dino3 embed` output: a file of one of its formats (by the suffix; a URL
     never), or a Ray engine output folder (its manifest beside it)."""
+    from ..images import is_url
+
     text = os.fspath(path)
-    if text.startswith(("http://", "https://")):
+    if is_url(text):
         return False
     path = Path(text)
     return path.suffix.lower() in OUTPUT_SUFFIXES or (path.is_dir() and manifest_path(path).is_file())

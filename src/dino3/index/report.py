@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from typing import Any
+
+from ..images import is_url
 
 THUMBNAIL = 160  # pixels, the longer side
 MAX_GROUPS = 500  # groups shown on a dedup page (the JSON has them all)
@@ -41,23 +42,16 @@ class Thumbnails:
         return self.made[path]
 
     def _make(self, path: str) -> tuple[str | None, str | None]:
-        if path.startswith(("http://", "https://")):
+        if is_url(path):
             return path, None
-        from PIL import Image
-
         from ..errors import ImageError
+        from ..images import make_thumbnail
 
         try:
-            pixels = load_picture(path, draft_size=(self.size, self.size))  # (3, H, W)
+            picture = make_thumbnail(load_picture(path, draft_size=(self.size, self.size)), self.size, quality=80)
         except ImageError as e:
             return None, str(e)
-        if pixels.dtype.is_floating_point:
-            pixels = (pixels.clamp(0, 1) * 255).round()
-        image = Image.fromarray(pixels.byte().permute(1, 2, 0).numpy())
-        image.thumbnail((self.size, self.size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), None
+        return "data:image/jpeg;base64," + base64.b64encode(picture).decode("ascii"), None
 
 
 def load_picture(path: str, *, draft_size: tuple[int, int] | None = None, max_pixels: int | None = None):
@@ -126,4 +120,4 @@ def dedup_page(result: dict[str, Any], title: str = "dino3 dedup") -> str:
 def _is_image_path(query: str) -> bool:
     import os
 
-    return query.startswith(("http://", "https://")) or os.path.isfile(query)
+    return is_url(query) or os.path.isfile(query)

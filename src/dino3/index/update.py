@@ -30,6 +30,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import BadIndexError, UsageError
+from ..images import URL_PREFIXES
 from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest
 from ..video import source_file
 from . import maintenance, store
@@ -38,7 +39,6 @@ from .store import Entry
 from .vectors import unit, vectors_of
 
 INDEX_POOLS = ("cls", "mean", "cls+mean", "text")  # one vector per image ("text": a dino.txt model's)
-URL_PREFIXES = ("http://", "https://")
 OWN_NAMES = {store.VECTORS, store.ANN, store.WORK, "index.lock"}  # what an index folder holds besides its database
 ADD_CHECKPOINT = 256  # images an add embeds between two saves of its work (what an interrupted add keeps)
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from ..embed.inputs import URI_SCHEMES
 from ..errors import Dino3Error, UsageError
 from ..recipe import Recipe
 
@@ -41,18 +40,10 @@ def require() -> None:
 
 # -- the stages ---------------------------------------------------------------------------------------------
 def _read_bytes(path: str) -> bytes:
-    if path.startswith(URI_SCHEMES):
-        import pyarrow.fs as pafs
+    """A file, URL or object-store URI's bytes, through dino3's one fetcher."""
+    from ..images import fetch_bytes
 
-        filesystem, inner = pafs.FileSystem.from_uri(path)
-        with filesystem.open_input_stream(inner) as stream:
-            return stream.read()
-    if path.startswith(("http://", "https://")):
-        from ..images import download
-
-        return download(path)
-    with open(path, "rb") as f:
-        return f.read()
+    return fetch_bytes(path)
 
 
 def _decode(batch: dict[str, np.ndarray], processor: dict[str, Any]) -> dict[str, np.ndarray]:

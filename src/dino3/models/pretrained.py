@@ -52,6 +52,54 @@ FP16_MESSAGE = (
 )
 ROPE_PERIODS = ("exact", "checkpoint")
 
+# Transformers' from_pretrained arguments that dino3 does not take, and why (see transformers_arguments).
+NOT_IN_DINO3 = {
+    "state_dict": "build a model from a state dict with from_state_dict(state_dict, config)",
+    "proxies": "set HTTPS_PROXY, which huggingface_hub reads",
+    "max_memory": "dino3 places a whole model on one device (device= or device_map='auto')",
+    "distributed_config": "dino3 places a whole model on one device",
+    "device_mesh": "dino3 places a whole model on one device",
+    "offload_folder": "dino3 keeps a whole model in memory on one device",
+    "offload_buffers": "dino3 keeps a whole model in memory on one device",
+    "quantization_config": "quantize with quantize='int8-dynamic', 'int8-weight' or 'int4-weight'",
+    "subfolder": "give the folder (or the hub repo of the checkpoint) itself",
+    "variant": "give the weights file itself",
+    "experts_implementation": "DINOv3 has no mixture of experts",
+    "fusion_config": "dino3's layers are fused already",
+    "key_mapping": "dino3 reads the Hugging Face, Meta and timm layouts itself",
+    "disable_mmap": "dino3 memory-maps safetensors files and casts each tensor as it is read",
+}
+
+
+def transformers_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Transformers' from_pretrained arguments, in dino3's terms (a copy of `kwargs`): torch_dtype
+    becomes dtype, with Transformers' deprecation note; ignore_mismatched_sizes=False,
+    weights_only=True and use_safetensors=None/True, which ask for what dino3 always does, are
+    accepted; anything else of Transformers' (NOT_IN_DINO3) is refused with the reason."""
+    import warnings
+
+    kwargs = dict(kwargs)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        warnings.warn("`torch_dtype` is deprecated! Use `dtype` instead!", FutureWarning, stacklevel=3)
+        if kwargs.get("dtype") is None:  # both given: dtype wins, as in Transformers
+            kwargs["dtype"] = torch_dtype
+    for name, always in (("ignore_mismatched_sizes", False), ("weights_only", True)):
+        if name in kwargs and kwargs.pop(name) != always:
+            raise ValueError(
+                f"{name}={not always}: dino3 always loads with {name}={always} "
+                "(strictly: every tensor with its shape; .pth files without running pickled code)"
+            )
+    if kwargs.pop("use_safetensors", None) is False:
+        raise ValueError(
+            "use_safetensors=False: dino3 reads model.safetensors from folders and hub repos; to load a .pth "
+            "file, give its path"
+        )
+    for name, reason in NOT_IN_DINO3.items():
+        if name in kwargs:
+            raise TypeError(f"{name}= is a Transformers argument that dino3's loading does not take: {reason}")
+    return kwargs
+
 
 def resolve_dtype(dtype: str | torch.dtype | None, allow_auto: bool = True) -> torch.dtype | str:
     """The dtype a model runs in: float32 for None, bfloat16, or "auto" (the checkpoint's own). float16
@@ -271,6 +319,8 @@ def load_pretrained(
     """
     from ..quantization import check_mode
 
+    model_kwargs = transformers_arguments({"dtype": dtype, **model_kwargs})  # from_pretrained comes straight here
+    dtype = model_kwargs.pop("dtype")
     if hub is None:  # token=, revision=, cache_dir=, local_files_only= may come as plain keywords
         hub = HubOptions.pop_from(model_kwargs)
     dtype = resolve_dtype(dtype)

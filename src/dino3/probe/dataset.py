@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..embed import OUTPUT_SUFFIXES, expand_inputs, is_embeddings, read_embeddings
-from ..embed.inputs import URL_PREFIXES
 from ..errors import UsageError
+from ..images import URL_PREFIXES
 
 SHOWN = 5  # how many offending items an error message lists
 

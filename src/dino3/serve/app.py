@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from .page import PUBLIC_ROUTES, add_page_routes
+from .routes import create_core_app
 from .search import add_search_routes, attach_index
-from .service import ServeSettings, create_core_app
+from .service import ServeSettings
 
 
 def create_app(model: Any, settings: ServeSettings | None = None, processor=None, warm: bool = True, index: Any = None):

@@ -6,8 +6,9 @@ runs the images of one size as one forward, and hands each image its own pooled 
 only while more images are on their way (requests announce the images they are decoding): a lone
 request does not sit out max_wait_ms for companions that cannot come. The
 queue's bound is the server's back-pressure: a request that does not fit is refused at once
-(QueueFull: the service answers 429), never queued without limit. A request whose client has gone
-still gets its images computed with the rest; nobody waits for it.
+(QueueFull: the service answers 429), never queued without limit. A request cancelled while its
+images wait (its client gone) takes them out of the queue; once its batch runs, the batch finishes
+for the others and its results are dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class QueueFull(Exception):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"the server is at capacity; retry in {retry_after:.0f} s")
         self.retry_after = retry_after
+
+
+class Stopped(Exception):
+    """The batcher is stopping (the server shuts down): it takes no more images."""
 
 
 @dataclass
@@ -81,15 +86,28 @@ class Batcher:
         with self.condition:
             self.expected = max(0, self.expected - expected)
             if self.stopping:
-                raise QueueFull(1.0)
+                raise Stopped("the server is shutting down")
             if len(self.jobs) + len(jobs) > self.max_queue:
                 raise QueueFull(max(1.0, (len(self.jobs) + len(jobs)) * self.seconds_per_image))
             self.jobs += jobs
             self.condition.notify()
-        return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        try:
+            return list(await asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs)))
+        except BaseException:  # cancelled (a client gone, a shutdown) or failed: what still waits goes
+            self.withdraw(jobs)
+            raise
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish what is queued, then stop the worker."""
+    def withdraw(self, jobs: list[Job]) -> None:
+        """Take these jobs out of the queue (those not yet taken into a batch) and cancel them."""
+        with self.condition:
+            gone = set(map(id, jobs))
+            self.jobs = [job for job in self.jobs if id(job) not in gone]
+        for job in jobs:
+            job.future.cancel()  # refused once running: that batch finishes for the others
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the worker. Waits for the forward that is running (by
+        default without a bound): a process that exits while torch runs on this thread aborts."""
         with self.condition:
             self.stopping = True
             self.condition.notify()

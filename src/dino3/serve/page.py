@@ -8,7 +8,6 @@ text, never as HTML.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from importlib import resources
@@ -64,9 +63,9 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
         from ..dense import pca_rgb
         from ..dense.render import colour_map
 
-        payload = await parse(request, PcaRequest, service.settings.max_body_bytes)
-        blobs, names = await service.images([payload.input])
-        pixels = await service.pixels(blobs, names, processor)
+        payload = await parse(request, PcaRequest, service.settings)
+        sources, names = await service.inputs([payload.input])
+        pixels = await service.pixels(sources, names, processor)
         (grid,) = await service.features(pixels, "patches")  # (h, w, D)
         height, width = pixels[0].shape[-2:]
 
@@ -74,7 +73,7 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
             rgb = pca_rgb(grid.float())  # (h, w, 3) in [0, 1]
             return colour_map(rgb, (int(height), int(width)))  # each patch a block of whole pixels
 
-        picture = await asyncio.get_running_loop().run_in_executor(service.decoders, render)
+        picture = await service.submit(service.decoders, render)
         return {"object": "pca", "grid": list(grid.shape[:2]), "image": _png_data_url(picture)}
 
 

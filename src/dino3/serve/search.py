@@ -8,21 +8,21 @@ served model, which must be the index's), batched with every other request's ima
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from ..errors import Dino3Error
+from ..errors import Dino3Error, StaleIndexError, UsageError
+from .routes import input_list
 from .service import ApiError, Service, parse
 
 THUMBNAIL_SIDES = (64, 512)  # the smallest and largest side a client may ask for
 
 
 class SearchRequest(BaseModel):
-    input: str | list[str]
+    input: Any
     k: int = 10
     exact: bool | None = None  # None: the index's default
 
@@ -42,20 +42,44 @@ def attach_index(service: Service, index: Any) -> None:
 def add_search_routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
 
-    def the_index() -> Any:
+    async def the_index() -> Any:
+        """The served index as it is now on disk: one consistent build (index.refresh), checked again
+        against the served model whenever it changed (a rebuild with another model: 503)."""
         index = service.extras.get("index")
         if index is None:
             raise ApiError(404, "this server holds no index: start it with --index DIR", code="no_index")
+        if await asyncio.to_thread(index.refresh):
+            try:
+                attach_index(service, index)
+            except UsageError:
+                service.extras.pop("index_processor", None)
+                raise ApiError(
+                    503,
+                    f"the index {index.folder} was built again with another model than the one served: restart the "
+                    "server with that model",
+                    code="index_changed",
+                ) from None
         return index
+
+    async def reading(index: Any, read):
+        """read(index) off the event loop; a rebuild landing meanwhile (StaleIndexError): once again."""
+        try:
+            return await asyncio.to_thread(read)
+        except StaleIndexError:
+            await the_index()
+            try:
+                return await asyncio.to_thread(read)
+            except StaleIndexError:
+                raise ApiError(503, "the index is being rebuilt; try again", code="index_changed") from None
 
     @app.post("/v1/search", summary="The indexed images nearest to each input image")
     async def search(request: Request):
-        index = the_index()
-        payload = await parse(request, SearchRequest, settings.max_body_bytes)
+        index = await the_index()
+        payload = await parse(request, SearchRequest, settings)
         if not 1 <= payload.k <= min(len(index), 1000):
             raise ApiError(400, f"k must lie in 1..{min(len(index), 1000)} (the index holds {len(index)})", "k")
-        blobs, names = await service.images([payload.input] if isinstance(payload.input, str) else payload.input)
-        pixels = await service.pixels(blobs, names, service.extras["index_processor"])
+        sources, names = await service.inputs(input_list(payload.input))
+        pixels = await service.pixels(sources, names, service.extras["index_processor"])
         vectors = await service.features(pixels, index.settings["pool"])  # each (D,)
         queries = [v.float().numpy() for v in vectors]
 
@@ -64,16 +88,18 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
 
             return index.search(np.stack(queries), k=payload.k, exact=payload.exact)
 
-        found = await asyncio.to_thread(nearest)
+        found = await reading(index, nearest)
         data = [{"object": "search_result", "index": i, "neighbors": r["neighbors"]} for i, r in enumerate(found)]
         return {"object": "list", "data": data, "model": service.name, "index_size": len(index)}
 
     @app.get("/v1/thumbnails/{item}", summary="A small JPEG of one indexed image (its id from a search)")
     async def thumbnail(item: int, size: int = 256):
-        index = the_index()
+        index = await the_index()
         if not THUMBNAIL_SIDES[0] <= size <= THUMBNAIL_SIDES[1]:
             raise ApiError(400, f"size must lie in {THUMBNAIL_SIDES[0]}..{THUMBNAIL_SIDES[1]}", "size")
-        entry = await asyncio.to_thread(index.entry, item)
+        if not 0 <= item < 2**63:  # ids are SQLite integers: anything else names no item
+            raise ApiError(404, f"the index holds no item {item}", "item")
+        entry = await reading(index, lambda: index.entry(item))
         if entry is None:
             raise ApiError(404, f"the index holds no item {item}", "item")
         if entry.size < 0:
@@ -83,17 +109,15 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
 
 
 def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
-    """The image at `path` (a file the index lists) scaled to fit size x size, as JPEG bytes."""
-    from PIL import Image
+    """The file at `path` (one the index lists, never a URL; a video frame decoded from its video)
+    scaled to fit size x size, as JPEG bytes."""
+    from ..images import is_data_url, is_object_uri, is_url, make_thumbnail
+    from ..index import load_picture
 
-    from ..images import load_image
-
+    if is_url(path) or is_data_url(path) or is_object_uri(path):  # the server reads only local files
+        raise ApiError(404, "this item is not a local file of the index's", "item")
     try:
-        pixels = load_image(path, draft_size=(size, size), max_pixels=max_pixels)  # (3, H, W) uint8
+        picture = load_picture(path, draft_size=(size, size), max_pixels=max_pixels)
+        return make_thumbnail(picture, size, max_pixels=max_pixels)
     except (Dino3Error, OSError) as e:
         raise ApiError(404, f"the indexed file cannot be read now: {e}", "item") from None
-    picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    picture.thumbnail((size, size))
-    out = io.BytesIO()
-    picture.save(out, format="JPEG", quality=85)
-    return out.getvalue()

@@ -1,51 +1,43 @@
-"""The HTTP service: dino3's exact features behind an OpenAI-shaped embeddings API, on FastAPI.
+"""The state behind the routes: the settings, the model's names, the image inputs (fetched, decoded
+off the event loop) and the batcher; the OpenAI error shape; bounded body reading.
 
-    app = create_core_app(model, ServeSettings(max_batch=32))     # app.create_app adds the page, search
+    service = Service(model, ServeSettings(max_batch=32))      # routes.py builds the app around it
 
-The service needs the `serve` extra (FastAPI, uvicorn); this module imports FastAPI.
+Every mistake is an ApiError, answered in OpenAI's error shape {"error": {"message", "type", "param",
+"code"}}: 400 for a bad input (naming which one and why), 401 without the API key, 404 for a model
+this server does not serve, 408 for a body that stops arriving, 413 over a limit (body bytes, images
+per request, pixels), 429 with Retry-After when the queue is full, 503 while shutting down.
 
-Routes: POST /v1/embeddings (JSON: images as data URLs or base64; URLs with allow_urls),
-POST /v1/embeddings/upload (multipart files), POST /v1/patches (the patch grid and its size),
-GET /healthz, GET /readyz (loaded and warmed), GET /metrics (Prometheus), GET /docs (OpenAPI), and
-the routes other rooms add (search, the page). Images are decoded off the event loop by a few
-threads and batched across requests by one model thread (batcher.py).
-
-Every mistake gets the OpenAI error shape, {"error": {"message", "type", "param", "code"}}: 400 for
-a bad input (naming which one and why; the rest of the batch is unharmed), 401 without the API key,
-413 over a limit (body bytes, images per request, pixels), 429 with Retry-After when the queue is
-full. Safe by default: URLs in inputs are fetched only with allow_urls, and then never from the
-server's own network unless allow_private_urls; CORS is off unless origins are given.
+Inputs are data URLs or base64 and, with allow_urls, http(s) URLs: those are downloaded by
+dino3.images.fetch_bytes in a pool of their own (never the event loop's shared one), a few at a time
+per request, within a deadline each, and cancelled with their request; from public addresses only
+unless allow_private_urls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
-import ipaddress
-import socket
+import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import PurePath
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._openmp import helper_thread
-from .._version import __version__
-from ..errors import ImageError, ImageTooLargeError
-from ..images import MAX_PIXELS, MemoryBudget, download
-from .batcher import Batcher, QueueFull
+from ..errors import ImageError, ImageTooLargeError, UsageError
+from ..images import MAX_PIXELS, MemoryBudget, decode_base64, decode_data_url, fetch_bytes, is_data_url, is_url
+from .batcher import Batcher, QueueFull, Stopped
+from .metrics import Metrics
 
 EMBEDDING_POOLS = ("cls", "mean", "cls+mean")
 ENCODINGS = ("float", "base64")
+SHUTTING_DOWN = "the server is shutting down; retry elsewhere"
+DOWNLOADS_PER_REQUEST = 4  # URLs of one request fetched at once: one request cannot take the whole pool
 
 
 @dataclass
@@ -54,14 +46,27 @@ class ServeSettings:
     max_wait_ms: float = 10.0
     max_queue: int = 256  # images waiting for the model; beyond: 429
     max_images: int = 64  # per request; beyond: 413
-    max_body_bytes: int = 32 * 2**20  # beyond: 413
+    max_body_bytes: int = 32 * 2**20  # beyond: 413, with or without a Content-Length
     max_pixels: int = 40_000_000  # per image, refused before decoding; beyond: 413
-    api_key: str | None = None
+    api_key: str | None = None  # None: no key; "" is refused (it would look like a key and guard nothing)
     allow_urls: bool = False
     allow_private_urls: bool = False
     cors_origins: list[str] = field(default_factory=list)
     decode_threads: int = 2
-    model_name: str | None = None  # what clients may name in "model" (default: how it was loaded)
+    served_model_names: list[str] = field(default_factory=list)  # what clients name in "model" (vLLM's flag)
+    download_threads: int = 16  # the pool that fetches URL inputs (allow_urls)
+    url_timeout_s: float = 20.0  # one URL's whole download
+    body_timeout_s: float = 60.0  # a request body must arrive within this; then 408
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this (server.py)
+    keep_alive_s: int = 5  # an idle connection is closed after this (server.py)
+    max_connections: int = 1000  # beyond: 503 at once (server.py)
+    shutdown_timeout_s: float | None = None  # SIGTERM: wait this long for requests in flight (None: all)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("api_key is empty: give a real key, or None to serve without one")
+        if any(not str(name).strip() for name in self.served_model_names):
+            raise UsageError("served_model_names holds an empty name")
 
 
 class ApiError(Exception):
@@ -78,9 +83,46 @@ class ApiError(Exception):
             self.status, "invalid_request_error" if self.status < 500 else "server_error"
         )
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def served_names(model: Any, names: list[str] | None = None) -> list[str]:
+    """Every name a client may give in "model", the one answers carry first: the names given (or the
+    name the model was loaded by, and its last path part), then the preset and hub id of the
+    checkpoint served, where dino3 knows it is that checkpoint (see `checkpoint_names`)."""
+    loaded = str(getattr(model, "name_or_path", None) or "dino3")
+    found = list(names) if names else [loaded, PurePath(loaded.rstrip("/")).name or loaded]
+    found += checkpoint_names(model)
+    return list(dict.fromkeys(n for n in found if n))
+
+
+def checkpoint_names(model: Any) -> list[str]:
+    """The preset name and hub id of the checkpoint a model is known to be: one loaded by a preset
+    name, a hub id or Meta's own file name (model.preset), or a folder of the hub's cache
+    (.../models--ORG--NAME/snapshots/REV), which records its repo. A folder that merely has a preset's
+    shapes is not given its names: a fine-tuned copy has the same shapes."""
+    from ..presets import find_preset
+
+    preset = getattr(model, "preset", None)
+    hub_id = recorded_hub_id(str(getattr(model, "name_or_path", None) or ""))
+    if preset is None and hub_id is not None:
+        preset = find_preset(hub_id)
+    names = [preset.name, preset.hub_id] if preset is not None else []
+    return names + ([hub_id] if hub_id else [])
+
+
+def recorded_hub_id(path: str) -> str | None:
+    """The repo id a folder of the Hugging Face cache records in its path, or None."""
+    parts = PurePath(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
 
 class Service:
-    """The state behind the routes: the model, its processor, the batcher, the metrics."""
+    """The model, its processor and names, the decoding and download pools, the batcher, the metrics."""
 
     def __init__(self, model: Any, settings: ServeSettings, processor=None) -> None:
         from ..processing import DINOv3ViTImageProcessor
@@ -88,10 +130,13 @@ class Service:
         self.model = model
         self.settings = settings
         self.processor = processor or DINOv3ViTImageProcessor.for_model(model)
-        self.name = settings.model_name or str(getattr(model, "name_or_path", None) or "dino3")
+        self.names = served_names(model, settings.served_model_names)
+        self.name = self.names[0]
+        self.created = int(time.time())
         self.decoders = ThreadPoolExecutor(  # one-thread torch ops on a CPU: the model keeps the only team
             settings.decode_threads, thread_name_prefix="dino3-serve-decode", initializer=helper_thread
         )
+        self.downloads = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="dino3-serve-fetch")
         self.memory = MemoryBudget(max(settings.max_pixels, MAX_PIXELS // 4))
         self.metrics = Metrics()
         self.batcher = Batcher(
@@ -115,8 +160,24 @@ class Service:
         self.ready = True
 
     def close(self) -> None:
+        """After the requests in flight: finish the batch running (never leave torch running as the
+        process exits), then stop the pools."""
         self.batcher.stop()
+        self.downloads.shutdown(wait=False, cancel_futures=True)
         self.decoders.shutdown(wait=False, cancel_futures=True)
+
+    def model_answered(self, asked: str | None) -> str:
+        """The name an answer carries: the one asked for, when this server serves it (else a 404)."""
+        if asked is None:
+            return self.name
+        if asked not in self.names:
+            raise ApiError(
+                404,
+                f"model {asked!r} is not served here; this server answers to {self.names} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+        return asked
 
     # -- inputs ----------------------------------------------------------------------------------------
     def check_count(self, count: int) -> None:
@@ -127,72 +188,91 @@ class Service:
                 413, f"{count} images in one request; this server takes at most {self.settings.max_images}", "input"
             )
 
-    def image_bytes(self, item: Any, param: str) -> bytes:
-        """The bytes an input string names: a data URL, base64, or (when allowed) an http(s) URL."""
-        if not isinstance(item, str):
-            raise ApiError(
-                400, f"{param} must be a string (a data URL or base64 image), got {type(item).__name__}", param
-            )
-        if item.startswith(("http://", "https://")):
-            if not self.settings.allow_urls:
-                raise ApiError(400, f"{param}: URLs are not fetched by this server (start it with --allow-urls)", param)
-            self._check_public(item, param)
-            try:
-                return download(item, max_bytes=self.settings.max_body_bytes, timeout=20)
-            except ImageTooLargeError as e:
-                raise ApiError(413, f"{param}: {e}", param) from None
-            except ImageError as e:
-                raise ApiError(400, f"{param}: {e}", param) from None
-        text = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{param} is neither a data URL nor base64-encoded image bytes", param) from None
-
-    def _check_public(self, url: str, param: str) -> None:
-        if self.settings.allow_private_urls:
-            return
-        host = urlparse(url).hostname or ""
-        try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except OSError:
-            raise ApiError(400, f"{param}: cannot resolve {host!r}", param) from None
-        for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global:
-                raise ApiError(
-                    400, f"{param}: {host} is on a private network; this server fetches only public URLs", param
-                )
-
-    async def pixels(self, blobs: list[bytes], names: list[str], processor=None):
-        """Decode and preprocess every image off the event loop (with the service's processor, or
-        `processor`); the first bad one is a 400 (413 over a size limit) that names it."""
-        loop = asyncio.get_running_loop()
-        processor = processor or self.processor
-
-        def decode(data: bytes):
-            return processor.pixels(data, memory=self.memory, max_pixels=self.settings.max_pixels)
-
-        self.batcher.expect(len(blobs))  # the batcher waits for them (features() takes them in)
-        try:
-            tasks = [loop.run_in_executor(self.decoders, decode, data) for data in blobs]
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            for name, result in zip(names, results):
-                if isinstance(result, ImageTooLargeError):
-                    raise ApiError(413, f"{name}: {_reason(result)}", name)
-                if isinstance(result, Exception):
-                    raise ApiError(400, f"{name}: {_reason(result)}", name)
-        except BaseException:  # a bad image, a client gone: they will not come
-            self.batcher.expect(-len(blobs))
-            raise
-        return results
-
-    async def images(self, items: list[Any]) -> tuple[list[bytes], list[str]]:
-        """The bytes of each input string of a JSON request (see image_bytes), and their names."""
+    async def inputs(self, items: list[Any]) -> tuple[list[bytes | str], list[str]]:
+        """A JSON request's input strings, URLs fetched (see the module docstring); the others stay
+        strings, decoded from base64 on a decoding thread by pixels()."""
         self.check_count(len(items))
         names = [f"input[{i}]" for i in range(len(items))]
-        blobs = await asyncio.gather(*(asyncio.to_thread(self.image_bytes, item, n) for item, n in zip(items, names)))
-        return list(blobs), names
+        for item, name in zip(items, names):
+            if not isinstance(item, str):
+                raise ApiError(
+                    400, f"{name} must be a string (a data URL or base64 image), got {type(item).__name__}", name
+                )
+            if is_url(item) and not self.settings.allow_urls:
+                raise ApiError(400, f"{name}: URLs are not fetched by this server (start it with --allow-urls)", name)
+        urls = [i for i, item in enumerate(items) if is_url(item)]
+        sources: list[bytes | str] = list(items)
+        if urls:
+            fetched = await self._download([items[i] for i in urls], [names[i] for i in urls])
+            for i, data in zip(urls, fetched):
+                sources[i] = data
+        return sources, names
+
+    async def _download(self, urls: list[str], names: list[str]) -> list[bytes]:
+        """The URLs' bytes, a few at a time in the download pool; the first failure (or the request's
+        cancellation) cancels the rest: queued ones at once, running ones at their next read."""
+        cancel = threading.Event()
+        turns = asyncio.Semaphore(DOWNLOADS_PER_REQUEST)
+        fetch = partial(
+            fetch_bytes,
+            public_only=not self.settings.allow_private_urls,
+            max_bytes=self.settings.max_body_bytes,
+            timeout=self.settings.url_timeout_s,
+            cancel=cancel,
+        )
+
+        async def one(url: str, name: str) -> bytes:
+            async with turns:
+                try:
+                    return await self.submit(self.downloads, fetch, url)
+                except ImageTooLargeError as e:
+                    raise ApiError(413, f"{name}: {e}", name) from None
+                except ImageError as e:
+                    raise ApiError(400, f"{name}: {e}", name) from None
+
+        tasks = [asyncio.ensure_future(one(url, name)) for url, name in zip(urls, names)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            cancel.set()  # the downloads still running stop; they are of no use to anyone now
+            for task in tasks:
+                task.cancel()
+
+    def source_bytes(self, source: bytes | str, name: str) -> bytes:
+        """The bytes of one input: uploaded bytes, a data URL, or base64."""
+        if isinstance(source, bytes):
+            return source
+        try:
+            return decode_data_url(source) if is_data_url(source) else decode_base64(source, name)
+        except ImageError:
+            raise ApiError(400, f"{name} is neither a data URL nor base64-encoded image bytes", name) from None
+
+    async def pixels(self, sources: list[bytes | str], names: list[str], processor=None):
+        """Decode and preprocess every image on the decoding threads (with the service's processor, or
+        `processor`); the first bad one is a 400 (413 over a size limit) that names it."""
+        processor = processor or self.processor
+
+        def decode(source: bytes | str, name: str):
+            data = self.source_bytes(source, name)
+            return processor.pixels(data, memory=self.memory, max_pixels=self.settings.max_pixels)
+
+        self.batcher.expect(len(sources))  # the batcher waits for them (features() takes them in)
+        try:
+            tasks = [self.submit(self.decoders, decode, s, n) for s, n in zip(sources, names)]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for name, result in zip(names, results):
+                if isinstance(result, ApiError):
+                    raise result
+                if isinstance(result, ImageTooLargeError):
+                    raise ApiError(413, f"{name}: {_reason(result)}", name)
+                if isinstance(result, asyncio.CancelledError):  # the pool was shut down under it
+                    raise ApiError(503, SHUTTING_DOWN)
+                if isinstance(result, BaseException):
+                    raise ApiError(400, f"{name}: {_reason(result)}", name)
+        except BaseException:  # a bad image, a client gone: they will not come
+            self.batcher.expect(-len(sources))
+            raise
+        return results
 
     async def features(self, pixels: list, pool: str):
         """The features of what pixels() decoded (and announced), right after it."""
@@ -200,33 +280,53 @@ class Service:
             return await self.batcher.compute(pixels, pool, expected=len(pixels))
         except QueueFull as e:
             raise ApiError(429, str(e), headers={"Retry-After": str(int(e.retry_after + 0.999))}) from None
+        except Stopped:
+            raise ApiError(503, SHUTTING_DOWN) from None
+
+    def submit(self, pool: ThreadPoolExecutor, fn, *args) -> asyncio.Future:
+        """`fn(*args)` on one of the service's pools, awaitable; a 503 once close() has shut them."""
+        try:
+            return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            raise ApiError(503, SHUTTING_DOWN) from None
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: BaseException) -> str:
     text = str(error)
     return text.split(": ", 1)[1] if text.startswith("<") and ": " in text else text  # "<123 bytes>: why"
 
 
-async def body_of(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused once it passes the limit (a body sent without its length too)."""
+async def body_of(request: Any, max_bytes: int, timeout: float) -> bytes:
+    """The request body, refused once it passes the limit (a body sent without its length too: a
+    chunked one), or once it has taken longer than `timeout` seconds to arrive (408)."""
     chunks, total = [], 0
-    async for chunk in request.stream():
+    deadline = time.monotonic() + timeout
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the body took longer than {timeout:.0f} s to arrive; send it faster") from None
         total += len(chunk)
         if total > max_bytes:
             raise ApiError(413, f"the body is over {max_bytes} bytes, this server's limit")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
-async def parse(request: Request, model_class: type[BaseModel], max_bytes: int) -> Any:
-    """A JSON body as `model_class`; malformed JSON or a wrong field is a 400 that says where."""
-    import json
+async def parse(request: Any, model_class: type, settings: ServeSettings) -> Any:
+    """A JSON body as `model_class` (a pydantic model); malformed JSON (invalid UTF-8 too) or a wrong
+    field is a 400 that says where."""
+    from pydantic import ValidationError
 
-    raw = await body_of(request, max_bytes)
+    raw = await body_of(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         return model_class.model_validate(json.loads(raw))
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the body is not valid JSON ({e.msg} at character {e.pos})") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON: not UTF-8 text (byte {e.start})") from None
     except RecursionError:
         raise ApiError(400, "the body nests JSON too deeply") from None
     except ValidationError as e:
@@ -237,206 +337,7 @@ async def parse(request: Request, model_class: type[BaseModel], max_bytes: int) 
 
 def encode(vector: np.ndarray, encoding: str) -> Any:
     """A float32 vector as a JSON list, or as base64 of its little-endian bytes (OpenAI's encoding)."""
+    import base64
+
     array = np.ascontiguousarray(vector, dtype="<f4")
     return base64.b64encode(array.tobytes()).decode() if encoding == "base64" else array.tolist()
-
-
-class Metrics:
-    """Prometheus metrics of one service, in a registry of its own (no process-wide state)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("dino3_requests", "Requests answered", ["route", "status"], registry=self.registry)
-        self.latency = Histogram(
-            "dino3_request_seconds",
-            "Time to answer a request",
-            ["route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "dino3_batch_size", "Images per forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
-        )
-        self.batch_seconds = Histogram("dino3_batch_seconds", "Time of one forward", registry=self.registry)
-        self.queue_depth = Gauge("dino3_queue_depth", "Images waiting for the model", registry=self.registry)
-        self.images = Counter("dino3_images", "Images embedded", registry=self.registry)
-
-    def batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
-        self.images.inc(size)
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
-def create_core_app(model: Any, settings: ServeSettings | None = None, processor=None, warm: bool = True):
-    """The FastAPI application serving `model` (a loaded dino3 model or runtime): the embedding routes,
-    health and metrics; app.py adds the page and the search."""
-    settings = settings or ServeSettings()
-    service = Service(model, settings, processor)
-
-    async def lifespan(app):
-        if warm:
-            await service.warm_up()
-        else:
-            service.ready = True
-        yield
-        service.close()  # after uvicorn has let the requests in flight finish
-
-    app = FastAPI(title="dino3", version=__version__, lifespan=lifespan)
-    app.state.service = service
-    if settings.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException):  # no such route, wrong method
-        message = f"{request.method} {request.url.path}: {error.detail}"
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": where, "code": None}}
-        return JSONResponse(body, status_code=400)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        route = request.url.path
-        try:
-            if settings.api_key and route not in service.public_routes:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                    raise ApiError(
-                        401, "missing or wrong API key: send Authorization: Bearer KEY", code="invalid_api_key"
-                    )
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-                raise ApiError(
-                    413, f"the body is {int(length)} bytes; this server takes at most {settings.max_body_bytes}"
-                )
-            response = await call_next(request)
-        except ApiError as error:
-            response = await api_error(request, error)
-        service.metrics.requests.labels(route, str(response.status_code)).inc()
-        service.metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return response
-
-    class EmbeddingRequest(BaseModel):
-        input: str | list[str]
-        model: str | None = None
-        encoding_format: str = "float"
-        pool: str = "cls"
-
-    def check_request(payload: EmbeddingRequest, pools=EMBEDDING_POOLS) -> list[str]:
-        if payload.model is not None and payload.model not in (service.name, _short(service.name)):
-            raise ApiError(
-                404,
-                f"model {payload.model!r} is not served here; this server serves {service.name!r}",
-                "model",
-                "model_not_found",
-            )
-        if payload.encoding_format not in ENCODINGS:
-            raise ApiError(400, f"encoding_format must be one of {ENCODINGS}", "encoding_format")
-        if payload.pool not in pools:
-            raise ApiError(400, f"pool must be one of {pools}", "pool")
-        return [payload.input] if isinstance(payload.input, str) else list(payload.input)
-
-    async def embed(blobs: list[bytes], names: list[str], pool: str, encoding: str) -> dict:
-        pixels = await service.pixels(blobs, names)
-        vectors = await service.features(pixels, pool)
-        tokens = sum(service.model.config.num_prefix_tokens + _grid_count(service, p) for p in pixels)
-        data = [
-            {"object": "embedding", "index": i, "embedding": encode(v.numpy(), encoding)} for i, v in enumerate(vectors)
-        ]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "images": len(blobs)}
-        return {"object": "list", "data": data, "model": service.name, "usage": usage}
-
-    @app.post("/v1/embeddings", summary="Embeddings of images (OpenAI's shape)")
-    async def embeddings(request: Request):
-        payload = await parse(request, EmbeddingRequest, settings.max_body_bytes)
-        blobs, names = await service.images(check_request(payload))
-        return await embed(blobs, names, payload.pool, payload.encoding_format)
-
-    @app.post("/v1/embeddings/upload", summary="Embeddings of uploaded image files (multipart)")
-    async def upload(request: Request):
-        form = await request.form(max_files=settings.max_images + 1, max_part_size=settings.max_body_bytes)
-        files = form.getlist("files") or form.getlist("file")
-        pool, encoding = str(form.get("pool", "cls")), str(form.get("encoding_format", "float"))
-        if pool not in EMBEDDING_POOLS:
-            raise ApiError(400, f"pool must be one of {EMBEDDING_POOLS}", "pool")
-        if encoding not in ENCODINGS:
-            raise ApiError(400, f"encoding_format must be one of {ENCODINGS}", "encoding_format")
-        service.check_count(len(files))
-        blobs, names = [], []
-        for i, upload in enumerate(files):
-            if isinstance(upload, str):
-                raise ApiError(400, f"files[{i}] is a text field, not a file", f"files[{i}]")
-            blobs.append(await upload.read())
-            names.append(f"files[{i}] ({upload.filename})")
-        return await embed(blobs, names, pool, encoding)
-
-    class PatchesRequest(BaseModel):
-        input: str | list[str]
-        model: str | None = None
-        encoding_format: str = "float"
-
-    @app.post("/v1/patches", summary="Patch features of images: each grid and its values")
-    async def patches(request: Request):
-        payload = await parse(request, PatchesRequest, settings.max_body_bytes)
-        blobs, names = await service.images(check_request(EmbeddingRequest(**payload.model_dump(), pool="cls")))
-        pixels = await service.pixels(blobs, names)
-        grids = await service.features(pixels, "patches")  # each (h, w, D)
-        data = [
-            {
-                "object": "patches",
-                "index": i,
-                "grid": list(g.shape[:2]),
-                "dim": int(g.shape[2]),
-                "embedding": encode(g.reshape(-1).numpy(), payload.encoding_format),
-            }
-            for i, g in enumerate(grids)
-        ]
-        return {"object": "list", "data": data, "model": service.name}
-
-    @app.get("/healthz", summary="The process is up")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz", summary="The model is loaded and warmed")
-    async def readyz():
-        if not service.ready:
-            raise ApiError(503, "warming up")
-        return {"status": "ready", "model": service.name}
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics():
-        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return app
-
-
-def _short(name: str) -> str:
-    return name.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _grid_count(service: Service, pixels) -> int:
-    h, w = service.model.config.grid_size(*pixels.shape[-2:])
-    return h * w

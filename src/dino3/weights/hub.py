@@ -34,6 +34,7 @@ class HubOptions:
     revision: str | None = None
     cache_dir: str | os.PathLike | None = None
     local_files_only: bool = False
+    force_download: bool = False
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any]) -> HubOptions:
