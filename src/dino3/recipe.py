@@ -190,7 +190,10 @@ class Recipe:
         processor = meta["processor"]
         options["jpeg_draft"] = bool(processor.get("jpeg_draft", False))
         options["max_side"] = processor.get("max_side")
-        options["resample"] = processor.get("resample")
+        from .processing import DINOv3ViTImageProcessor
+
+        if processor.get("resample") not in (None, DINOv3ViTImageProcessor().resample):  # not the default's
+            options["resample"] = processor["resample"]
         if processor.get("keep_aspect"):
             options.update(
                 keep_aspect=processor["keep_aspect"], target=processor.get("target_size"), fit=processor.get("fit")
@@ -234,6 +237,12 @@ class Made:
             "processor": json.loads(json.dumps(self.processor.to_dict())),
             "recipe": recipe.options(),
         }
+
+
+def check_options(**options: Any) -> None:
+    """Refuse (UsageError) recipe options that cannot work together, before the model is known (a
+    probe's runtime options, say, checked before the probe is read)."""
+    Recipe("(the model)", **options)
 
 
 # -- a model's identity and fingerprint ------------------------------------------------------------------------
@@ -381,6 +390,7 @@ __all__ = [
     "Made",
     "Recipe",
     "check_model",
+    "check_options",
     "differences",
     "fingerprint",
     "identity",

@@ -22,16 +22,17 @@ from typing import Any
 
 from ..errors import ImageError, UsageError, VideoError
 from .common import (
+    EXIT_OK,
     add_model_arguments,
     add_runtime_arguments,
     add_video_arguments,
     positive_int,
     recipe_from_args,
+    report_failures,
     use_threads,
     video_sampling,
 )
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 3
 OVERLAYS = "overlays"  # dino3 foreground: the subfolder of each mask over its image
 
 
@@ -490,14 +491,4 @@ def _first_failure(failures: list[tuple[str, str]]) -> str:
 
 
 def _report(failures: list[tuple[str, str]]) -> int:
-    from .._io import escape_field
-
-    if not failures:
-        return EXIT_OK
-    print(f"{len(failures)} input{'s' if len(failures) != 1 else ''} could not be used:", file=sys.stderr)
-    for name, reason in failures[:20]:
-        name, reason = escape_field(name), escape_field(reason)
-        print(f"  {reason}" if reason.startswith(name) else f"  {name}: {reason}", file=sys.stderr)
-    if len(failures) > 20:
-        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
-    return EXIT_SOME_FAILED
+    return report_failures(failures, "inputs could not be used")

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_SOME_FAILED = 0, 3  # as dino3.cli
+from .common import EXIT_OK, plural, report_failures, use_threads
 
 
 def add_commands(subparsers) -> None:
@@ -173,7 +173,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from ..index.update import build
 
-    _threads(args)
+    use_threads(args)
     update = build(
         args.inputs,
         model=args.model,
@@ -198,13 +198,13 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         relative_to=args.relative_to,
     )
-    return _report_update(update, f"built {update.folder}: {_plural(update.count, 'image')}")
+    return _report_update(update, f"built {update.folder}: {plural(update.count, 'image')}")
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     from ..index.index import open_index
 
-    _threads(args)
+    use_threads(args)
     index = open_index(args.index)
     try:
         update = index.add(
@@ -225,7 +225,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
         f"{update.dropped} gone",
         f"{update.unchanged + update.touched} unchanged",
     ]
-    line = f"updated {update.folder}: {', '.join(parts)}; {_plural(update.count, 'image')} now"
+    line = f"updated {update.folder}: {', '.join(parts)}; {plural(update.count, 'image')} now"
     if update.reused:
         line += f" ({update.reused} vectors reused from files with the same bytes)"
     return _report_update(update, line)
@@ -241,7 +241,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         index.close()
     ann = info["approximate_index"]
     lines = [
-        f"{info['folder']}: {_plural(info['images'], 'image')}, {info['dim']}-d vectors",
+        f"{info['folder']}: {plural(info['images'], 'image')}, {info['dim']}-d vectors",
         f"  model          {info['model']}",
         f"  pool           {info['pool']}",
         f"  preprocessing  {json.dumps({k: v for k, v in info['processor'].items() if k != 'image_processor_type'})}",
@@ -261,7 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..embed import expand_inputs
     from ..index.index import open_index
 
-    _threads(args)
+    use_threads(args)
     _check_outputs(args)
     if args.text and args.queries:
         raise _usage("give query images or --text, not both")
@@ -277,7 +277,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     k = args.k
     if 0 < len(index) < k:  # the default k on a small index: all of it
         print(
-            f"note: the index holds {_plural(len(index), 'image')}; listing them all (-k {len(index)})", file=sys.stderr
+            f"note: the index holds {plural(len(index), 'image')}; listing them all (-k {len(index)})", file=sys.stderr
         )
         k = len(index)
     try:
@@ -298,10 +298,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         for neighbour in result["neighbors"]:
             print(f"  {neighbour['score']:.4f}  {neighbour['path']}")
     _write_reports(args, {"results": results}, "search")
-    if failures:
-        _print_failures(failures, "query images could not be read")
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+    return report_failures(failures, "query images could not be read")
 
 
 def _search_text(args: argparse.Namespace) -> int:
@@ -335,7 +332,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     groups = result["groups"]
     images = sum(len(g["paths"]) for g in groups)
     print(
-        f"{_plural(len(groups), 'group')} of near-duplicates at cosine >= {args.threshold} "
+        f"{plural(len(groups), 'group')} of near-duplicates at cosine >= {args.threshold} "
         f"({images} of {result['images']} images; {'exact' if result['exact'] else 'approximate index'})",
         file=sys.stderr,
     )
@@ -350,13 +347,6 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)  # the command owns its process; the library never does this
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse, before any work, a report that could not be written at the end."""
     import os
@@ -395,31 +385,11 @@ def _report_update(update, line: str) -> int:
         line += f" ({update.embedded} embedded, {update.seconds:.1f} s)"
     print(line, file=sys.stderr)
     if update.ignored:
-        print(
-            f"ignored {_plural(update.ignored, 'file')} without an image suffix in the folders given", file=sys.stderr
-        )
-    if update.failures:
-        _print_failures(update.failures, "images could not be embedded (they are not in the index)")
-        return EXIT_SOME_FAILED
-    return EXIT_OK
-
-
-def _print_failures(failures: list[tuple[str, str]], what: str) -> None:
-    from .._io import escape_field
-
-    print(f"{len(failures)} {what}:", file=sys.stderr)
-    for path, reason in failures[:20]:
-        path, reason = escape_field(path), escape_field(reason)
-        print(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}", file=sys.stderr)
-    if len(failures) > 20:
-        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+        print(f"ignored {plural(update.ignored, 'file')} without an image suffix in the folders given", file=sys.stderr)
+    return report_failures(update.failures, "images could not be embedded (they are not in the index)")
 
 
 def _usage(message: str):
     from ..errors import UsageError
 
     return UsageError(message)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"

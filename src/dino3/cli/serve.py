@@ -99,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve.app import create_app
     from ..serve.server import serve
     from ..serve.service import ServeSettings
+    from .common import recipe_from_args
 
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty: give a real key (an empty one would guard nothing), or leave it out")
@@ -127,14 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ..index import open as open_index
 
         index = open_index(args.index)
-    options = {"check_hash": not args.no_hash_check}
-    if args.backend == "torch":
-        options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
-    else:
-        from ..embed import expand_inputs
-
-        calibration = expand_inputs([args.calibration]).paths if args.calibration else None
-        options.update(backend=args.backend, precision=args.precision, calibration=calibration)
+    # the recipe's checks: a runtime backend with --dtype or --quantize is refused here, as by every command
+    options = recipe_from_args(args).load_options(args.device, check_hash=not args.no_hash_check)
     # Loaded on a thread that ends: the OpenMP team it builds goes with it, and the model's thread
     # (the batcher's) keeps the only one, so its forwards run at full speed (see dino3._openmp).
     model = on_passing_thread(load, args.model, **options)

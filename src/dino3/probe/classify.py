@@ -21,6 +21,7 @@ import numpy as np
 
 from ..embed import Inputs, expand_inputs, read_embeddings
 from ..errors import UsageError
+from ..recipe import check_options
 from .dataset import is_embeddings_file
 from .embedding import Embedded, embed_images
 from .probe import Predictions, Probe
@@ -103,6 +104,8 @@ def classify(
 ) -> Classified:
     """Classify image files, folders, globs and list files (as `dino3 embed` takes them), or one
     embeddings file written by `dino3 embed` with the probe's model and pooling."""
+    runtime = {key: options[key] for key in RUNTIME_OPTIONS if options.get(key) is not None}
+    check_options(**runtime)  # the same refusals as every command's, before the probe is read
     probe = load_probe(probe, device)
     items = [os.fspath(images)] if isinstance(images, (str, os.PathLike)) else [os.fspath(i) for i in images]
     if not items:

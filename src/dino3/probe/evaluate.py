@@ -94,6 +94,10 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate a probe on a labelled dataset (the forms `train` takes); the images are embedded
     with the probe's model and settings. Every class of the dataset must be one of the probe's."""
+    from ..recipe import check_options
+    from .classify import RUNTIME_OPTIONS
+
+    check_options(**{key: options[key] for key in RUNTIME_OPTIONS if options.get(key) is not None})
     probe = load_probe(probe, device)
     data = read_dataset(dataset, labels)
     unknown = sorted(set(data.labels) - set(probe.classes))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..recipe import Recipe
+from ..recipe import Recipe, check_options
 from . import knn, logreg
 from .dataset import Dataset, read_dataset, stratified_split
 from .embedding import RUN_OPTIONS, Embedded, cached_embed, embed_images
@@ -87,6 +87,8 @@ def train(
     unknown = sorted(set(embed_options) - set(RECIPE_OPTIONS) - set(RUN_OPTIONS))
     if unknown:
         raise TypeError(f"train() got unexpected keyword arguments: {', '.join(unknown)}")
+    if recipe_options:  # the same refusals as every command's, before anything is read
+        check_options(pool=features or DEFAULT_FEATURES, **recipe_options)
     folder = _check_output(output, overwrite)
     data = read_dataset(dataset, labels)
     classes = data.classes

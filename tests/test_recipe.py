@@ -1,0 +1,99 @@
+"""dino3.recipe: how features are made, one concept for every room. A bad combination gets the same
+refusal from every command; an output's description replays into the same recipe; a model is told
+apart by what its weights compute, wherever its files lie."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dino3
+from dino3.cli import main
+from dino3.errors import UsageError
+from dino3.recipe import Made, Recipe, check_model, differences, fingerprint, same_fingerprint
+from helpers import save_small_vit
+
+PHOTO = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "chelsea.png")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"pool": "max"}, "pool must be one of"),
+        ({"dtype": "float16"}, "float16 is refused"),
+        ({"backend": "openvino", "dtype": "bfloat16"}, "choose the precision"),
+        ({"backend": "onnxruntime", "layers": 2}, "layers need the torch backend"),
+        ({"backend": "onnxruntime", "precision": "bf16"}, "onnxruntime runs precision"),
+        ({"target": 448}, "target and fit apply with keep_aspect"),
+        ({"quantize": "int3"}, "unknown quantization mode"),
+        ({"size": 8}, "smaller than one 16px patch"),
+        ({"calibration": ["a.jpg"]}, "calibration images are for"),
+    ],
+)
+def test_bad_combinations_are_refused_before_anything_is_loaded(options, message):
+    with pytest.raises(UsageError, match=message):
+        Recipe("no/such-model", **options)  # never loaded: the model need not exist
+
+
+COMMANDS = {  # every command that makes features, with the same bad runtime options
+    "embed": ["embed", PHOTO, "-o", "{tmp}/f.npz"],
+    "serve": ["serve"],
+    "index build": ["index", "build", PHOTO, "--index", "{tmp}/index"],
+    "probe train": ["probe", "train", "{tmp}", "-o", "{tmp}/probe"],
+    "classify": ["classify", PHOTO, "--probe", "{tmp}/probe"],
+    "pca": ["pca", PHOTO, "-o", "{tmp}/pca"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_same_bad_combination_gets_the_same_refusal_from_every_command(command, checkpoint, tmp_path, capsys):
+    """The bug this pins: serve silently ignored --dtype and --quantize with a runtime backend where
+    embed and the dense tools refused them."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in COMMANDS[command]]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "-m", str(checkpoint), "--backend", "openvino", "--dtype", "bfloat16"])
+    assert e.value.code == 2
+    assert "with a runtime backend, choose the precision" in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists() and not (tmp_path / "index").exists()
+
+
+def test_an_outputs_description_replays_into_the_same_recipe(checkpoint, tmp_path):
+    recipe = Recipe(str(checkpoint), pool="cls+mean", keep_aspect="shorter", target=96, fit="pad", jpeg_draft=True)
+    made = recipe.load()
+    meta = made.describe()
+    assert Recipe.from_meta(meta) == recipe
+    result = dino3.embed.run([PHOTO], output=tmp_path / "f.npz", recipe=recipe, progress=False)
+    written = dino3.embed.read_embeddings(result.output).meta
+    assert Recipe.from_meta(written) == recipe and written["model_fingerprint"] == meta["model_fingerprint"]
+    older = {k: v for k, v in meta.items() if k != "recipe"}  # dino3 0.2's outputs: no "recipe" key
+    assert Recipe.from_meta(older) == recipe
+    moved = Recipe.from_meta(meta, model=str(tmp_path / "elsewhere"))
+    assert moved.model == str(tmp_path / "elsewhere") and moved.pool == "cls+mean"
+
+
+def test_a_model_counts_by_what_it_computes_wherever_its_files_lie(checkpoint, tmp_path):
+    recorded = Recipe(str(checkpoint)).load().describe()
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy)  # new modification times, another place: the same model
+    check_model(recorded, Recipe(str(copy)).load(), "the output")
+    other = save_small_vit(tmp_path / "other", seed=5)  # the same architecture, other weights
+    with pytest.raises(UsageError, match="compute other numbers"):
+        check_model(recorded, Recipe(str(other)).load(), "the output")
+    with pytest.raises(UsageError, match="processor.size"):
+        check_model(recorded, Recipe(str(copy), size=448).load(), "the output")
+    bf16 = Recipe(str(copy), dtype="bfloat16").load()
+    assert same_fingerprint(recorded["model_fingerprint"], fingerprint(bf16.model))  # bf16 passes the fingerprint
+    assert differences(recorded, bf16.describe()) == ['dtype: "float32" -> "bfloat16"']
+
+
+def test_made_features_are_the_pooled_features_of_its_processor(checkpoint):
+    made = Recipe(str(checkpoint), pool="mean", size=112).load()
+    assert isinstance(made, Made)
+    pixels = made.processor(PHOTO).pixel_values
+    assert pixels.shape[-2:] == (112, 112)
+    features, grid = made.features(pixels)
+    expected, _ = dino3.extract(made.model, pixels, "mean")
+    assert grid == (7, 7) and np.array_equal(features.numpy(), expected.numpy())
