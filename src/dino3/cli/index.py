@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_OK, plural, report_failures, use_threads
+from .common import EXIT_OK, plural, recipe_from_args, report_failures, use_threads
 
 
 def add_commands(subparsers) -> None:
@@ -171,26 +171,22 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from ..embed import is_embeddings
     from ..index.update import build
+    from ..models.text import is_text_checkpoint
 
     use_threads(args)
+    recipe = None
+    if args.model is not None and not any(is_embeddings(i) for i in args.inputs):
+        pool = args.pool or ("text" if is_text_checkpoint(args.model) else "cls")
+        recipe = recipe_from_args(args, pool=pool)
     update = build(
         args.inputs,
-        model=args.model,
+        model=None if recipe is not None else args.model,
         folder=args.index,
-        pool=args.pool,
-        size=args.size,
-        keep_aspect=args.keep_aspect,
-        target=args.target,
-        fit=args.fit,
-        max_side=args.max_side,
-        jpeg_draft=args.jpeg_draft,
-        dtype=args.dtype,
+        recipe=recipe,
+        pool=None if recipe is not None else args.pool,
         device=args.device,
-        quantize=args.quantize,
-        backend=args.backend,
-        precision=args.precision,
-        calibration=[args.calibration] if args.calibration else None,
         batch_size=args.batch_size,
         workers=args.workers,
         overwrite=args.overwrite,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text, escape_field
-from .common import report_failures, use_threads
+from .common import recipe_from_args, report_failures, use_threads
 
 DATASET_HELP = (
     "a folder with a folder of images per class, a CSV of path,label, or a `dino3 embed` output with --labels"
@@ -131,21 +131,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..probe.train import train
 
     use_threads(args)
-    options: dict[str, Any] = {}
-    if not _is_embeddings(args.dataset):
-        options = {
-            **_embed_options(args),
-            "size": args.size,
-            "keep_aspect": args.keep_aspect,
-            "target": args.target,
-            "fit": args.fit,
-            "max_side": args.max_side,
-            "jpeg_draft": args.jpeg_draft,
-        }
+    recipe, run = None, {}
+    if not _is_embeddings(args.dataset) and args.model is not None:
+        from ..probe.train import DEFAULT_FEATURES
+
+        recipe = recipe_from_args(args, pool=args.features or DEFAULT_FEATURES)
+        run = {k: v for k, v in _embed_options(args).items() if k in ("batch_size", "workers", "check_hash")}
     result = train(
         args.dataset,
-        args.model,
+        None if recipe is not None else args.model,
         args.output,
+        recipe=recipe,
         labels=args.labels,
         method=args.method,
         features=args.features,
@@ -156,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.quiet,
-        **options,
+        **run,
     )
     _notes(result.notes)
     probe, validation = result.probe, result.probe.settings.get("validation") or {}

@@ -31,7 +31,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import BadIndexError, UsageError
 from ..images import URL_PREFIXES
-from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest
+from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest, model_name
 from ..video import source_file
 from . import maintenance, store
 from .maintenance import maintain, write_ann
@@ -68,6 +68,7 @@ def build(
     model: str | os.PathLike | None = None,
     folder: str | os.PathLike | None = None,
     *,
+    recipe: Recipe | None = None,
     pool: str | None = None,
     size: int = 224,
     keep_aspect: str | None = None,
@@ -88,14 +89,19 @@ def build(
     progress: bool = True,
     relative_to: str | os.PathLike | None = None,
 ) -> Update:
-    """A new index in `folder` from images (embedded with `model`; the options are `dino3.embed.run`'s)
-    or from `dino3 embed` outputs (which name their model; `relative_to`: the folder that an older
+    """A new index in `folder` from images (embedded by `recipe`, or by `model` with the recipe's options
+    given here: dino3.recipe.Recipe's; pool "text" by default for a dino.txt model, else "cls") or from
+    `dino3 embed` outputs (which name their model; `relative_to`: the folder that an older
     output's relative paths are relative to). An interrupted build is continued by running it again;
     with overwrite=True, an index already in the folder is replaced, and stays usable until the new
     one is complete (an index opened on it then refuses to read on: see Index.refresh)."""
     if folder is None:
         raise UsageError("give the index folder (--index DIR)")
     folder = Path(folder)
+    if recipe is not None:
+        if model is not None and model_name(model) != recipe.model:
+            raise UsageError(f"model {model} and the recipe's model {recipe.model} differ; give one of them")
+        model, pool = recipe.model, recipe.pool
     if pool is None:  # a dino.txt model's image embeddings (searchable by text), else the CLS token
         from ..models.text import is_text_checkpoint
 
@@ -103,8 +109,9 @@ def build(
     if pool not in INDEX_POOLS:
         raise UsageError(f"an index holds one vector per image: pool must be one of {INDEX_POOLS}, got {pool!r}")
     files = _embedding_files(inputs)
-    recipe = None
-    if model is not None and not files:  # checked before anything is created
+    if files:
+        recipe = None  # the files name the recipe that made them
+    elif recipe is None and model is not None:  # checked before anything is created
         from ..embed import expand_inputs
 
         recipe = Recipe(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..recipe import Recipe, check_options
+from ..recipe import Recipe, check_options, model_name
 from . import knn, logreg
 from .dataset import Dataset, read_dataset, stratified_split
 from .embedding import RUN_OPTIONS, Embedded, cached_embed, embed_images
@@ -57,6 +57,7 @@ def train(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    recipe: Recipe | None = None,
     **embed_options: Any,
 ) -> TrainResult:
     """Train a probe on `dataset` (a folder per class, a CSV of path,label, or an embeddings file
@@ -82,6 +83,10 @@ def train(
         raise UsageError(f"C is logistic regression's (a number > 0); got C={C!r} with method {method!r}")
     if k is not None and (method != "knn" or isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise UsageError(f"k is k-NN's (an integer >= 1); got k={k!r} with method {method!r}")
+    if recipe is not None:  # how the images are embedded, whole: the model and pooling are the recipe's
+        if model is not None and model_name(model) != recipe.model:
+            raise UsageError(f"model {model} and the recipe's model {recipe.model} differ; give one of them")
+        model, features = recipe.model, recipe.pool
     recipe_options = {k: v for k, v in embed_options.items() if k in RECIPE_OPTIONS and v is not None}
     run_options = {k: v for k, v in embed_options.items() if k in RUN_OPTIONS and v is not None}
     unknown = sorted(set(embed_options) - set(RECIPE_OPTIONS) - set(RUN_OPTIONS))
@@ -106,11 +111,14 @@ def train(
         if recipe_options:
             given = ", ".join(sorted(recipe_options))
             raise UsageError(f"{given}: embedding options do not apply to features already embedded")
-        recipe = None
+        if recipe is not None:
+            raise UsageError(f"{data.source} already holds features: it takes no recipe")
     elif model is None:
         raise UsageError("give the model that embeds the images (-m vits16, a folder or a weights file)")
-    else:  # every embedding option checked here, before any image is read
+    elif recipe is None:  # every embedding option checked here, before any image is read
         recipe = Recipe(os.fspath(model), pool=features or DEFAULT_FEATURES, **recipe_options)
+    elif recipe_options:
+        raise UsageError(f"{', '.join(sorted(recipe_options))}: give them in the recipe")
     if C is None and k is None and len(stratified_split(data.targets(classes), val_fraction, seed)[1]) == 0:
         raise _nothing_held_out(method)
 
