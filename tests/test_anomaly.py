@@ -360,3 +360,35 @@ def test_bad_inputs_get_clear_errors(checkpoint, tmp_path):
         fit_features([])
     with pytest.raises(UsageError, match="one D"):
         fit_features([[torch.randn(4, 4, 8)], [torch.randn(4, 4, 9)]])
+
+
+def test_the_commands_fit_and_score_a_folder_with_planted_defects(checkpoint, tmp_path, capsys):
+    """`dino3 anomaly fit` then `score` on a folder: JSON scores in the issue's shape, an overlay per
+    image, the defective images flagged and ranked above the good ones; a broken file is listed and
+    the others scored (exit 3)."""
+    from dino3.cli import main
+
+    good, new = tmp_path / "good", tmp_path / "new"
+    good.mkdir(), new.mkdir()
+    for i, image in enumerate(jittered("coffee.png", 4, seed=0)):
+        Image.fromarray(image).save(good / f"good-{i}.png")
+    test = jittered("coffee.png", 4, seed=1)
+    for i, image in enumerate(test[:2]):
+        Image.fromarray(image).save(new / f"ok-{i}.png")
+    for i, image in enumerate(test[2:]):
+        Image.fromarray(spot(image, i)[0]).save(new / f"spot-{i}.png")
+    (new / "broken.png").write_bytes(b"\x89PNG not really")
+    detector = tmp_path / "detector"
+    fit = ["anomaly", "fit", str(good), "-m", str(checkpoint), "-o", str(detector), "--resolution", str(SIZE)]
+    assert main([*fit, "--no-rotate", "-q"]) == 0
+    assert (detector / "detector.json").is_file()
+    with pytest.raises(SystemExit):  # a detector is not replaced without --overwrite
+        main([*fit, "--no-rotate", "-q"])
+    scores, maps = tmp_path / "scores.json", tmp_path / "maps"
+    status = main(["anomaly", "score", str(new), "--detector", str(detector), "--json", str(scores), "-o", str(maps)])
+    assert status == 3 and "broken.png" in capsys.readouterr().err
+    rows = {Path(r["path"]).stem: r for r in json.loads(scores.read_text())["images"]}
+    assert sorted(rows) == ["ok-0", "ok-1", "spot-0", "spot-1"]
+    assert all(rows[f"spot-{i}"]["anomalous"] for i in range(2))
+    assert min(rows[f"spot-{i}"]["score"] for i in range(2)) > max(rows[f"ok-{i}"]["score"] for i in range(2))
+    assert len(list(maps.glob("*.png"))) == 4
