@@ -27,9 +27,9 @@ LAYERS = [
     ["dino3.processing"],
     ["dino3.features", "dino3.linear"],
     ["dino3.api", "dino3.conversion"],
-    ["dino3.pipeline", "dino3.recipe"],
+    ["dino3.pipeline", "dino3.recipe", "dino3.text"],
     ["dino3.embed", "dino3.integrations"],
-    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.anomaly", "dino3.text"],
+    ["dino3.dense", "dino3.index", "dino3.probe", "dino3.anomaly"],
     ["dino3.serve"],
     ["dino3.cli"],
 ]

@@ -138,3 +138,21 @@ def test_the_official_preset_without_its_files_says_what_to_download(tmp_path, m
     assert status == 1 and "dinov3_vitl16_dinotxt_vision_head_and_text_encoder" in err
     assert len(err.strip().splitlines()) == 1
     assert torch.__version__  # (torch imported: the command ran in this process)
+
+
+def test_the_transformers_zero_shot_pipeline_call_shape(folder):
+    """pipeline("zero-shot-image-classification", model=...)(image, candidate_labels=[...],
+    hypothesis_template=...), as Transformers' pipeline is called: the same answer as dino3.text.classify."""
+    pipe = dino3.pipeline("zero-shot-image-classification", model=str(folder))
+    image = str(PHOTOS / "chelsea.png")
+    got = pipe(image, candidate_labels=["cat", "rocket"], hypothesis_template="a photo of a {}.")
+    expected = dino3.text.classify(dino3.load(folder), image, ["cat", "rocket"], "a photo of a {}.")
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert np.allclose([g["score"] for g in got], [e["score"] for e in expected], atol=1e-6)
+    with pytest.raises(ValueError, match="needs a dino.txt model"):
+        dino3.pipeline(
+            "zero-shot-image-classification",
+            model=dino3.DINOv3ViTModel(
+                dino3.DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2)
+            ),
+        )

@@ -22,7 +22,7 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,7 @@ from .features import POOLS, extract
 from .processing import DINOv3ViTImageProcessor
 
 TASK = "image-feature-extraction"
+ZERO_SHOT = "zero-shot-image-classification"  # with a dino.txt model (dino3.text.classify)
 SHUTDOWN_SECONDS = 10.0  # how long a finished (or interrupted) pipeline waits for its threads to end
 
 
@@ -301,8 +302,10 @@ def pipeline(
     from .api import load
     from .models.pretrained import resolve_dtype
 
+    if task == ZERO_SHOT:
+        return _zero_shot(model, processor or image_processor, dtype, transformers_device(device), load_kwargs)
     if task != TASK:
-        raise ValueError(f"dino3 provides the {TASK!r} task only, not {task!r}")
+        raise ValueError(f"dino3 provides the {TASK!r} and {ZERO_SHOT!r} tasks, not {task!r}")
     if model is None:
         raise ValueError("pipeline() needs a model: a preset name (see dino3.list_models()), hub id or folder")
     if framework not in (None, "pt"):
@@ -343,6 +346,43 @@ def pipeline(
     if processor is None:
         processor = DINOv3ViTImageProcessor.for_model(model)
     return FeatureExtractionPipeline(model, processor, batch_size=batch_size, workers=workers, call_defaults=defaults)
+
+
+class ZeroShotImageClassificationPipeline:
+    """Transformers' `zero-shot-image-classification` pipeline's call, over a dino.txt model:
+    `pipe(images, candidate_labels=[...], hypothesis_template="This is a photo of {}.")` ->
+    [{"score", "label"}, ...] best first, for one image; a list of those for a list."""
+
+    def __init__(self, model: Any, processor: DINOv3ViTImageProcessor | None = None) -> None:
+        self.model, self.processor = model, processor
+
+    def __call__(
+        self,
+        images: Any,
+        candidate_labels: Sequence[str] | str | None = None,
+        hypothesis_template: str | Sequence[str] = "This is a photo of {}.",
+        top_k: int | None = None,
+        batch_size: int = 8,
+    ) -> list:
+        from .text import classify
+
+        if candidate_labels is None:
+            raise ValueError("give candidate_labels: the names to choose among")
+        labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+        return classify(
+            self.model, images, labels, hypothesis_template, processor=self.processor, batch_size=batch_size,
+            top_k=top_k,
+        )  # fmt: skip
+
+
+def _zero_shot(model, processor, dtype, device, load_kwargs) -> ZeroShotImageClassificationPipeline:
+    from .api import load
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load(model, dtype=dtype, device=device, **load_kwargs)
+    if not hasattr(model, "encode_text"):
+        raise ValueError(f"the {ZERO_SHOT!r} task needs a dino.txt model (e.g. model='dinotxt-vitl16')")
+    return ZeroShotImageClassificationPipeline(model, processor)
 
 
 def transformers_device(device: int | str | torch.device | None) -> str | torch.device | None:

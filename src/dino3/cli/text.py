@@ -37,10 +37,9 @@ def load_text_model(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ..dense.render import save_png
+    from ..dense.render import save_png, segmentation_picture
     from ..images import load_image
     from ..text import segment
-    from ..text.render import segmentation_picture
 
     use_threads(args)
     labels = split_labels(args.labels)
