@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import os
 import platform
 import statistics
 import subprocess
@@ -271,6 +272,23 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_kind(short: bool = False) -> str:
+    """What dino3.system says of this CPU: the kernels torch uses, bfloat16, the linear dino3 chose;
+    and whether that was simulated (a process restricted to AVX2 on an AVX-512 machine)."""
+    from dino3 import system
+
+    facts = system.cpu()
+    simulated = [f"{k}={v}" for k, v in os.environ.items() if k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")]
+    kind = f"{facts.torch_isa} kernels" + (", simulated" if simulated else "")
+    if short:
+        return kind
+    return (
+        f"{kind}; bfloat16 {'native' if facts.bf16_fast else 'emulated'}; dino3's linear layers through "
+        f"{system.linear_kernel(torch.float32)} (float32) and {system.linear_kernel(torch.bfloat16)} (bfloat16)"
+        + (f"; restricted by {' '.join(simulated)}" if simulated else "")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -296,6 +314,7 @@ def main() -> None:
         f"Date: {date.today()}; device: {args.device}"
         + (f" ({cpu_name()}, {torch.get_num_threads()} threads)" if args.device == "cpu" else ""),
         f"Versions: {versions()}",
+        f"CPU kind: {cpu_kind()}",
         "Matmul throughput (2048x2048): "
         + "; ".join(
             f"{str(d).removeprefix('torch.')} " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p.items())
@@ -357,7 +376,8 @@ def main() -> None:
 
     if not args.no_save:
         text = "\n".join([*[h + "  " for h in header], "", *table, "", import_line, "", cold_line])
-        save_section("Model throughput", text)
+        title = "Model throughput" if args.device != "cpu" else f"Model throughput ({cpu_kind(short=True)})"
+        save_section(title, text)
 
 
 if __name__ == "__main__":
