@@ -10,15 +10,13 @@ text, never as HTML.
 
 from __future__ import annotations
 
-import base64
-import io
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from .service import ApiError, Service, parse
+from .service import ApiError, Service, parse, png_data_url
 
 PCA_SIDE = 448  # the longer side the PCA picture is computed at: a 28-patch grid for /16 models
 STATIC = {"page.js": "text/javascript", "page.css": "text/css"}
@@ -80,7 +78,7 @@ def add_page_routes(app: FastAPI, service: Service) -> None:
             return colour_map(rgb, (int(height), int(width)))  # each patch a block of whole pixels
 
         picture = await service.submit(service.decoders, render)
-        return {"object": "pca", "grid": list(grid.shape[:2]), "image": _png_data_url(picture)}
+        return {"object": "pca", "grid": list(grid.shape[:2]), "image": png_data_url(picture)}
 
 
 def _feature_dim(service: Service) -> int:
@@ -91,11 +89,3 @@ def _feature_dim(service: Service) -> int:
 
 def _static(name: str) -> bytes:
     return resources.files(__package__).joinpath("static", name).read_bytes()
-
-
-def _png_data_url(picture) -> str:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(picture).save(out, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()

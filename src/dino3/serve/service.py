@@ -450,6 +450,18 @@ async def parse(request: Any, model_class: type, settings: ServeSettings) -> Any
         raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where) from None
 
 
+def png_data_url(picture: np.ndarray) -> str:
+    """An (H, W, 3) uint8 picture as a PNG data URL (what the page shows as it is)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
 def encode(vector: np.ndarray, encoding: str) -> Any:
     """A float32 vector as a JSON list, or as base64 of its little-endian bytes (OpenAI's encoding)."""
     import base64
