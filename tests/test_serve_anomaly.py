@@ -169,3 +169,29 @@ def test_forwards_run_on_the_model_thread_and_scoring_off_the_event_loop(checkpo
         server.stop()
     assert forwards == {"dino3-batcher"}
     assert len(scoring) == 1 and scoring.pop().startswith("dino3-serve-decode")
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_overlay_and_the_score_in_a_real_browser(server, detector_folder, images):
+    from playwright.sync_api import sync_playwright
+
+    from test_serve_page import BROWSER_FLAGS, chromium_or_skip
+
+    chromium = chromium_or_skip()
+    (expected,) = anomaly.load(detector_folder).score([str(images[1])])  # a planted defect
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('served').textContent.includes('anomaly detector')")
+            assert page.locator("#anomaly-figure").is_hidden() and page.locator("#text-search").is_hidden()
+            page.set_input_files("#file", str(images[1]))
+            page.wait_for_selector("body[data-done='1']", timeout=60_000)
+            assert page.text_content("#status") == ""
+            caption = page.text_content("#anomaly-caption")
+            assert caption.startswith(f"anomaly score {expected.score:.4f} · anomalous (threshold "), caption
+            assert page.evaluate("document.getElementById('anomaly').naturalWidth") > SIZE  # the image and its bar
+            assert page.locator("#search").is_hidden()  # no index here
+        finally:
+            browser.close()

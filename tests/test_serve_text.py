@@ -233,3 +233,68 @@ def test_texts_cannot_search_an_index_of_backbone_features(model, folder, text_i
         assert image.json()["data"][0]["neighbors"][0]["path"].endswith("rocket.jpg")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_the_page_searches_a_text_index_by_text_in_a_real_browser(model, text_index):
+    """The text box shows only with a dino.txt model and a text index; a text typed there (a hostile
+    one too) finds what Index.search_text finds, and is shown as text, never run as HTML."""
+    from playwright.sync_api import sync_playwright
+
+    from test_serve_page import BROWSER_FLAGS, chromium_or_skip
+
+    chromium = chromium_or_skip()
+    photos, index = text_index
+    hostile = '<img src=x onerror="document.title=1"> a cat'
+    expected = index.search_text([hostile], k=4, exact=True)[0]["neighbors"]
+    server = Server(create_app(model, ServeSettings(), index=index))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+            try:
+                page = browser.new_page()
+                dialogs = []
+                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+                page.goto(server.url + "/")
+                page.wait_for_selector("#text-search:not([hidden])")
+                page.fill("#text", hostile)
+                page.press("#text", "Enter")
+                page.wait_for_selector("body[data-done='1']", timeout=60_000)
+                assert page.text_content("#status") == ""
+                captions = page.locator("#neighbors figcaption").all_text_contents()
+                assert [c.split(" · ", 1)[1] for c in captions] == [n["path"] for n in expected]
+                assert page.text_content("#search-title") == f"Nearest to “{hostile}”"
+                page.wait_for_function(
+                    "[...document.querySelectorAll('#neighbors img')].every(i => i.complete && i.naturalWidth > 0)"
+                )
+                assert page.title() == "dino3" and not dialogs and page.locator("#search-title img").count() == 0
+                page.set_input_files("#file", str(photos / "rocket.jpg"))  # and an image, as before
+                page.wait_for_selector("body[data-done='2']", timeout=60_000)
+                assert page.text_content("#neighbors figcaption").endswith("rocket.jpg")
+                assert page.locator("#anomaly-figure").is_hidden()  # no detector here
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_page_has_no_text_box_without_a_text_index(model, checkpoint):
+    from playwright.sync_api import sync_playwright
+
+    from test_serve_page import BROWSER_FLAGS, chromium_or_skip
+
+    chromium = chromium_or_skip()
+    server = Server(create_app(model, ServeSettings()))  # a dino.txt model, but no index
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_FLAGS)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('served').textContent.includes('no index')")
+                assert page.locator("#text-search").is_hidden()
+            finally:
+                browser.close()
+    finally:
+        server.stop()
