@@ -298,3 +298,15 @@ def test_the_page_has_no_text_box_without_a_text_index(model, checkpoint):
                 browser.close()
     finally:
         server.stop()
+
+
+def test_a_dinotxt_preset_gives_the_server_its_name():
+    """Bug it would catch: a dino.txt model loaded by its preset name (which has no hub id) crashing the
+    server's names (AttributeError at start-up)."""
+    from types import SimpleNamespace
+
+    from dino3.presets import find_text_preset
+    from dino3.serve.service import served_names
+
+    loaded = SimpleNamespace(preset=find_text_preset("dinotxt-vitl16"), name_or_path="dinotxt-vitl16")
+    assert served_names(loaded) == ["dinotxt-vitl16"]
