@@ -310,3 +310,42 @@ def test_a_dinotxt_preset_gives_the_server_its_name():
 
     loaded = SimpleNamespace(preset=find_text_preset("dinotxt-vitl16"), name_or_path="dinotxt-vitl16")
     assert served_names(loaded) == ["dinotxt-vitl16"]
+
+
+def test_a_request_of_texts_and_images_is_queued_whole_or_refused_at_once(model):
+    """Bug it would catch: a request's image queued while its text is refused: the 429 then waits for
+    the image's forward (computed for nobody), or the image stays announced and later batches wait for
+    it. With a text held in a forward and two queued, a request of a text and an image does not fit a
+    queue of three: it is answered 429 at once, and leaves nothing behind."""
+    from test_serve_batcher import Gate, wait_until
+
+    gate = Gate()
+
+    class GatedTexts:  # the model, its text tower held at a gate
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def encode_text(self, tokens, normalize=False):
+            gate.pass_through()
+            return model.encode_text(tokens, normalize)
+
+    server = Server(create_app(GatedTexts(), ServeSettings(max_batch=1, max_wait_ms=0, max_queue=3)))
+    batcher = server.server.config.app.state.service.batcher
+    url = f"{server.url}/v1/embeddings"
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        gate.close()
+        held = pool.submit(httpx.post, url, json={"input": ["a cat"]}, timeout=60)
+        gate.wait_for_a_forward()
+        queued = pool.submit(httpx.post, url, json={"input": ["a dog", "a car"]}, timeout=60)
+        wait_until(lambda: batcher.depth == 2)
+        mixed = pool.submit(httpx.post, url, json={"input": ["a bird", data_url(ROCKET)]}, timeout=60)
+        refused = mixed.result(timeout=20)  # while the forward is still held
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+        assert batcher.depth == 2 and batcher.expected == 0
+        gate.opened.set()
+        assert held.result().status_code == 200 and queued.result().status_code == 200
+    finally:
+        gate.opened.set()
+        pool.shutdown()
+        server.stop()

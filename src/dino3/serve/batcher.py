@@ -100,17 +100,20 @@ class Batcher:
             self.expected = max(0, self.expected + count)
             self.condition.notify()
 
-    async def compute(self, images: list[torch.Tensor], pool: str, expected: int = 0) -> list[torch.Tensor]:
-        """Each image's pooled features, computed with whatever else is queued; `expected`: how many
-        of these images were announced with expect()."""
-        return await self._submit([Job("image", pixels, pool) for pixels in images], expected)
+    async def compute(
+        self, images: list[torch.Tensor], pool: str | None, expected: int = 0, texts: list[torch.Tensor] = ()
+    ) -> list[torch.Tensor]:
+        """Each image's pooled features, then each text's embedding (a dino.txt model's encode_text of
+        its (L,) token ids), computed with whatever else is queued; all queued at once, or all refused.
+        `expected`: how many of these images were announced with expect()."""
+        if texts and not self.texts:
+            raise TypeError("texts need a dino.txt model")
+        jobs = [Job("image", pixels, pool) for pixels in images] + [Job("text", row) for row in texts]
+        return await self._submit(jobs, expected)
 
     async def compute_texts(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each text's embedding (a dino.txt model's encode_text) from its (L,) token ids, computed
-        with the other texts queued."""
-        if not self.texts:
-            raise TypeError("texts need a dino.txt model")
-        return await self._submit([Job("text", row) for row in tokens])
+        """Each text's embedding (see compute)."""
+        return await self.compute([], None, texts=tokens)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """fn() on the model's thread, between batches (it may run the model: a check of weights)."""

@@ -368,16 +368,10 @@ class Service:
             await self.tokens([sources[i] for i in text_at], [names[i] for i in text_at]) if text_at else ([], 0)
         )
         pixels = await self.pixels([sources[i] for i in image_at], [names[i] for i in image_at], processor)
-        jobs = [asyncio.ensure_future(self.features(pixels, pool))]
-        if tokens:
-            jobs.append(asyncio.ensure_future(_queued(self.batcher.compute_texts(tokens))))
-        try:
-            found = await asyncio.gather(*jobs)
-        finally:
-            for job in jobs:  # one refused (429) or failed: the other's jobs leave the queue
-                job.cancel()
+        # one request's images and texts: queued together, or refused together (429)
+        found = await _queued(self.batcher.compute(pixels, pool, expected=len(pixels), texts=tokens))
         vectors: list[Any] = [None] * len(sources)
-        for i, vector in zip(image_at + text_at, [v for part in found for v in part]):
+        for i, vector in zip(image_at + text_at, found):
             vectors[i] = vector
         return vectors, count + sum(self.image_tokens(p) for p in pixels)
 
