@@ -109,6 +109,10 @@ def test_backbone_pools_patches_and_pca_still_serve_images(server, model):
     assert httpx.post(f"{server.url}/v1/pca", json={"input": data_url(COFFEE)}, timeout=60).status_code == 200
     info = httpx.get(f"{server.url}/v1/info").json()
     assert info["texts"] is True and info["feature_dim"] == 128 and info["index"] is None
+    files = [("files", ("coffee.png", COFFEE.read_bytes()))]  # an upload: an image, by default in the texts' space
+    uploaded = httpx.post(f"{server.url}/v1/embeddings/upload", files=files, timeout=60)
+    assert uploaded.status_code == 200, uploaded.text
+    assert np.abs(vector_of(uploaded.json()["data"][0]) - library_images(model, [COFFEE])[0].numpy()).max() <= 1e-4
 
 
 def test_what_a_text_model_cannot_do_gets_a_clear_4xx(server):
