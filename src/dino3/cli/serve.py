@@ -136,16 +136,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         shutdown_timeout_s=args.timeout_graceful_shutdown,
     )
+    detector = None
+    if args.detector:  # before the model loads: a wrong folder is told at once
+        from ..anomaly import load as load_detector
+
+        detector = load_detector(args.detector)
     index = None
     if args.index:  # before the model loads: a wrong folder is told at once
         from ..index import open as open_index
 
         index = open_index(args.index)
-    detector = None
-    if args.detector:  # before the model loads too
-        from ..anomaly import load as load_detector
-
-        detector = load_detector(args.detector)
     options = {"check_hash": not args.no_hash_check}
     if args.backend == "torch":
         options.update(dtype=args.dtype, device=args.device, quantize=args.quantize)
