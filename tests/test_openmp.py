@@ -121,3 +121,68 @@ def test_helper_threads_keep_their_threads_where_a_gpu_runs_the_model(monkeypatc
         thread.join()
     assert counts["cpu"] == 1
     assert counts["gpu"] == torch.get_num_threads()  # as every thread gets it (conftest: 2 or more)
+
+
+def test_the_server_keeps_one_team_with_texts_a_detector_and_an_index(checkpoint, tmp_path, monkeypatch):
+    """Bug it would catch: a forward off the model's thread (the start-up checks of the index's and the
+    detector's model on the main thread, the texts or the detector's features on a pool), or the
+    anomaly scoring's torch ops on a thread with a team of its own."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("faiss")
+    import dino3
+    import dino3.anomaly
+    import dino3.index
+
+    detector = dino3.anomaly.fit([str(p) for p in PHOTOS[:2]], model=str(checkpoint), resolution=224, rotate=False)
+    detector.save(tmp_path / "detector")
+    dino3.index.build([str(p) for p in PHOTOS], model=str(checkpoint), folder=tmp_path / "index", progress=False)
+    monkeypatch.setenv("DINO3_TEST_FOLDER", str(tmp_path))
+    script = """
+    import base64
+    import dino3, dino3.anomaly, dino3.index
+    from fastapi.testclient import TestClient
+    from dino3._openmp import on_passing_thread
+    from dino3.serve import ServeSettings, create_app
+
+    folder = os.environ["DINO3_TEST_FOLDER"]
+    model = on_passing_thread(dino3.load, sys.argv[1])  # as `dino3 serve` loads it
+    app = create_app(
+        model,
+        ServeSettings(),
+        index=dino3.index.open(folder + "/index"),
+        detector=dino3.anomaly.load(folder + "/detector"),
+    )
+    images = ["data:image/jpeg;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in sys.argv[2:]]
+    with TestClient(app) as client:
+        for _ in range(2):
+            assert client.post("/v1/anomaly", json={"input": images, "map": True}).status_code == 200
+            assert client.post("/v1/search", json={"input": images, "k": 2}).status_code == 200
+        print(team_threads())
+    """
+    assert count_teams(script, checkpoint) == [1]
+
+
+def test_the_server_keeps_one_team_with_a_dinotxt_model(tmp_path):
+    """Bug it would catch: texts tokenized or encoded on a pool or the event loop (a team of their own)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("ftfy")
+    import dino3
+    from helpers import dinotxt_meta_files
+
+    dino3.DINOv3TextModel.from_meta(*dinotxt_meta_files(tmp_path)).save_pretrained(tmp_path / "model")
+    script = """
+    import base64
+    import dino3
+    from fastapi.testclient import TestClient
+    from dino3._openmp import on_passing_thread
+    from dino3.serve import ServeSettings, create_app
+
+    model = on_passing_thread(dino3.load, sys.argv[1])
+    images = ["data:image/jpeg;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in sys.argv[2:]]
+    texts = ["a photo of a cat " * k for k in range(1, 9)]
+    with TestClient(create_app(model, ServeSettings())) as client:
+        for _ in range(2):
+            assert client.post("/v1/embeddings", json={"input": texts + images}).status_code == 200
+        print(team_threads())
+    """
+    assert count_teams(script, tmp_path / "model") == [1]

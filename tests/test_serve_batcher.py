@@ -276,3 +276,60 @@ def test_concurrent_requests_of_different_sizes_each_get_their_own_features(real
         model.gate.opened.set()
         pool.shutdown()
         server.stop()
+
+
+class TextModel:
+    """Stands in for a dino.txt model in the batcher: its text tower records each forward's texts (by
+    their first token after start-of-text) and the thread it ran on, and waits at its gate; its
+    backbone is a CountingModel."""
+
+    device, dtype = "cpu", None
+
+    def __init__(self) -> None:
+        self.backbone = CountingModel()
+        self.gate = Gate()
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+
+    def encode_text(self, tokens):
+        self.batches.append(tokens[:, 1].tolist())
+        self.threads.add(threading.current_thread().name)
+        self.gate.pass_through()
+        return tokens[:, :4].float()  # (B, 4)
+
+
+def text(value: int) -> torch.Tensor:
+    return torch.tensor([49406, value, 49407] + [0] * 74)
+
+
+def test_texts_queue_with_images_and_go_through_the_text_tower_together():
+    """Bug pinned: texts encoded one at a time (never batched with other requests' texts), on another
+    thread than the model's (a second OpenMP team), stacked into an image forward, or not counted
+    against --max-queue. Behind a held forward, three texts of two requests run as one batch; the
+    image queued between them gets a forward of its own; a request that does not fit is refused."""
+    model = TextModel()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=0, max_queue=5)
+
+    async def scenario():
+        model.gate.close()
+        held = asyncio.ensure_future(batcher.compute_texts([text(1)]))
+        await asyncio.to_thread(model.gate.wait_for_a_forward)
+        two = asyncio.ensure_future(batcher.compute_texts([text(2), text(3)]))
+        picture = asyncio.ensure_future(batcher.compute([image(7)], "cls"))
+        one = asyncio.ensure_future(batcher.compute_texts([text(4)]))
+        await until(lambda: batcher.depth == 4)
+        with pytest.raises(QueueFull):  # 4 + 2 > 5: texts count against the queue too
+            await asyncio.wait_for(batcher.compute_texts([text(5), text(6)]), 10)
+        model.gate.opened.set()
+        return await held, await two, await picture, await one
+
+    try:
+        held, two, picture, one = asyncio.run(scenario())
+        on_thread = batcher.run(lambda: threading.current_thread().name)  # start-up checks: the model's thread
+    finally:
+        model.gate.opened.set()
+        batcher.stop()
+    assert model.batches == [[1], [2, 3, 4]] and model.backbone.batches == [[7]]
+    assert [int(row[1]) for row in held + two + one] == [1, 2, 3, 4]  # each text its own row
+    assert float(picture[0][0]) == 7
+    assert model.threads == {"dino3-batcher"} and on_thread == "dino3-batcher"

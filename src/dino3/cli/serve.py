@@ -20,11 +20,14 @@ def add_commands(commands) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve a model over HTTP: embeddings in OpenAI's shape, dynamic batching, metrics",
-        description="Serve a model over HTTP (FastAPI on uvicorn): a web page at /; POST /v1/embeddings, "
-        "/v1/embeddings/upload, /v1/patches, /v1/pca, /v1/search (with --index); GET /v1/models, /healthz, "
-        "/readyz, /metrics, /docs. Binds 127.0.0.1 unless told otherwise.",
-        epilog="example:\n  dino3 serve -m vits16 --port 8000 --max-batch 32\n"
-        "  curl -s localhost:8000/v1/embeddings -H 'content-type: application/json' -d @request.json",
+        description="Serve a model over HTTP (FastAPI on uvicorn): a web page at /; POST /v1/embeddings "
+        "(images; with a dino.txt model texts too, in one space), /v1/embeddings/upload, /v1/patches, /v1/pca, "
+        "/v1/search (with --index), /v1/anomaly (with --detector); GET /v1/models, /healthz, /readyz, "
+        "/metrics, /docs. Binds 127.0.0.1 unless told otherwise.",
+        epilog="examples:\n  dino3 serve -m vits16 --port 8000 --max-batch 32\n"
+        "  curl -s localhost:8000/v1/embeddings -H 'content-type: application/json' -d @request.json\n"
+        "  dino3 serve -m dinotxt-vitl16 --index photos.index     # texts and images; text search\n"
+        "  dino3 serve -m vits16 --detector detector/              # POST /v1/anomaly",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(serve)
@@ -32,6 +35,11 @@ def add_commands(commands) -> None:
     serve.add_argument("--port", type=natural, default=8000, help="port (default: 8000; 0: any free port)")
     add_runtime_arguments(serve)
     serve.add_argument("--index", metavar="DIR", help="serve this index (built with the same model): /v1/search")
+    serve.add_argument(
+        "--detector",
+        metavar="DIR",
+        help="serve this anomaly detector (dino3 anomaly fit, with the same model): /v1/anomaly",
+    )
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward at most (default: 32)")
     serve.add_argument(
         "--max-wait-ms",
@@ -40,9 +48,14 @@ def add_commands(commands) -> None:
         help="wait this long for more images while others are being decoded (default: 10)",
     )
     serve.add_argument("--max-queue", type=positive_int, default=256, help="images waiting at most; then 429")
-    serve.add_argument("--max-images", type=positive_int, default=64, help="images per request at most; then 413")
+    serve.add_argument(
+        "--max-images", type=positive_int, default=64, help="images (and texts) per request at most; then 413"
+    )
     serve.add_argument("--max-body-mb", type=positive_int, default=32, help="request body at most, MiB; then 413")
     serve.add_argument("--max-megapixels", type=float, default=40.0, help="pixels per image at most; then 413")
+    serve.add_argument(
+        "--max-text-chars", type=positive_int, default=10_000, help="characters per text at most (dino.txt); then 413"
+    )
     serve.add_argument("--decode-threads", type=positive_int, default=2, help="threads decoding images (default: 2)")
     serve.add_argument(
         "--served-model-name",
@@ -110,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         max_body_bytes=args.max_body_mb * 2**20,
         max_pixels=int(args.max_megapixels * 1e6),
+        max_text_chars=args.max_text_chars,
         api_key=args.api_key,
         allow_urls=args.allow_urls,
         allow_private_urls=args.allow_private_urls,
@@ -123,6 +137,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         shutdown_timeout_s=args.timeout_graceful_shutdown,
     )
+    detector = None
+    if args.detector:  # before the model loads: a wrong folder is told at once
+        from ..anomaly import load as load_detector
+
+        detector = load_detector(args.detector)
     index = None
     if args.index:  # before the model loads: a wrong folder is told at once
         from ..index import open as open_index
@@ -135,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = on_passing_thread(load, args.model, **options)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
-    serve(create_app(model, settings, index=index), args.host, args.port, settings)
+    app = create_app(model, settings, index=index, detector=detector)  # another model's index or detector: refused
+    serve(app, args.host, args.port, settings)
     return 0
 
 

@@ -12,7 +12,7 @@ UNMATCHED = "unmatched"  # the label of every path that names no route
 
 
 class Metrics:
-    """Requests, latency, batch sizes and queue depth of one service."""
+    """Requests, latency, batch sizes (by kind: image or text) and queue depth of one service."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,17 +27,23 @@ class Metrics:
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "dino3_batch_size", "Images per forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
+            "dino3_batch_size",
+            "Images or texts per forward",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
         )
-        self.batch_seconds = Histogram("dino3_batch_seconds", "Time of one forward", registry=self.registry)
-        self.queue_depth = Gauge("dino3_queue_depth", "Images waiting for the model", registry=self.registry)
+        self.batch_seconds = Histogram("dino3_batch_seconds", "Time of one forward", ["kind"], registry=self.registry)
+        self.queue_depth = Gauge("dino3_queue_depth", "Images and texts waiting for the model", registry=self.registry)
         self.images = Counter("dino3_images", "Images embedded", registry=self.registry)
+        self.texts = Counter("dino3_texts", "Texts embedded (dino.txt)", registry=self.registry)
         self.in_progress = Gauge("dino3_requests_in_progress", "Requests being answered", registry=self.registry)
 
-    def batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
-        self.images.inc(size)
+    def batch(self, kind: str, size: int, seconds: float) -> None:
+        """One forward of `size` jobs of `kind` ("image" or "text")."""
+        self.batch_size.labels(kind).observe(size)
+        self.batch_seconds.labels(kind).observe(seconds)
+        (self.texts if kind == "text" else self.images).inc(size)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

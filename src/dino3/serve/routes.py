@@ -1,6 +1,7 @@
 """The embedding routes in OpenAI's shape, on FastAPI (this module imports it):
 
-POST /v1/embeddings (JSON: images as data URLs or base64; http(s) URLs with allow_urls),
+POST /v1/embeddings (JSON: images as data URLs or base64, http(s) URLs with allow_urls; with a
+dino.txt model, texts too, as plain strings: texts and images come back in one space, in input order),
 POST /v1/embeddings/upload (multipart files), POST /v1/patches (the patch grid and its size),
 GET /v1/models and /v1/models/{name} (every name this server answers to), GET /healthz, GET /readyz
 (loaded and warmed), GET /metrics (Prometheus, by route), GET /docs (OpenAPI); app.py adds the page
@@ -29,12 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from .metrics import route_label
-from .service import EMBEDDING_POOLS, ENCODINGS, SHUTTING_DOWN, ApiError, ServeSettings, Service, body_of, encode, parse
+from .service import ENCODINGS, SHUTTING_DOWN, ApiError, ServeSettings, Service, body_of, encode, parse
 
 TOKEN_ARRAYS = (
-    "input holds token arrays (numbers), the way OpenAI clients send text; this server embeds images, "
-    "given as data URLs or base64 strings. LangChain's OpenAIEmbeddings sends token arrays unless told "
-    "otherwise: pass check_embedding_ctx_length=False (and your images as data URLs)"
+    "input holds token arrays (numbers), the way OpenAI clients send text; this server takes strings: "
+    "images as data URLs or base64 (and, served with a dino.txt model, texts as they are). LangChain's "
+    "OpenAIEmbeddings sends token arrays unless told otherwise: pass check_embedding_ctx_length=False "
+    "(and your images as data URLs)"
 )
 NO_DIMENSIONS = (
     "dimensions: DINOv3 is not trained to be truncated (no Matryoshka training), so a shortened embedding "
@@ -47,7 +49,7 @@ class EmbeddingRequest(BaseModel):
     input: Any
     model: str | None = None
     encoding_format: str = "float"
-    pool: str = "cls"
+    pool: str | None = None  # None: the model's default (cls; text for a dino.txt model)
     dimensions: int | None = None
     user: str | None = None  # OpenAI's; not used
 
@@ -113,34 +115,36 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
 
     app.add_middleware(Guard, service=service, router=app.router)
 
-    def check_request(payload: EmbeddingRequest | PatchesRequest, pools=EMBEDDING_POOLS) -> tuple[list[Any], str]:
-        """The inputs and the model name to answer with, once every field is checked."""
+    def check_request(payload: EmbeddingRequest | PatchesRequest) -> tuple[list[Any], str]:
+        """The inputs and the model name to answer with, once every field but the pool is checked."""
         name = service.model_answered(payload.model)
         if getattr(payload, "dimensions", None) is not None:
             raise ApiError(400, NO_DIMENSIONS, "dimensions", "dimensions_not_supported")
         if payload.encoding_format not in ENCODINGS:
             raise ApiError(400, f"encoding_format must be one of {ENCODINGS}", "encoding_format")
-        pool = getattr(payload, "pool", "cls")
-        if pool not in pools:
-            raise ApiError(400, f"pool must be one of {pools}", "pool")
+        if getattr(payload, "pool", None) is not None:
+            service.check_pool(payload.pool)
         return input_list(payload.input), name
 
-    async def embed(sources: list, names: list[str], pool: str, encoding: str, model_name: str) -> dict:
-        pixels = await service.pixels(sources, names)
-        vectors = await service.features(pixels, pool)
-        tokens = sum(service.model.config.num_prefix_tokens + _grid_count(service, p) for p in pixels)
+    async def embed(
+        sources: list, names: list[str], texts: set[int], pool: str | None, encoding: str, model_name: str
+    ) -> dict:
+        pool = service.check_pool(pool, texts=bool(texts))
+        vectors, tokens = await service.embeddings(sources, names, texts, pool)
         data = [
             {"object": "embedding", "index": i, "embedding": encode(v.numpy(), encoding)} for i, v in enumerate(vectors)
         ]
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "images": len(sources)}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens, "images": len(sources) - len(texts)}
+        if service.texts:
+            usage["texts"] = len(texts)
         return {"object": "list", "data": data, "model": model_name, "usage": usage}
 
-    @app.post("/v1/embeddings", summary="Embeddings of images (OpenAI's shape)")
+    @app.post("/v1/embeddings", summary="Embeddings of images (and, with a dino.txt model, texts): OpenAI's shape")
     async def embeddings(request: Request):
         payload = await parse(request, EmbeddingRequest, settings)
         items, model_name = check_request(payload)
-        sources, names = await service.inputs(items)
-        return await embed(sources, names, payload.pool, payload.encoding_format, model_name)
+        sources, names, texts = await service.inputs(items, texts=True)
+        return await embed(sources, names, texts, payload.pool, payload.encoding_format, model_name)
 
     @app.post("/v1/embeddings/upload", summary="Embeddings of uploaded image files (multipart)")
     async def upload(request: Request):
@@ -149,12 +153,11 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
         body = await body_of(request, settings.max_body_bytes, settings.body_timeout_s)
         form = await _replayed(request, body).form(max_files=settings.max_images + 1, max_fields=16)
         files = form.getlist("files") or form.getlist("file")
-        pool, encoding = str(form.get("pool", "cls")), str(form.get("encoding_format", "float"))
+        pool, encoding = form.get("pool"), str(form.get("encoding_format", "float"))
         model_name = service.model_answered(str(form["model"]) if "model" in form else None)
         if "dimensions" in form:
             raise ApiError(400, NO_DIMENSIONS, "dimensions", "dimensions_not_supported")
-        if pool not in EMBEDDING_POOLS:
-            raise ApiError(400, f"pool must be one of {EMBEDDING_POOLS}", "pool")
+        pool = service.check_pool(None if pool is None else str(pool))
         if encoding not in ENCODINGS:
             raise ApiError(400, f"encoding_format must be one of {ENCODINGS}", "encoding_format")
         service.check_count(len(files))
@@ -164,13 +167,13 @@ def create_core_app(model: Any, settings: ServeSettings | None = None, processor
                 raise ApiError(400, f"files[{i}] is a text field, not a file", f"files[{i}]")
             sources.append(await part.read())
             names.append(f"files[{i}] ({part.filename})")
-        return await embed(sources, names, pool, encoding, model_name)
+        return await embed(sources, names, set(), pool, encoding, model_name)
 
     @app.post("/v1/patches", summary="Patch features of images: each grid and its values")
     async def patches(request: Request):
         payload = await parse(request, PatchesRequest, settings)
         items, model_name = check_request(payload)
-        sources, names = await service.inputs(items)
+        sources, names, _ = await service.inputs(items)
         pixels = await service.pixels(sources, names)
         grids = await service.features(pixels, "patches")  # each (h, w, D)
         data = [
@@ -281,8 +284,3 @@ def _replayed(request: Request, body: bytes) -> Request:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return Request(request.scope, receive)
-
-
-def _grid_count(service: Service, pixels) -> int:
-    h, w = service.model.config.grid_size(*pixels.shape[-2:])
-    return h * w

@@ -2,7 +2,9 @@
 /v1/thumbnails/{id}, small pictures of the indexed images read only from the files the index lists.
 
 The queries are embedded exactly as the indexed images were (the index's processor and pool, the
-served model, which must be the index's), batched with every other request's images.
+served model, which must be the index's), batched with every other request's images. An index of a
+dino.txt model's image embeddings (pool "text") is searched by texts too: plain strings are texts,
+embedded by the model's text tower (as Index.search_text does), batched with other requests' texts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydantic import BaseModel
 
 from ..errors import Dino3Error, StaleIndexError, UsageError
 from .routes import input_list
-from .service import ApiError, Service, parse
+from .service import TEXT, ApiError, Service, parse
 
 THUMBNAIL_SIDES = (64, 512)  # the smallest and largest side a client may ask for
 
@@ -28,13 +30,15 @@ class SearchRequest(BaseModel):
 
 
 def attach_index(service: Service, index: Any) -> None:
-    """Serve `index` beside the model: refused unless the model is the one the index was built with."""
+    """Serve `index` beside the model: refused unless the model is the one the index was built with.
+    The check runs the model (its fingerprint): on the model's thread, waited for here."""
     from ..processing import DINOv3ViTImageProcessor
     from ..recipe import Made, Recipe, check_model
 
     recipe = Recipe.from_meta(index.settings)
     made = Made(recipe, service.model, recipe.processor_for(service.model))
-    check_model(index.settings, made, f"the index {index.folder}")  # a UsageError that names the difference
+    # a UsageError that names the difference
+    service.on_model_thread(check_model, index.settings, made, f"the index {index.folder}")
     service.extras["index"] = index
     service.extras["index_processor"] = DINOv3ViTImageProcessor.from_dict(index.settings["processor"])
 
@@ -50,7 +54,7 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(404, "this server holds no index: start it with --index DIR", code="no_index")
         if await asyncio.to_thread(index.refresh):
             try:
-                attach_index(service, index)
+                await asyncio.to_thread(attach_index, service, index)  # waits for the model's thread
             except UsageError:
                 service.extras.pop("index_processor", None)
                 raise ApiError(
@@ -72,16 +76,23 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
             except StaleIndexError:
                 raise ApiError(503, "the index is being rebuilt; try again", code="index_changed") from None
 
-    @app.post("/v1/search", summary="The indexed images nearest to each input image")
+    @app.post("/v1/search", summary="The indexed images nearest to each input image (or text, in a dino.txt index)")
     async def search(request: Request):
         index = await the_index()
         payload = await parse(request, SearchRequest, settings)
         if not 1 <= payload.k <= min(len(index), 1000):
             raise ApiError(400, f"k must lie in 1..{min(len(index), 1000)} (the index holds {len(index)})", "k")
-        sources, names = await service.inputs(input_list(payload.input))
-        pixels = await service.pixels(sources, names, service.extras["index_processor"])
-        vectors = await service.features(pixels, index.settings["pool"])  # each (D,)
-        queries = [v.float().numpy() for v in vectors]
+        sources, names, texts = await service.inputs(input_list(payload.input), texts=True)
+        pool = index.settings["pool"]
+        if texts and pool != TEXT:
+            raise ApiError(
+                400,
+                f"{names[min(texts)]} is a text; the index {index.folder} holds {pool!r} features, not a dino.txt "
+                "model's image embeddings (pool 'text'), so texts cannot search it: build it with pool text",
+                names[min(texts)],
+            )
+        vectors, _ = await service.embeddings(sources, names, texts, pool, service.extras["index_processor"])
+        queries = [v.float().numpy() for v in vectors]  # each (D,)
 
         def nearest() -> list[dict[str, Any]]:
             import numpy as np

@@ -1,5 +1,7 @@
-// dino3's page: an image in, its PCA picture and (with an index) its nearest indexed images out.
-// Every name from the server is set as text (textContent), never as HTML.
+// dino3's page: an image in, its PCA picture, (with an index) its nearest indexed images and (with an
+// anomaly detector) its anomaly map and score out; with a dino.txt model and an index of its image
+// embeddings, a text in, its nearest indexed images out.
+// Every name and text from the server or the user is set as text (textContent), never as HTML.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -45,10 +47,36 @@ async function loadInfo() {
   try {
     info = await (await api("/v1/info")).json();
     const index = info.index ? ", an index of " + info.index.size + " images" : ", no index";
-    $("served").textContent = info.model + index;
+    const detector = info.detector ? ", an anomaly detector" : "";
+    $("served").textContent = info.model + index + detector;
+    $("text-search").hidden = !(info.texts && info.index && info.index.pool === "text");
   } catch (e) {
     status(e.message, true);
   }
+}
+
+function done() {
+  document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
+}
+
+async function showNeighbours(input, title) {
+  $("neighbors").replaceChildren();
+  const k = Math.min(8, info.index.size);
+  const found = await (await api("/v1/search", { input: [input], k })).json();
+  $("search-title").textContent = title;
+  $("search").hidden = false;
+  await Promise.all(found.data[0].neighbors.map(neighbour));
+}
+
+async function showAnomaly(dataUrl) {
+  const found = (await (await api("/v1/anomaly", { input: [dataUrl], map: true })).json());
+  const item = found.data[0];
+  $("anomaly").src = item.map;
+  const verdict = item.anomalous === null ? "" : item.anomalous ? " · anomalous" : " · good";
+  const threshold = found.threshold === null ? "" : " (threshold " + found.threshold.toFixed(4) + ")";
+  $("anomaly-caption").textContent = "anomaly score " + item.score.toFixed(4) + verdict + threshold;
+  $("anomaly-caption").classList.toggle("anomalous", item.anomalous === true);
+  $("anomaly-figure").hidden = false;
 }
 
 async function neighbour(item) {
@@ -74,6 +102,7 @@ async function show(file) {
   status("computing…");
   $("neighbors").replaceChildren();
   $("search").hidden = true;
+  $("anomaly-figure").hidden = true;
   try {
     const dataUrl = await readAsDataURL(file);
     $("original").src = dataUrl;
@@ -82,21 +111,34 @@ async function show(file) {
     $("pca").src = pca.image;
     $("pca-caption").textContent = "PCA of the patch features (" + pca.grid[0] + " × " + pca.grid[1] + " patches)";
     $("pictures").hidden = false;
-    if (info && info.index) {
-      const k = Math.min(8, info.index.size);
-      const found = await (await api("/v1/search", { input: dataUrl, k })).json();
-      $("search").hidden = false;
-      await Promise.all(found.data[0].neighbors.map(neighbour));
-    }
+    if (info && info.detector) await showAnomaly(dataUrl);
+    if (info && info.index) await showNeighbours(dataUrl, "Nearest in the index");
     status("");
   } catch (e) {
     status(e.message, true);
   } finally {
-    document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
+    done();
+  }
+}
+
+async function searchText(event) {
+  event.preventDefault();
+  const text = $("text").value.trim();
+  if (!text) return;
+  status("searching…");
+  $("search").hidden = true;
+  try {
+    await showNeighbours(text, "Nearest to “" + text + "”");
+    status("");
+  } catch (e) {
+    status(e.message, true);
+  } finally {
+    done();
   }
 }
 
 $("file").addEventListener("change", (event) => show(event.target.files[0]));
+$("text-search").addEventListener("submit", searchText);
 const drop = $("drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
