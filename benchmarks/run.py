@@ -135,7 +135,10 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048) -> dict[str, flo
     b = torch.randn(n, n, device=device).to(dtype)
     result = {}
     candidates = {"torch.mm": lambda: torch.mm(a, b)}
-    if device == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    from dino3 import system
+
+    onednn_runs = system.cpu().onednn and (dtype == torch.float32 or system.cpu().onednn_bf16)
+    if device == "cpu" and onednn_runs:  # oneDNN refuses bfloat16 on AVX2-only CPUs
         candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     for name, fn in candidates.items():
         fn()
