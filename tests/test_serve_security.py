@@ -69,6 +69,7 @@ def test_slow_urls_stall_no_other_request_and_stop_with_their_request(model):
     every other request (data URLs, thumbnails) waited minutes; and when that request failed, its
     other downloads went on. Now: downloads have their own pool, other inputs never wait for it,
     and a request's failure cancels its downloads."""
+    Trickle.ending.clear()  # test_serve_page's slow-URL test, which runs before this one, leaves it set
     trickle = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     threading.Thread(target=trickle.serve_forever, daemon=True).start()
     slow = f"http://127.0.0.1:{trickle.server_port}/slow"
