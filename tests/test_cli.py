@@ -299,3 +299,17 @@ def test_shards_read_back_as_one(checkpoint, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["embed", *inputs, "-m", str(checkpoint), "-o", str(tmp_path / "x.npz"), "--shard", bad])
     capsys.readouterr()
+
+
+def test_folders_are_read_in_sorted_order_whatever_the_disk_lists(tmp_path):
+    """Bug pinned (the fresh mutation pass of issue 31): the sub-folders of an input folder taken in
+    the order the file system lists them (on ext4, by hash) instead of sorted: the rows of an
+    output, and so a resumed job's input list, depended on the disk. Made in a shuffled order here."""
+    root = tmp_path / "photos"
+    for name in ["03", "07", "00", "09", "01", "05", "08", "02", "06", "04"]:
+        (root / name / "inner").mkdir(parents=True)
+        shutil.copy(PHOTOS / NAMES[0], root / name / "b.png")
+        shutil.copy(PHOTOS / NAMES[0], root / name / "inner" / "a.png")
+    found = dino3.embed.expand_inputs([str(root)]).paths
+    expected = [str(root / f"{i:02d}" / name) for i in range(10) for name in ("b.png", "inner/a.png")]
+    assert found == expected

@@ -709,3 +709,35 @@ def test_sampling_and_frame_names():
         warnings.simplefilter("error")
         with pytest.raises(UsageError):
             video.Sampling(fps=float("nan"))
+
+
+# -- the fresh mutation pass (issue 31) ---------------------------------------------------------------------
+def test_mutual_matching_at_high_resolution_keeps_every_mutual_pair():
+    """Bug pinned: B's best patch of A computed chunk by chunk (2,048 rows of A at a time) without the
+    chunk's offset: for images of more than 2,048 patches (768 px on a /16 model is over 3,000),
+    every B patch whose best lay past the first chunk pointed at the wrong patch of A, and mutual
+    matching lost all those pairs. B is A with a little noise here: every pair is mutual."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(48, 64, 32, generator=generator)  # 3,072 patches
+    b = a + 0.01 * torch.randn(48, 64, 32, generator=generator)
+    centres = lambda: torch.stack(torch.meshgrid(torch.arange(64.0), torch.arange(48.0), indexing="xy"), -1)  # noqa: E731
+    first = SimpleNamespace(features=a, patch_centres=centres)
+    other = SimpleNamespace(features=b, patch_centres=centres)
+    best_b, _, best_a = dense.nearest_patches(a, b)
+    assert torch.equal(best_b, torch.arange(48 * 64)) and torch.equal(best_a, torch.arange(48 * 64))
+    found = dense.match_patches(first, other, mutual=True)
+    assert len(found) == 48 * 64 and torch.equal(found.index_a, found.index_b)
+
+
+def test_unsupervised_foreground_of_a_close_up_keeps_the_border_as_background():
+    """Bug pinned: the first component's sign not turned by the border (only the PCA's own rule, the
+    farthest patch on the positive side): when the object fills most of the picture (a close-up), the
+    farthest patches are the background's, and the mask came out inverted, the border as foreground."""
+    generator = torch.Generator().manual_seed(1)
+    grid = 0.3 * torch.randn(12, 16, 32, generator=generator)
+    direction = torch.randn(32, generator=generator)
+    inside = torch.zeros(12, 16, dtype=torch.bool)
+    inside[1:11, 1:15] = True  # the object: 140 of 192 patches; the background a one-patch frame
+    for sign in (1.0, -1.0):
+        features = grid + sign * torch.where(inside[..., None], 0.5, -1.0) * direction
+        assert torch.equal(dense.unsupervised_foreground(features), inside)

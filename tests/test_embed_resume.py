@@ -4,6 +4,7 @@ so no test of the file alone could tell)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,75 @@ def test_resume_embeds_only_the_images_the_interrupted_run_left(checkpoint, tmp_
     dino3.embed.run([str(inputs)], str(checkpoint), whole, **common)
     a, b = dino3.embed.read_embeddings(out), dino3.embed.read_embeddings(whole)
     assert a.paths == b.paths and np.array_equal(a.features, b.features)
+
+
+# -- the fresh mutation pass (issue 31) ---------------------------------------------------------------------
+def bitmaps(folder: Path, count: int, mtime_ns: int | None = None) -> list[str]:
+    """`count` photos as 112 x 112 BMP files: uncompressed, so that every one has the same size in
+    bytes (as a dataset of fixed-size images has); all given one modification time if asked (as
+    files extracted from an archive have)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["chelsea.png", "coffee.png", "astronaut.png", "horse.png", "rocket.jpg", "camera.png"]
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:02d}.bmp"
+        Image.open(PHOTOS / names[i % len(names)]).convert("RGB").resize((SIZE, SIZE)).save(path)
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+        paths.append(str(path))
+    return paths
+
+
+COMMON = dict(size=SIZE, batch_size=2, checkpoint_every=2, workers=0, progress=False)
+
+
+def test_an_image_rewritten_at_the_same_size_is_embedded_again_on_resume(checkpoint, tmp_path):
+    """Bug pinned: a saved chunk judged unchanged by its images' sizes alone (not their modification
+    times): an image edited in place at the same size in bytes (an uncompressed format) kept the
+    features of its old pixels in the resumed output."""
+    from PIL import Image
+
+    paths = bitmaps(tmp_path / "in", 6)
+    out = tmp_path / "out.npz"
+    with pytest.raises(Interrupted):
+        dino3.embed.run(paths, str(checkpoint), out, load=counting_load([0], stop_after=4), **COMMON)
+    before = os.stat(paths[0])
+    Image.open(PHOTOS / "rocket.jpg").convert("RGB").resize((SIZE, SIZE)).save(paths[0])  # edited in place
+    os.utime(paths[0], ns=(before.st_mtime_ns + 10**9, before.st_mtime_ns + 10**9))
+    assert os.stat(paths[0]).st_size == before.st_size
+    resumed = [0]
+    dino3.embed.run(paths, str(checkpoint), out, resume=True, load=counting_load(resumed), **COMMON)
+    assert resumed == [4]  # its chunk (2 images) done again, and the 2 never done
+    whole = tmp_path / "whole.npz"
+    dino3.embed.run(paths, str(checkpoint), whole, **COMMON)
+    assert np.array_equal(dino3.embed.read_embeddings(out).features, dino3.embed.read_embeddings(whole).features)
+
+
+def test_a_resume_with_the_inputs_in_another_order_is_refused(checkpoint, tmp_path):
+    """Bug pinned: the saved job's manifest without the digest of its input list: a resume given the
+    same images in another order (a list file written again, shuffled) was accepted, and where the
+    files had one size and one modification time (extracted from an archive) each saved chunk was
+    kept for the images now at its positions: every row got another image's features."""
+    paths = bitmaps(tmp_path / "in", 6, mtime_ns=1_600_000_000 * 10**9)
+    out = tmp_path / "out.npz"
+    with pytest.raises(Interrupted):
+        dino3.embed.run(paths, str(checkpoint), out, load=counting_load([0], stop_after=4), **COMMON)
+    with pytest.raises(dino3.errors.UsageError, match="(?s)what decides the numbers changed.*inputs_sha256"):
+        dino3.embed.run(paths[::-1], str(checkpoint), out, resume=True, **COMMON)
+
+
+def test_an_image_fixed_after_it_failed_is_embedded_on_resume(checkpoint, tmp_path):
+    """Bug pinned: an image that failed to decode was saved in its chunk without its file's size and
+    time: once the file was fixed (downloaded again), the resumed job kept the old failure and
+    left the image out."""
+    paths = bitmaps(tmp_path / "in", 6)
+    good = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(good[:100])  # cut short: fails to decode
+    out = tmp_path / "out.npz"
+    with pytest.raises(Interrupted):
+        dino3.embed.run(paths, str(checkpoint), out, load=counting_load([0], stop_after=4), **COMMON)
+    Path(paths[1]).write_bytes(good)  # fixed
+    result = dino3.embed.run(paths, str(checkpoint), out, resume=True, **COMMON)
+    assert result.count == 6 and not result.failures

@@ -386,3 +386,23 @@ def test_every_redirect_hop_is_checked(monkeypatch):
 def test_private_addresses_in_every_spelling_are_refused(host):
     with pytest.raises(ImageError, match="private network"):
         images.fetch_bytes(f"http://{host}:9/x.png", public_only=True)
+
+
+def test_an_image_larger_than_the_whole_memory_budget_runs_alone():
+    """Bug pinned (the fresh mutation pass of issue 31): the memory budget's reservation not capped at
+    the budget: an image larger than all of it (a scan over --memory's pixels) waited for room
+    that could never be, and the job hung. It waits only for the others to finish, then runs."""
+    budget = images.MemoryBudget(100)
+    entered = threading.Event()
+
+    def large() -> None:
+        with budget.reserve(250):
+            entered.set()
+
+    with budget.reserve(60):  # another image being decoded
+        thread = threading.Thread(target=large, daemon=True)
+        thread.start()
+    assert entered.wait(10), "the large image never got its turn"
+    thread.join(10)
+    with budget.reserve(250):  # alone, at once
+        assert budget.used == 100

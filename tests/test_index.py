@@ -1223,3 +1223,79 @@ def test_the_graph_is_rebuilt_past_a_quarter_removed_not_at_it(built, tmp_path, 
     files[300].unlink()
     index.add([str(tmp_path / "a")], progress=False)
     assert index.info()["approximate_index"]["count"] == 899  # built again without them
+
+
+# -- the fresh mutation pass (issue 31): behaviours no test pinned yet ----------------------------------------
+def test_exact_dedup_over_many_tiles_counts_each_pair_once(built, tmp_path, monkeypatch):
+    """Bug pinned: in exact.pairs_above, each pair kept once by `j > i` instead of `j > start + i`
+    (the tile's row offset forgotten): from the second tile of scores on (an index of over ~5,800
+    images, where the exact all-pairs dedup runs in several tiles), pairs were counted twice. The
+    tiles are made small here (8 rows) so that the group of 31 copies spans four; the pair count
+    is numpy's."""
+    from dino3.index import exact
+
+    settings = dino3.index.open(built).settings
+    data = synthetic(tmp_path / "d", 400, 64, settings, seed=21, copies=30, spread=0.1)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(data)], folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    monkeypatch.setattr(exact, "TILE", 400 * 8)  # tiles of 8 rows of scores
+    found = index.dedup(0.98, exact=True)
+    vectors = index.vectors()
+    scores = (vectors @ vectors.T)[np.triu_indices(len(vectors), 1)]
+    assert found["pairs"] == int((scores >= 0.98 - index_module.SCORE_TOLERANCE).sum()) >= 31 * 30 // 2
+    assert len(found["groups"][0]["paths"]) == 31
+
+
+def test_images_that_joined_the_graph_are_found_once(built, tmp_path, small_limits):
+    """Bug pinned: when the images added beside the graph join it (the graph extended), the graph's
+    `max_id` was left as it was: those images were then searched both in the graph and exactly
+    beside it, and every search listed each of them twice (and fewer other images)."""
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(synthetic(tmp_path / "a", 1200, 64, settings, seed=31))], folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    index.add([str(synthetic(tmp_path / "b", 200, 64, settings, seed=32))], progress=False)  # 200 > 10%: joined
+    info = index.info()["approximate_index"]
+    assert info["count"] == 1400 and info["max_id"] == max(e.id for e in index.entries())
+    added = index.vectors()[-200:]
+    scores, ids = index.nearest(added, 10, exact=False)
+    assert all(len(set(row)) == 10 for row in ids.tolist())  # each image at most once in a result
+    assert (ids[:, 0] == [e.id for e in index.entries()[-200:]]).all()
+
+
+def test_a_large_k_on_the_approximate_index_keeps_its_recall(approximate_index):
+    """Bug pinned: the graph searched with its calibrated efSearch (tuned for 10 neighbours, here
+    16-64) when k is larger: FAISS then returns k results, but from a candidate list shorter than
+    k, and recall@100 fell to about 0.4. The candidates kept are at least k."""
+    index = dino3.index.open(approximate_index)
+    rng = np.random.default_rng(8)
+    queries = index.vectors()[::24] + 0.3 * rng.standard_normal((50, 64)).astype(np.float32)
+    truth = brute_force(index, queries, 100)
+    found = index.nearest(queries, 100, exact=False)[1]
+    recall = np.mean([len(set(a) & set(b)) / 100 for a, b in zip(truth, found)])
+    assert recall >= 0.9, recall
+
+
+def test_after_a_rebuild_with_another_model_queries_use_the_new_model(photos, tmp_path):
+    """Bug pinned: an open index kept the model it had loaded for queries after `index build
+    --overwrite` replaced the index with another model's vectors (its model cache keyed by the
+    place and device, not by the recipe): refresh() then embedded queries with the old model and
+    every image's own query scored far below 1."""
+    from helpers import save_small_vit
+
+    first, second = save_small_vit(tmp_path / "first", seed=0), save_small_vit(tmp_path / "second", seed=1)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(p.name for p in photos.iterdir())[:4]:
+        shutil.copy(photos / name, images / name)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(images)], model=str(first), folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    queries = sorted(str(p) for p in images.iterdir())
+    assert all(r["neighbors"][0]["score"] >= 0.9999 for r in index.search(queries, k=1))  # the first model loaded
+    dino3.index.build([str(images)], model=str(second), folder=index_dir, overwrite=True, progress=False)
+    assert index.refresh() is True
+    for query, result in zip(queries, index.search(queries, k=1)):
+        assert result["neighbors"][0]["path"] == query and result["neighbors"][0]["score"] >= 0.9999

@@ -72,3 +72,17 @@ def test_the_foreground_names_that_moved_still_work_and_say_where_they_went():
     with pytest.warns(DeprecationWarning, match="use Sweep.C"):
         assert found.best == found.C
     assert dense.average_precision is linear.average_precision
+
+
+def test_average_precision_counts_tied_scores_as_one_threshold():
+    """Bug pinned (the fresh mutation pass of issue 31): tied scores taken one by one, as if the
+    order among equals meant something: the average precision then depended on that order. Equal to
+    scikit-learn's on scores with many ties, and the same whichever way tied items are ordered."""
+    from sklearn.metrics import average_precision_score
+
+    labels = torch.tensor([1, 0, 0, 1, 1, 0])
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.2, 0.2])
+    expected = average_precision_score(labels.numpy(), scores.numpy())
+    assert linear.average_precision(labels, scores) == pytest.approx(expected, abs=1e-12)
+    order = torch.tensor([0, 3, 4, 1, 2, 5])  # the positives first among equals: the same answer
+    assert linear.average_precision(labels[order], scores[order]) == pytest.approx(expected, abs=1e-12)

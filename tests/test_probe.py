@@ -605,3 +605,42 @@ def test_a_probe_replays_its_whole_recipe_on_images(tiny, small_digits, tmp_path
     image = next((small_digits / "test").rglob("*.png"))
     features = probe.embed([str(image)])
     assert features.shape == (1, probe.feature_dim) and torch.isfinite(features).all()
+
+
+# -- the fresh mutation pass (issue 31) ---------------------------------------------------------------------
+def test_a_large_held_out_share_never_takes_a_whole_class():
+    """Bug pinned: the held-out count of a class not capped at its size less one: at --val-fraction
+    0.8 a class of two images (round(1.6) = 2) was held out whole, and C was chosen by fits that had
+    never seen that class."""
+    targets = np.repeat(np.arange(3), [2, 3, 10])
+    for fraction in (0.8, 0.95):
+        train, held = stratified_split(targets, fraction, seed=0)
+        assert all((targets[train] == c).any() for c in range(3)), fraction
+        assert [int((targets[held] == c).sum()) for c in range(3)] == [1, 2, min(round(fraction * 10), 9)]
+
+
+def test_features_preprocessed_another_way_are_refused(tiny, small_digits, trained, tmp_path, capsys):
+    """Bug pinned: Probe.check_embeddings without its comparison of the preprocessing: features the
+    probe's model made at another size (256 px, the probe's images at 224) were classified without a
+    word, their scores meaningless."""
+    image = next((small_digits / "test").rglob("*.png"))
+    features = tmp_path / "at-256.npz"
+    dino3.embed.run([str(image)], model=str(tiny), output=features, pool="cls+mean", size=256, progress=False)
+    capsys.readouterr()
+    assert status(["classify", str(features), "--probe", str(trained), "-q"]) == 2
+    assert "preprocessed differently" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="preprocessed differently"):
+        dino3.probe.classify(str(features), trained, progress=False)
+
+
+def test_training_again_with_another_pooling_embeds_again(tiny, small_digits, trained, tmp_path):
+    """Bug pinned: the probe folder's embeddings cache keyed by the model and the images only, not
+    the recipe's options: training again with --features cls (or another size) reused the cls+mean
+    embeddings of the first training, and the new probe was a cls+mean probe."""
+    folder = tmp_path / "again"
+    shutil.copytree(trained, folder)  # its cls+mean embeddings come along
+    result = dino3.probe.train(
+        str(small_digits / "train"), str(tiny), folder, features="cls", C=1.0, overwrite=True, progress=False
+    )
+    assert result.probe.pool == "cls" and result.probe.feature_dim == 64
+    assert not any("reused" in note for note in result.notes)

@@ -223,3 +223,125 @@ def test_two_jobs_on_one_output_are_refused(checkpoint, tmp_path):
     out = tmp_path / "ray"
     with RunLock(out), pytest.raises(RunLockedError):
         dino3.embed.run([str(folder)], str(checkpoint), out, engine="ray", progress=False)
+
+
+# -- the fresh mutation pass (issue 31): a finished job's folder, then what a resume or a rerun does to it ------
+@pytest.fixture(scope="module")
+def finished(local_ray, checkpoint, tmp_path_factory):
+    """A Ray job over 6 photos and a dangling link, in shards of 2: (its inputs, its output folder)."""
+    root = tmp_path_factory.mktemp("finished")
+    folder = inputs(root / "in", 6)
+    (folder / "zz_gone.png").symlink_to(root / "nowhere.png")
+    out = root / "ray"
+    assert main(["embed", str(folder), "-o", str(out), "-m", str(checkpoint), "-q", "--engine", "ray",
+                 "--ray-shard-size", "2"]) == 3  # fmt: skip
+    return folder, out
+
+
+def copy_output(out: Path, to: Path) -> Path:
+    """A copy of a Ray output folder with its sidecars (manifest, failures)."""
+    to.mkdir(parents=True)
+    shutil.copytree(out, to / out.name)
+    for sidecar in out.parent.glob(f"{out.name}.*"):
+        shutil.copy(sidecar, to / sidecar.name)
+    return to / out.name
+
+
+def unrecord(out: Path, *shards: int) -> None:
+    """Take shards out of the manifest, as a job killed before it recorded them would have left it."""
+    path = out.with_name(out.name + ".manifest.json")
+    manifest = json.loads(path.read_text())
+    for k in shards:
+        del manifest["shards"][str(k)]
+    path.write_text(json.dumps(manifest))
+
+
+def test_skipped_inputs_are_listed_with_the_failures(finished):
+    """Bug pinned: the Ray engine's failures list held the images that failed to decode but not the
+    inputs skipped while listing (a dangling link, a pipe): they were left out without a word, where
+    the local engine names them."""
+    _, out = finished
+    failures = out.with_name(out.name + ".failures.tsv").read_text().splitlines()
+    assert len(failures) == 1 and failures[0].startswith(str(finished[0] / "zz_gone.png"))
+    assert "dangling" in failures[0]
+
+
+def test_a_resume_with_another_shard_size_is_refused(finished, checkpoint, tmp_path, capsys):
+    """Bug pinned: a resume compared the inputs and the recipe but not the shard size: resumed with
+    --ray-shard-size 3, the shards recorded (images 0-1, 2-3) were kept and shard 2 was made of
+    images 6-8 of the new cut: images done twice, others never."""
+    folder, out = finished
+    out = copy_output(out, tmp_path / "copy")
+    unrecord(out, 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(folder), "-o", str(out), "-m", str(checkpoint), "-q", "--engine", "ray", "--resume",
+              "--ray-shard-size", "3"])  # fmt: skip
+    assert e.value.code == 2 and "shard_size: 2 -> 3" in capsys.readouterr().err
+
+
+def test_a_resume_first_removes_the_shard_files_its_manifest_does_not_name(finished, checkpoint, tmp_path, monkeypatch):
+    """Bug pinned: a shard file written by a job killed before it recorded it (in the manifest) was
+    left in the folder by the resume until that shard was done again: a resume stopped before then
+    (Ctrl-C, a lost cluster) left a folder where polars, DuckDB or pyarrow read rows the manifest
+    does not name. Here the resume stops as it starts its first shard."""
+    import dino3.integrations.ray as plan
+
+    folder, out = finished
+    out = copy_output(out, tmp_path / "copy")
+    unrecord(out, 1, 2)
+    (out / "shard-00002.parquet").unlink()  # not written yet when the job was killed; shard 1's was
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "embed", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        dino3.embed.run([str(folder)], str(checkpoint), out, engine="ray", resume=True, progress=False,
+                        ray=dino3.embed.RayOptions(shard_size=2))  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.parquet"]
+
+
+def test_overwrite_refuses_a_dino3_folder_that_holds_other_files(finished, checkpoint, tmp_path, capsys):
+    """Bug pinned: --overwrite of a dino3 output that also holds a file dino3 did not write went
+    ahead (only the shard files replaced): the folder then held a foreign file among the shards,
+    which polars refuses to read. It is refused, and the file kept."""
+    folder, out = finished
+    out = copy_output(out, tmp_path / "copy")
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(folder), "-o", str(out), "-m", str(checkpoint), "-q", "--engine", "ray", "--overwrite"])
+    assert e.value.code == 2 and "did not write (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_images_of_other_aspect_ratios_in_one_batch(local_ray, checkpoint, tmp_path):
+    """Bug pinned: the model actor stacked a batch's images as if all had one size: with the aspect
+    kept (--keep-aspect, pooled features), images of other shapes in one batch broke the whole
+    batch and the job. Rows equal the local job's."""
+    folder = inputs(tmp_path / "in", 9)  # squares, 3:2, 4:3, ...: six sizes of pixels
+    common = ["-m", str(checkpoint), "-q", "--keep-aspect", "shorter", "--target", "112", "--pool", "cls+mean"]
+    out, local = tmp_path / "ray", tmp_path / "local.npz"
+    assert main(["embed", str(folder), "-o", str(out), *common, "--engine", "ray"]) == 0
+    assert main(["embed", str(folder), "-o", str(local), *common]) == 0
+    a, b = dino3.embed.read_embeddings(out), dino3.embed.read_embeddings(local)
+    assert a.paths == b.paths and np.abs(a.features - b.features).max() <= 1e-5
+
+
+def test_rows_keep_the_input_order_when_later_blocks_finish_first(local_ray, checkpoint, tmp_path):
+    """Bug pinned: Ray Data's order not asked for (execution_options.preserve_order): a shard's rows
+    came in the order its blocks finished, so that a block of large images decoded last put its
+    rows last. The first 32 inputs are large JPEGs here, the next 64 small PNGs."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    large = Image.open(PHOTOS / "retina.jpg").convert("RGB").resize((2400, 2400))
+    for i in range(32):
+        large.save(folder / f"{i:03d}.jpg", quality=95)
+    for i in range(32, 96):
+        shutil.copy(PHOTOS / "horse.png", folder / f"{i:03d}.png")
+    out = tmp_path / "ray"
+    dino3.embed.run([str(folder)], str(checkpoint), out, engine="ray", size=112, progress=False)
+    assert dino3.embed.read_embeddings(out).paths == sorted(str(p) for p in folder.iterdir())

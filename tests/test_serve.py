@@ -283,3 +283,27 @@ def test_decoding_is_done_off_the_event_loop(server):
         assert slow.result().status_code in (200, 413)
     assert quick < 1.0
     assert json.loads(httpx.get(f"{server.url}/readyz").text)["status"] == "ready"
+
+
+# -- the fresh mutation pass (issue 31) ---------------------------------------------------------------------
+def test_a_body_of_exactly_the_limit_is_taken_one_byte_more_is_not(server):
+    """Bug pinned: the Content-Length check refused a body at the limit (`>=` for `>`): a client that
+    sized its request to --max-body-bytes got a 413 for a body the server takes."""
+    limit = 2**23  # the server fixture's max_body_bytes
+    body = json.dumps({"input": data_url(PHOTOS[0])}).encode()
+    body += b" " * (limit - len(body))  # JSON allows the trailing spaces
+    headers = {"Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/embeddings", content=body, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    response = httpx.post(f"{server.url}/v1/embeddings", content=body + b" ", headers=headers, timeout=60)
+    assert response.status_code == 413 and str(limit) in error_of(response)["message"]
+
+
+def test_usage_counts_every_token_the_model_sees(server, checkpoint):
+    """Bug pinned: `usage.prompt_tokens` counted the patches only, not the CLS and register tokens
+    each image also costs the model: clients accounting by OpenAI's usage field undercounted."""
+    config = dino3.load(checkpoint).config
+    body = {"input": [data_url(PHOTOS[0]), data_url(PHOTOS[1])]}
+    usage = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=60).json()["usage"]
+    per_image = config.num_prefix_tokens + 14 * 14  # 1 CLS + 4 registers + the 224 px grid's patches
+    assert usage == {"prompt_tokens": 2 * per_image, "total_tokens": 2 * per_image, "images": 2}

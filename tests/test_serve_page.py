@@ -85,6 +85,21 @@ def test_thumbnails_come_only_from_the_index(server, indexed):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "k"
 
 
+def test_the_thumbnail_reader_reads_only_local_files():
+    """Bug pinned (mutation S5 of issue 31): the thumbnail reader's own refusal of anything but a
+    local file dropped: an index whose records name a data URL or an object-store URI with a size
+    (edited, or written by another tool, so the route's "recorded as a URL" check passes) made the
+    server decode or fetch it. The reader refuses them itself."""
+    from dino3.serve.search import _thumbnail
+    from dino3.serve.service import ApiError
+
+    assert _thumbnail(str(PHOTOS[0]), 64, 10**8)[:2] == b"\xff\xd8"  # a local file: a JPEG
+    for path in [data_url(PHOTOS[0]), "s3://bucket/photo.jpg", "http://127.0.0.1:9/photo.jpg"]:
+        with pytest.raises(ApiError) as refused:
+            _thumbnail(path, 64, 10**8)
+        assert refused.value.status == 404 and "not a local file" in refused.value.message
+
+
 def test_pca_is_dense_pca_of_the_patches(server, checkpoint):
     from dino3.dense import pca_rgb
     from dino3.dense.render import colour_map
@@ -245,3 +260,40 @@ def test_a_huge_thumbnail_id_is_a_404_and_invalid_utf8_a_400(server):
         assert answer.status_code == 404 and answer.json()["error"]["param"] == "item", answer.text
     bad = httpx.post(f"{server.url}/v1/search", content=b'{"input": "\xc3\x28"}')
     assert bad.status_code == 400 and "UTF-8" in bad.json()["error"]["message"]
+
+
+# -- the fresh mutation pass (issue 31) ---------------------------------------------------------------------
+def test_search_takes_k_up_to_the_size_of_the_index(server, indexed):
+    """Bug pinned: /v1/search refused k equal to the number of images (`<` for `<=`): a client could
+    not rank the whole index."""
+    _, index = indexed
+    body = {"input": [data_url(PHOTOS[0])], "k": len(index)}
+    response = httpx.post(f"{server.url}/v1/search", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"][0]["neighbors"]) == len(index)
+    too_many = httpx.post(f"{server.url}/v1/search", json={**body, "k": len(index) + 1}, timeout=60)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "k"
+
+
+def test_an_index_rebuilt_with_another_model_under_a_running_server_is_refused(checkpoint, tmp_path):
+    """Bug pinned: the served index, refreshed after `index build --overwrite` in its folder, was not
+    checked against the served model again: rebuilt with another model's vectors, every search
+    answered 200 with neighbours that meant nothing. It answers 503 (index_changed)."""
+    from helpers import save_small_vit
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in PHOTOS[:3]:
+        shutil.copy(photo, photos / photo.name)
+    folder = tmp_path / "photos.index"
+    dino3.index.build([str(photos)], model=str(checkpoint), folder=folder, progress=False)
+    running = Server(create_app(dino3.load(checkpoint), ServeSettings(), index=dino3.index.open(folder)))
+    try:
+        body = {"input": [data_url(PHOTOS[0])], "k": 1}
+        assert httpx.post(f"{running.url}/v1/search", json=body, timeout=60).status_code == 200
+        other = save_small_vit(tmp_path / "other", seed=1)
+        dino3.index.build([str(photos)], model=str(other), folder=folder, overwrite=True, progress=False)
+        response = httpx.post(f"{running.url}/v1/search", json=body, timeout=60)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "index_changed"
+    finally:
+        running.stop()
