@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dino3 import images
+from dino3 import fetch, images
 from dino3.images import ImageError, load_image, load_images
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -69,13 +69,13 @@ def test_url(tmp_path):
         assert torch.equal(load_image(f"{base}/cat.png"), load_image(CAT))
         with pytest.raises(ImageError, match=r"cat.jpg: download failed with HTTP 404"):
             load_image(f"{base}/cat.jpg")
-        limit = images.MAX_DOWNLOAD_BYTES
-        images.MAX_DOWNLOAD_BYTES = 1000
+        limit = fetch.MAX_DOWNLOAD_BYTES
+        fetch.MAX_DOWNLOAD_BYTES = 1000
         try:
             with pytest.raises(ImageError, match="larger than 1000 bytes, the download limit"):
                 load_image(f"{base}/cat.png")
         finally:
-            images.MAX_DOWNLOAD_BYTES = limit
+            fetch.MAX_DOWNLOAD_BYTES = limit
     finally:
         server.shutdown()
 
@@ -235,15 +235,15 @@ def test_data_urls_and_fetch_bytes_of_every_kind(tmp_path):
 
     data = CAT.read_bytes()
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    assert images.fetch_bytes(url) == data and images.fetch_bytes(CAT) == data
+    assert fetch.fetch_bytes(url) == data and fetch.fetch_bytes(CAT) == data
     assert torch.equal(load_image(url), load_image(CAT))
-    assert images.fetch_bytes("data:text/plain,a%20b") == b"a b"
+    assert fetch.fetch_bytes("data:text/plain,a%20b") == b"a b"
     with pytest.raises(ImageError, match="is not valid base64"):
-        images.fetch_bytes("data:image/png;base64,%%%")
+        fetch.fetch_bytes("data:image/png;base64,%%%")
     with pytest.raises(images.ImageTooLargeError, match="larger than 100 bytes"):
-        images.fetch_bytes(CAT, max_bytes=100)
+        fetch.fetch_bytes(CAT, max_bytes=100)
     with pytest.raises(ImageError, match="no such file"):
-        images.fetch_bytes(tmp_path / "nope.png")
+        fetch.fetch_bytes(tmp_path / "nope.png")
 
 
 def test_object_storage_goes_through_pyarrow(tmp_path, monkeypatch):
@@ -265,9 +265,9 @@ def test_object_storage_goes_through_pyarrow(tmp_path, monkeypatch):
     assert torch.equal(load_image("s3://bucket/photos/cat.png"), load_image(CAT))
     assert asked == ["s3://bucket/photos/cat.png"]
     with pytest.raises(ImageError, match="s3://bucket/gone.png: no such object"):
-        images.fetch_bytes("s3://bucket/gone.png")
+        fetch.fetch_bytes("s3://bucket/gone.png")
     with pytest.raises(images.ImageTooLargeError):
-        images.fetch_bytes("s3://bucket/photos/cat.png", max_bytes=10)
+        fetch.fetch_bytes("s3://bucket/photos/cat.png", max_bytes=10)
 
 
 def test_one_thumbnail_maker_for_every_kind_of_image(tmp_path):
@@ -339,7 +339,7 @@ def test_a_rebinding_name_cannot_send_the_download_to_a_private_address(monkeypa
     monkeypatch.setattr(socket, "create_connection", connect)
     try:
         with pytest.raises(ImageError, match="download failed"):
-            images.fetch_bytes(f"http://rebind.test:{server.server_port}/cat.png", public_only=True, timeout=5)
+            fetch.fetch_bytes(f"http://rebind.test:{server.server_port}/cat.png", public_only=True, timeout=5)
         assert handler.hits == []  # the server's own network was never reached
     finally:
         server.shutdown()
@@ -369,11 +369,11 @@ def test_every_redirect_hop_is_checked(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", connect)
     try:
         url = f"http://public.test:{public.server_port}"
-        assert images.fetch_bytes(f"{url}/cat.png", public_only=True) == CAT.read_bytes()  # a public host works
+        assert fetch.fetch_bytes(f"{url}/cat.png", public_only=True) == CAT.read_bytes()  # a public host works
         with pytest.raises(ImageError, match="127.0.0.1 is on a private network"):
-            images.fetch_bytes(f"{url}/redirect", public_only=True)
+            fetch.fetch_bytes(f"{url}/redirect", public_only=True)
         assert private_handler.hits == []
-        assert images.fetch_bytes(f"{url}/redirect") == CAT.read_bytes()  # without the guard: followed
+        assert fetch.fetch_bytes(f"{url}/redirect") == CAT.read_bytes()  # without the guard: followed
     finally:
         public.shutdown()
         private.shutdown()
@@ -385,7 +385,7 @@ def test_every_redirect_hop_is_checked(monkeypatch):
 )
 def test_private_addresses_in_every_spelling_are_refused(host):
     with pytest.raises(ImageError, match="private network"):
-        images.fetch_bytes(f"http://{host}:9/x.png", public_only=True)
+        fetch.fetch_bytes(f"http://{host}:9/x.png", public_only=True)
 
 
 def test_an_image_larger_than_the_whole_memory_budget_runs_alone():

@@ -23,6 +23,7 @@ LAYERS = [
     ["dino3.quantization"],
     ["dino3.models"],
     ["dino3.runtime"],
+    ["dino3.fetch"],
     ["dino3.images", "dino3.video"],
     ["dino3.processing"],
     ["dino3.features", "dino3.linear"],

@@ -428,10 +428,10 @@ class _SlowServer:
 
 
 def test_a_slow_url_has_a_deadline(monkeypatch):  # 11
-    from dino3 import images
+    from dino3 import fetch
 
     server = _SlowServer()
-    monkeypatch.setattr(images, "URL_TIMEOUT_SECONDS", 1.5)
+    monkeypatch.setattr(fetch, "URL_TIMEOUT_SECONDS", 1.5)
     try:
         started = time.monotonic()
         with pytest.raises(ImageError, match="download took longer than 2 s"):

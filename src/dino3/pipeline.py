@@ -62,7 +62,7 @@ def iter_batches(
         skipped; without it, the error is raised. Every failure of one image is an ImageError.
     memory_pixels: how many pixels all threads may be decoding at once (default: MAX_PIXELS, so
         that one image of the largest allowed size runs alone).
-    timeout: seconds for each URL's whole download (default dino3.images.URL_TIMEOUT_SECONDS).
+    timeout: seconds for each URL's whole download (default dino3.fetch.URL_TIMEOUT_SECONDS).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")

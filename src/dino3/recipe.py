@@ -379,7 +379,7 @@ def digest(items: list[str]) -> str:
 
 def _absolute(path: Any) -> str:
     text = os.fspath(path)
-    from .images import is_url
+    from .fetch import is_url
 
     return text if is_url(text) else os.path.abspath(text)
 

@@ -81,7 +81,7 @@ def patch_labels(mask: torch.Tensor, processor: Any) -> torch.Tensor:
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """A mask image (anything dino3.images fetches: a path, URL, object URI) -> (H, W) float32 in
+    """A mask image (anything dino3.fetch reads: a path, URL, object URI) -> (H, W) float32 in
     [0, 1]: its alpha channel if it has one (Meta's label files), else its grey level (16-bit and
     32-bit masks on dino3.images' scales)."""
     from ..errors import ImageError

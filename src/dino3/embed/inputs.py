@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError, VideoError
-from ..images import OBJECT_STORE_PREFIXES as URI_SCHEMES
-from ..images import URL_PREFIXES
+from ..fetch import OBJECT_STORE_PREFIXES as URI_SCHEMES
+from ..fetch import URL_PREFIXES
 from ..video import VIDEO_SUFFIXES, Sampling, is_video, list_frames
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}

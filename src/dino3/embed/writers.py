@@ -96,7 +96,7 @@ class Embeddings:
 def is_embeddings(path: str | os.PathLike) -> bool:
     """Whether `path` names a `dino3 embed` output: a file of one of its formats (by the suffix; a URL
     never), or a Ray engine output folder (its manifest beside it)."""
-    from ..images import is_url
+    from ..fetch import is_url
 
     text = os.fspath(path)
     if is_url(text):

@@ -11,7 +11,7 @@ import base64
 import html
 from typing import Any
 
-from ..images import is_url
+from ..fetch import is_url
 
 THUMBNAIL = 160  # pixels, the longer side
 MAX_GROUPS = 500  # groups shown on a dedup page (the JSON has them all)

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import BadIndexError, UsageError
-from ..images import URL_PREFIXES
+from ..fetch import URL_PREFIXES
 from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest, model_name
 from ..video import source_file
 from . import maintenance, store

@@ -41,7 +41,7 @@ def require() -> None:
 # -- the stages ---------------------------------------------------------------------------------------------
 def _read_bytes(path: str) -> bytes:
     """A file, URL or object-store URI's bytes, through dino3's one fetcher."""
-    from ..images import fetch_bytes
+    from ..fetch import fetch_bytes
 
     return fetch_bytes(path)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..embed import OUTPUT_SUFFIXES, expand_inputs, is_embeddings, read_embeddings
 from ..errors import UsageError
-from ..images import URL_PREFIXES
+from ..fetch import URL_PREFIXES
 
 SHOWN = 5  # how many offending items an error message lists
 

@@ -122,7 +122,8 @@ def add_search_routes(app: FastAPI, service: Service) -> None:
 def _thumbnail(path: str, size: int, max_pixels: int) -> bytes:
     """The file at `path` (one the index lists, never a URL; a video frame decoded from its video)
     scaled to fit size x size, as JPEG bytes."""
-    from ..images import is_data_url, is_object_uri, is_url, make_thumbnail
+    from ..fetch import is_data_url, is_object_uri, is_url
+    from ..images import make_thumbnail
     from ..index import load_picture
 
     if is_url(path) or is_data_url(path) or is_object_uri(path):  # the server reads only local files

@@ -10,7 +10,7 @@ this server does not serve, 408 for a body that stops arriving, 413 over a limit
 per request, pixels), 429 with Retry-After when the queue is full, 503 while shutting down.
 
 Images are data URLs or base64 and, with allow_urls, http(s) URLs: those are downloaded by
-dino3.images.fetch_bytes in a pool of their own (never the event loop's shared one), a few at a time
+dino3.fetch.fetch_bytes in a pool of their own (never the event loop's shared one), a few at a time
 per request, within a deadline each, and cancelled with their request; from public addresses only
 unless allow_private_urls. With a dino.txt model, the routes that take texts (embeddings, search)
 read every other string (neither a data URL nor a URL) as a text: images must then come as data
@@ -33,7 +33,8 @@ import numpy as np
 
 from .._openmp import helper_thread
 from ..errors import ImageError, ImageTooLargeError, UsageError
-from ..images import MAX_PIXELS, MemoryBudget, decode_base64, decode_data_url, fetch_bytes, is_data_url, is_url
+from ..fetch import decode_base64, decode_data_url, fetch_bytes, is_data_url, is_url
+from ..images import MAX_PIXELS, MemoryBudget
 from .batcher import TEXT, Batcher, QueueFull, Stopped
 from .metrics import Metrics
 
