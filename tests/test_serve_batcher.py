@@ -149,6 +149,45 @@ def test_a_request_cancelled_while_queued_leaves_its_batch_unharmed():
     assert model.batches == [[1], [3, 4]]  # the cancelled image never reached the model
 
 
+def test_a_request_cancelled_as_its_batch_forms_leaves_the_batch_unharmed():
+    """Bug pinned (issue 31): a client that goes away just as its image is taken into a batch (out of
+    the queue, before the forward), so that withdrawing it finds nothing to take out: its cancelled
+    future was given a result (InvalidStateError) and every request of that batch failed. The worker
+    drops a job cancelled by then. The moment is made deterministic: the client leaves inside _take."""
+    model = CountingModel()
+    batcher = Batcher(model, max_batch=8, max_wait_ms=0, max_queue=8)
+    take = batcher._take
+
+    def take_then_leave():
+        batch = take()
+        for job in batch:
+            if job.kind == "image" and float(job.data[0, 0, 0]) == 2:
+                job.future.cancel()  # the client of image 2 leaves now
+        return batch
+
+    batcher._take = take_then_leave  # the worker looks it up before each batch
+
+    async def scenario():
+        model.gate.close()
+        running = asyncio.ensure_future(batcher.compute([image(1)], "cls"))
+        await asyncio.to_thread(model.gate.wait_for_a_forward)
+        leaving = asyncio.ensure_future(batcher.compute([image(2)], "cls"))  # first of the next batch
+        staying = asyncio.ensure_future(batcher.compute([image(3), image(4)], "cls"))
+        await until(lambda: batcher.depth == 3)
+        model.gate.opened.set()
+        (gone,) = await asyncio.gather(leaving, return_exceptions=True)
+        return await running, await staying, gone
+
+    try:
+        first, rest, gone = asyncio.run(scenario())
+    finally:
+        model.gate.opened.set()
+        batcher.stop()
+    assert isinstance(gone, asyncio.CancelledError)
+    assert [float(v[0]) for v in first + rest] == [1, 3, 4]
+    assert model.batches == [[1], [3, 4]]  # the image of the client gone never reached the model
+
+
 def test_the_batcher_waits_only_for_images_on_their_way():
     """Bug pinned: a lone request sitting out max_wait_ms for companions that cannot come."""
     model = CountingModel()

@@ -275,6 +275,26 @@ def test_search_takes_k_up_to_the_size_of_the_index(server, indexed):
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "k"
 
 
+def test_search_passes_exact_to_the_index(server, indexed, monkeypatch):
+    """Bug pinned (issue 31): `"exact": true` on /v1/search ignored, so that an index of approximate
+    size answered approximately (the route called the index's search without it). The request's
+    `exact` reaches the index's search: true, false, or the index's default (None) when left out."""
+    _, index = indexed
+    asked = []
+    search = index.search
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("exact"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(index, "search", recording)
+    for exact in (True, False, None):
+        body = {"input": [data_url(PHOTOS[0])], "k": 2, **({} if exact is None else {"exact": exact})}
+        response = httpx.post(f"{server.url}/v1/search", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+    assert asked == [True, False, None]
+
+
 def test_an_index_rebuilt_with_another_model_under_a_running_server_is_refused(checkpoint, tmp_path):
     """Bug pinned: the served index, refreshed after `index build --overwrite` in its folder, was not
     checked against the served model again: rebuilt with another model's vectors, every search
