@@ -136,8 +136,8 @@ def test_resume_after_the_driver_is_killed(checkpoint, tmp_path):
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "dino3.cli", "embed", str(folder), "-m", str(checkpoint), "-o", str(out), "-q"]
     command += ["--engine", "ray", "--ray-shard-size", "4", "--size", "448"]
-    # its own process group: the kill below takes the local Ray it started with it, as a crash of the
-    # machine would, instead of leaving that Ray's workers busy beside the tests that come next
+    # its own process group: the kill below takes the driver and what of its local Ray shares the group;
+    # dino3's watchdog (in a session of its own) stops the rest, workers included (they have their own groups)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "shard-00000.parquet").exists() and time.time() < deadline and process.poll() is None:
@@ -481,3 +481,33 @@ def test_the_watchdog_ends_when_ray_is_shut_down():
         driver.kill()
         driver.wait()
         left_after(seen, 0)
+
+
+def test_the_watchdog_stops_the_workers_the_dead_raylet_was_starting(tmp_path):
+    """A worker the raylet started after the watchdog's last record has another parent once the
+    raylet died with the driver: the watchdog still finds it by the raylet it names (RAY_RAYLET_PID),
+    and leaves alone a process that names another raylet. Played without Ray: a sleeping "raylet", a
+    "worker" that is not its child, and the pipe closed as the driver's death closes it."""
+    from dino3.integrations import ray_watchdog
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    raylet = subprocess.Popen(sleep)
+    worker = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)})
+    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid + 100000)})
+    read_end, write_end = os.pipe()
+    try:
+        root = f"{raylet.pid}:{ray_watchdog._start_time(raylet.pid)}"
+        subprocess.run([sys.executable, "-I", ray_watchdog.__file__, "--driver=0", root], stdin=read_end, check=True)
+        time.sleep(2 * ray_watchdog.INTERVAL)  # records taken, the worker not among them (not the raylet's child)
+        os.close(write_end)
+        write_end = None
+        assert raylet.wait(timeout=10) == -signal.SIGTERM and worker.wait(timeout=10) == -signal.SIGTERM
+        time.sleep(ray_watchdog.INTERVAL)
+        assert other.poll() is None
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
+        for process in (raylet, worker, other):
+            process.kill()
+            process.wait()
