@@ -483,25 +483,35 @@ def test_the_watchdog_ends_when_ray_is_shut_down():
         left_after(seen, 0)
 
 
-def test_the_watchdog_stops_the_workers_the_dead_raylet_was_starting(tmp_path):
-    """A worker the raylet started after the watchdog's last record has another parent once the
+def test_the_watchdog_stops_the_workers_the_dead_raylet_was_starting():
+    """A worker that the raylet started after the watchdog's last record has another parent once the
     raylet died with the driver: the watchdog still finds it by the raylet it names (RAY_RAYLET_PID),
-    and leaves alone a process that names another raylet. Played without Ray: a sleeping "raylet", a
-    "worker" that is not its child, and the pipe closed as the driver's death closes it."""
+    even after a record that no longer holds the raylet (the bug of a first version: a worker still
+    starting outlived the job by ~25 s), and leaves alone a process that names another raylet. Played
+    without Ray: a sleeping "raylet" with an "agent" child, a "worker" that is not its child, the raylet
+    killed, and the pipe closed as the driver's death closes it."""
+    import psutil
+
     from dino3.integrations import ray_watchdog
 
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    raylet = subprocess.Popen(sleep)
+    with_agent = f"import subprocess, time; print(subprocess.Popen({sleep!r}).pid, flush=True); time.sleep(60)"
+    raylet = subprocess.Popen([sys.executable, "-c", with_agent], stdout=subprocess.PIPE, text=True)
+    agent = psutil.Process(int(raylet.stdout.readline()))
     worker = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)})
     other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid + 100000)})
     read_end, write_end = os.pipe()
     try:
         root = f"{raylet.pid}:{ray_watchdog._start_time(raylet.pid)}"
         subprocess.run([sys.executable, "-I", ray_watchdog.__file__, "--driver=0", root], stdin=read_end, check=True)
-        time.sleep(2 * ray_watchdog.INTERVAL)  # records taken, the worker not among them (not the raylet's child)
+        time.sleep(2 * ray_watchdog.INTERVAL)  # recorded: the raylet and the agent, not the worker (not a child)
+        raylet.kill()
+        raylet.wait()
+        time.sleep(2 * ray_watchdog.INTERVAL)  # recorded: the agent alone
         os.close(write_end)
         write_end = None
-        assert raylet.wait(timeout=10) == -signal.SIGTERM and worker.wait(timeout=10) == -signal.SIGTERM
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+        agent.wait(timeout=10)
         time.sleep(ray_watchdog.INTERVAL)
         assert other.poll() is None
     finally:
@@ -511,3 +521,6 @@ def test_the_watchdog_stops_the_workers_the_dead_raylet_was_starting(tmp_path):
         for process in (raylet, worker, other):
             process.kill()
             process.wait()
+        raylet.stdout.close()
+        with contextlib.suppress(psutil.Error):
+            agent.kill()

@@ -7,9 +7,10 @@ worker still starting for ~25 s. No Ray option changes that, so `guard` starts a
 beside the driver. It holds the read end of a pipe whose write end only the driver holds, and while the
 driver lives it records the session's processes (the driver's children that belong to the session, and
 their descendants) every INTERVAL seconds. When the pipe ends (the driver died, whatever the way), it
-adds the workers that the raylet started since (they name their raylet in RAY_RAYLET_PID), stops every
-one still alive (SIGTERM, then SIGKILL after GRACE seconds) and exits. Once they are all gone while the
-driver lives (Ray was shut down), it just exits. It runs in its own session, so that a Ctrl-C or a kill
+stops every one still alive, and the workers that the raylet started since the last record (orphans by
+then: they name their raylet in RAY_RAYLET_PID), and those that appear meanwhile (SIGTERM, then SIGKILL
+after GRACE seconds), and exits. Once they are all gone while the driver lives (Ray was shut down), it
+just exits. It runs in its own session, so that a Ctrl-C or a kill
 of the driver's process group leaves it to do its work. A pid is recorded with its start time, so that
 a process that took the pid of one that ended is never signalled. Linux only (it reads /proc):
 elsewhere no watchdog is started.
@@ -62,16 +63,23 @@ def guard(session_dir: str) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    watched = dict(_parse(a) for a in argv if not a.startswith("--"))
+    roots = dict(_parse(a) for a in argv if not a.startswith("--"))
     if os.fork():  # the driver waits for this first process only; the second, orphaned, is reaped by init
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    watched = _record(watched, _processes())
+    watched = _record(roots, _processes())
     while watched:
-        if select.select([0], [], [], INTERVAL)[0] and not os.read(0, 4096):
-            _stop(_last_record(watched))  # the driver is gone
+        if _driver_gone():
+            _stop(watched, roots)
             return
         watched = _record(watched, _processes())
+    if _driver_gone():  # it died as the last recorded process ended: a worker it was starting may be left
+        _stop({}, roots)
+
+
+def _driver_gone() -> bool:
+    """Whether the pipe ended (waiting up to INTERVAL seconds): the driver is gone."""
+    return bool(select.select([0], [], [], INTERVAL)[0]) and not os.read(0, 4096)
 
 
 def _record(watched: dict[int, int], table: dict[int, tuple[int, int]]) -> dict[int, int]:
@@ -87,34 +95,38 @@ def _record(watched: dict[int, int], table: dict[int, tuple[int, int]]) -> dict[
     return alive
 
 
-def _last_record(watched: dict[int, int]) -> dict[int, int]:
-    """`_record`, and the workers that the raylet started since the last record: the raylet died with the
+def _session(watched: dict[int, int], roots: dict[int, int]) -> dict[int, int]:
+    """`_record`, and the workers that the raylet (a root) started since the last record: it died with the
     driver, so they have another parent now; Ray gives each the pid of its raylet (RAY_RAYLET_PID)."""
     table = _processes()
     alive = _record(watched, table)
     for pid, (_, start) in table.items():
         raylet = _raylet_of(pid)
-        if pid not in alive and raylet in watched and start >= watched[raylet]:  # not an older raylet's
+        if pid not in alive and raylet in roots and start >= roots[raylet]:  # not an older raylet's
             alive[pid] = start
     return _record(alive, table)
 
 
-def _stop(watched: dict[int, int]) -> None:
-    """SIGTERM every watched process, then SIGKILL those still alive after GRACE seconds."""
-    _signal(watched, signal.SIGTERM)
-    deadline = time.monotonic() + GRACE
-    while watched and time.monotonic() < deadline:
+def _stop(watched: dict[int, int], roots: dict[int, int]) -> None:
+    """SIGTERM the session's processes, and those that appear meanwhile (a raylet that outlived the driver
+    by a moment starts workers); SIGKILL what is left after GRACE seconds."""
+    began = time.monotonic()
+    signalled = set()
+    while watched := _session(watched, roots):
+        late = time.monotonic() - began >= GRACE
+        for process in watched.items():
+            if late or process not in signalled:
+                _signal(*process, signal.SIGKILL if late else signal.SIGTERM)
+                signalled.add(process)
+        if time.monotonic() - began >= 2 * GRACE:  # what a SIGKILL does not end (a process stuck in the kernel)
+            return
         time.sleep(0.1)
-        table = _processes()
-        watched = {pid: start for pid, start in watched.items() if pid in table and table[pid][1] == start}
-    _signal(watched, signal.SIGKILL)
 
 
-def _signal(watched: dict[int, int], number: int) -> None:
-    for pid, start in watched.items():
-        if _start_time(pid) == start:  # still the process recorded, not another that took its pid
-            with contextlib.suppress(OSError):  # ended since
-                os.kill(pid, number)
+def _signal(pid: int, start: int, number: int) -> None:
+    if _start_time(pid) == start:  # still the process recorded, not another that took its pid
+        with contextlib.suppress(OSError):  # ended since
+            os.kill(pid, number)
 
 
 def _processes() -> dict[int, tuple[int, int]]:
