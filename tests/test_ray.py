@@ -5,6 +5,7 @@ worker is replaced and the output is whole; and every mistake is a clear error."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -135,8 +136,8 @@ def test_resume_after_the_driver_is_killed(checkpoint, tmp_path):
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "dino3.cli", "embed", str(folder), "-m", str(checkpoint), "-o", str(out), "-q"]
     command += ["--engine", "ray", "--ray-shard-size", "4", "--size", "448"]
-    # its own process group: the kill below takes the local Ray it started with it, as a crash of the
-    # machine would, instead of leaving that Ray's workers busy beside the tests that come next
+    # its own process group: the kill below takes the driver and what of its local Ray shares the group;
+    # dino3's watchdog (in a session of its own) stops the rest, workers included (they have their own groups)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "shard-00000.parquet").exists() and time.time() < deadline and process.poll() is None:
@@ -345,3 +346,181 @@ def test_rows_keep_the_input_order_when_later_blocks_finish_first(local_ray, che
     out = tmp_path / "ray"
     dino3.embed.run([str(folder)], str(checkpoint), out, engine="ray", size=112, progress=False)
     assert dino3.embed.read_embeddings(out).paths == sorted(str(p) for p in folder.iterdir())
+
+
+# -- a driver that dies: the local Ray it started ends with it (issue 27) -------------------------------------
+def ray_command(folder: Path, checkpoint, out: Path) -> list[str]:
+    command = [sys.executable, "-m", "dino3.cli", "embed", str(folder), "-m", str(checkpoint), "-o", str(out), "-q"]
+    return command + ["--engine", "ray", "--ray-shard-size", "4", "--size", "448"]
+
+
+def record(driver: int, seen: dict) -> None:
+    """Add to `seen` the processes of the driver's Ray (its descendants) and its watchdog."""
+    import psutil
+
+    try:
+        processes = psutil.Process(driver).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    processes += [p for p in psutil.process_iter(["cmdline"]) if f"--driver={driver}" in (p.info["cmdline"] or [])]
+    for process in processes:
+        with contextlib.suppress(psutil.Error):  # ended meanwhile
+            seen.setdefault(process.pid, (process, " ".join(process.cmdline())[:120]))
+
+
+def left_after(seen: dict, seconds: float) -> list[str]:
+    """What of `seen` still runs after up to `seconds` (then ended here, so that no test leaves any)."""
+    import psutil
+
+    def running():
+        alive = []
+        for process, name in seen.values():
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(name)
+        return alive
+
+    deadline = time.time() + seconds
+    while running() and time.time() < deadline:
+        time.sleep(0.25)
+    left = running()
+    for process, _ in seen.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return left
+
+
+def test_a_killed_driver_leaves_no_ray_process(checkpoint, tmp_path):
+    """The bug this pins: a driver killed with SIGKILL (or by the out-of-memory killer) left Ray's two
+    agents running for a minute, and a worker it was starting for ~25 s. The kernel ends Ray's GCS and
+    raylet with the driver, not what the raylet started: dino3's watchdog ends every process of the
+    session (and itself) within seconds."""
+    folder = inputs(tmp_path / "in", 16)
+    out = tmp_path / "ray"
+    # its own session only to keep a stray signal away from pytest; the kill below is of the driver alone
+    driver = subprocess.Popen(ray_command(folder, checkpoint, out), stderr=subprocess.DEVNULL, start_new_session=True)
+    seen: dict = {}
+    try:
+        deadline = time.time() + 300
+        while not (out / "shard-00000.parquet").exists() and time.time() < deadline and driver.poll() is None:
+            record(driver.pid, seen)
+            time.sleep(0.1)
+        record(driver.pid, seen)
+        assert driver.poll() is None, "the job ended before its first shard was written"
+        assert any("raylet" in name for _, name in seen.values()), "no Ray was started"
+        started = time.time()
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        left = left_after(seen, 15)
+        assert not left, f"still running {time.time() - started:.0f} s after the driver was killed: {left}"
+    finally:
+        driver.kill()
+        driver.wait()
+        left_after(seen, 0)
+
+
+def test_a_finished_driver_leaves_no_ray_process(checkpoint, tmp_path):
+    """A job that ends normally: Ray stops with it as before, and the watchdog ends too."""
+    folder = inputs(tmp_path / "in", 2)
+    out = tmp_path / "ray"
+    driver = subprocess.Popen(ray_command(folder, checkpoint, out), stderr=subprocess.PIPE, text=True)
+    seen: dict = {}
+    try:
+        while driver.poll() is None:
+            record(driver.pid, seen)
+            time.sleep(0.1)
+        assert driver.returncode == 0, driver.stderr.read()[-2000:]
+        assert any("ray_watchdog" in name for _, name in seen.values()), [name for _, name in seen.values()]
+        left = left_after(seen, 10)
+        assert not left, left
+    finally:
+        driver.kill()
+        driver.wait()
+        left_after(seen, 0)
+
+
+def test_no_watchdog_over_a_ray_that_is_not_ours(local_ray, tmp_path):
+    """A Ray the caller initialised, or a cluster dino3 connected to, is not dino3's to stop."""
+    import psutil
+
+    from dino3.integrations import ray as plan
+    from dino3.integrations.ray_watchdog import guard
+
+    plan.start(None, False)  # Ray is initialised already (the fixture's)
+    assert not guard(str(tmp_path / "session_of_another_cluster"))  # no child of this process belongs to it
+    mine = f"--driver={os.getpid()}"
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if mine in (p.info["cmdline"] or [])]
+
+
+def test_the_watchdog_ends_when_ray_is_shut_down():
+    """A program that started a local Ray through dino3 and shut it down goes on without Ray's processes
+    or dino3's watchdog."""
+    script = """if True:
+        import sys
+
+        import ray
+
+        from dino3.integrations import ray as plan
+
+        plan.start(None, False)
+        print(1, flush=True)
+        ray.shutdown()
+        print(2, flush=True)
+        sys.stdin.readline()
+    """
+    driver = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen: dict = {}
+    try:
+        assert driver.stdout.readline() == "1\n"
+        record(driver.pid, seen)
+        assert any("ray_watchdog" in name for _, name in seen.values()), [name for _, name in seen.values()]
+        assert driver.stdout.readline() == "2\n"
+        left = left_after(seen, 10)
+        assert driver.poll() is None and not left, left
+    finally:
+        driver.kill()
+        driver.wait()
+        left_after(seen, 0)
+
+
+def test_the_watchdog_stops_the_workers_the_dead_raylet_was_starting():
+    """A worker that the raylet started after the watchdog's last record has another parent once the
+    raylet died with the driver: the watchdog still finds it by the raylet it names (RAY_RAYLET_PID),
+    even after a record that no longer holds the raylet (the bug of a first version: a worker still
+    starting outlived the job by ~25 s), and leaves alone a process that names another raylet. Played
+    without Ray: a sleeping "raylet" with an "agent" child, a "worker" that is not its child, the raylet
+    killed, and the pipe closed as the driver's death closes it."""
+    import psutil
+
+    from dino3.integrations import ray_watchdog
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with_agent = f"import subprocess, time; print(subprocess.Popen({sleep!r}).pid, flush=True); time.sleep(60)"
+    raylet = subprocess.Popen([sys.executable, "-c", with_agent], stdout=subprocess.PIPE, text=True)
+    agent = psutil.Process(int(raylet.stdout.readline()))
+    worker = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)})
+    other = subprocess.Popen(sleep, env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid + 100000)})
+    read_end, write_end = os.pipe()
+    try:
+        root = f"{raylet.pid}:{ray_watchdog._start_time(raylet.pid)}"
+        subprocess.run([sys.executable, "-I", ray_watchdog.__file__, "--driver=0", root], stdin=read_end, check=True)
+        time.sleep(2 * ray_watchdog.INTERVAL)  # recorded: the raylet and the agent, not the worker (not a child)
+        raylet.kill()
+        raylet.wait()
+        time.sleep(2 * ray_watchdog.INTERVAL)  # recorded: the agent alone
+        os.close(write_end)
+        write_end = None
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+        agent.wait(timeout=10)
+        time.sleep(ray_watchdog.INTERVAL)
+        assert other.poll() is None
+    finally:
+        os.close(read_end)
+        if write_end is not None:
+            os.close(write_end)
+        for process in (raylet, worker, other):
+            process.kill()
+            process.wait()
+        raylet.stdout.close()
+        with contextlib.suppress(psutil.Error):
+            agent.kill()

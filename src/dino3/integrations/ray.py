@@ -238,11 +238,16 @@ def start(address: str | None, progress: bool) -> float:
     started = time.perf_counter()
     if address not in (None, "auto", "local"):
         _check_reachable(address)
-    try:
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise Dino3Error(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+    if not ray.is_initialized():
+        try:
+            context = ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise Dino3Error(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+        # A local Ray started here ends with this process even when it is killed (SIGKILL, out of memory);
+        # a cluster given by its address, or a Ray the caller initialised, is not ours to stop.
+        from .ray_watchdog import guard
+
+        guard(context.address_info["session_dir"])
     import ray.data
 
     context = ray.data.DataContext.get_current()
