@@ -395,6 +395,21 @@ def test_mutual_matches_ignore_masked_patches_of_a():
     assert dense.match_patches(first, other, mutual=True, mask_b=mask_b).index_a.tolist() == [2]
 
 
+def test_masked_patches_of_a_are_never_listed_as_matches():
+    """Bug pinned (issue 31, fresh pass 3, F-D1): the background patches of A not marked unmatched
+    after the search: each came back matched to B's patch 0 with a score of -inf, listed among the
+    matches of a plain (not mutual) match with `mask_a`, and drawn."""
+    a = torch.tensor([[[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]])  # (1, 3, 2); A's patch 0 is masked out
+    b = torch.tensor([[[1.0, 0.05], [0.1, 1.0]]])  # (1, 2, 2)
+    centres = lambda n: lambda: torch.tensor([[[16.0 * i + 8, 8.0] for i in range(n)]])  # noqa: E731
+    first = SimpleNamespace(features=a, patch_centres=centres(3))
+    other = SimpleNamespace(features=b, patch_centres=centres(2))
+    found = dense.match_patches(first, other, mask_a=torch.tensor([[False, True, True]]))
+    assert sorted(found.index_a.tolist()) == [1, 2] and torch.isfinite(found.score).all()
+    best_b, score, _ = dense.match.nearest_patches(a[0], b[0], mask_a=torch.tensor([False, True, True]))
+    assert best_b.tolist() == [-1, 0, 1] and score[0] == float("-inf")
+
+
 def test_matches_exactly_the_spacing_apart_are_kept(small_model):
     """Issue 31. Bug planted: `sparse` keeping a match only when it lies more than `spacing` px from
     the others (`<=` for `<`): at a spacing of one patch pitch, half the matches vanished."""
