@@ -407,6 +407,20 @@ def test_bad_options_are_refused_before_any_work(tiny, small_digits, tmp_path, c
     assert not (tmp_path / "p").exists()
 
 
+def test_hidden_folders_of_a_dataset_are_not_classes(small_digits, tmp_path):
+    """Bug pinned (issue 31, fresh pass 3, F-P4): hidden folders taken as classes: a dataset folder
+    that Jupyter or a file manager had visited (`.ipynb_checkpoints/`, a `.thumbnails/` of images)
+    was refused for an empty class, or trained a class named ".thumbnails"."""
+    root = tmp_path / "digits"
+    shutil.copytree(small_digits / "train", root)
+    expected = read_dataset(root)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
+    shutil.copytree(small_digits / "train" / "0", root / ".thumbnails")  # images, in a hidden folder
+    found = read_dataset(root)
+    assert sorted(set(found.labels)) == sorted(set(expected.labels)) and len(found.paths) == len(expected.paths)
+
+
 def test_val_fraction_1_is_refused_before_anything_is_read(tmp_path):
     """Bug planted: train() without its own check of val_fraction (it then reads the dataset, loads
     the model and embeds every image before stratified_split refuses 1): the message named the
