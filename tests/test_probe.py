@@ -319,6 +319,23 @@ def test_train_from_embeddings_and_a_labels_csv(tiny, small_digits, tmp_path):
         Probe.load(tmp_path / "probe").predict(np.zeros((2, 128), np.float32))
 
 
+def test_the_final_fit_learns_from_the_held_out_images_too(tiny, small_digits, tmp_path):
+    """Bug pinned (issue 31, fresh pass 3, F-P6): the logistic probe's final fit, after C was chosen
+    on the held-out images, left them out: a probe trained with --val-fraction 0.5 had learnt from
+    half the user's images. Once C is chosen the fit is on all of them, so it equals the fit with
+    nothing held out (the same optimum, reached from another start)."""
+    features = tmp_path / "features.npz"
+    dino3.embed.run([str(small_digits / "train")], model=str(tiny), output=features, pool="cls", progress=False)
+    labels = tmp_path / "labels.csv"
+    images = sorted((small_digits / "train").rglob("*.png"))
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    held = dino3.probe.train(features, labels=labels, C=1.0, val_fraction=0.5, progress=False).probe
+    whole = dino3.probe.train(features, labels=labels, C=1.0, val_fraction=0, progress=False).probe
+    assert held.settings["validation"]["scores"]  # the half was held out to score C
+    for name in ("weight", "bias"):
+        assert np.allclose(held.tensors[name].numpy(), whole.tensors[name].numpy(), atol=1e-3), name
+
+
 def test_a_probe_refuses_another_model(tiny, small_digits, trained, tmp_path, capsys):
     image = next((small_digits / "test").rglob("*.png"))
     same_config = tiny_checkpoint(tmp_path / "other", seed=1)  # new weights, same architecture
