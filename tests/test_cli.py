@@ -301,6 +301,19 @@ def test_shards_read_back_as_one(checkpoint, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_upper_case_suffixes_are_images_too(tmp_path):
+    """Bug pinned (issue 31, fresh pass 3, F-E3): the folder walk compared suffixes as written, so a
+    camera's or Windows' `IMG_0001.JPG` and `scan.Png` were counted as "other files" and never
+    embedded."""
+    root = tmp_path / "camera"
+    root.mkdir()
+    for name in ["IMG_0001.JPG", "scan.Png", "small.jpeg", "notes.TXT"]:
+        shutil.copy(PHOTOS / NAMES[0], root / name)
+    found = dino3.embed.expand_inputs([str(root)])
+    assert found.paths == [str(root / name) for name in ["IMG_0001.JPG", "scan.Png", "small.jpeg"]]
+    assert found.ignored == 1
+
+
 def test_folders_are_read_in_sorted_order_whatever_the_disk_lists(tmp_path):
     """Bug pinned (the fresh mutation pass of issue 31): the sub-folders of an input folder taken in
     the order the file system lists them (on ext4, by hash) instead of sorted: the rows of an
