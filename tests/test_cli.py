@@ -301,6 +301,24 @@ def test_shards_read_back_as_one(checkpoint, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_skipped_inputs_are_counted_by_one_shard_only(checkpoint, tmp_path):
+    """Bug pinned (issue 31, fresh pass 3, F-E4): with --shard K/N every shard listed the inputs the
+    folder walk skipped (a dangling link, say): the shards read back as one said N failures for one
+    broken input, and each task's failure list repeated it."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name in NAMES[:4]:
+        shutil.copy(PHOTOS / name, root / name)
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")  # skipped by the walk, not embedded
+    parts, failures = [tmp_path / f"part-{k}.npz" for k in range(2)], []
+    for k, part in enumerate(parts):
+        result = dino3.embed.run([str(root)], model=str(checkpoint), output=part, shard=(k, 2), size=64, progress=False)
+        failures.append([path for path, _ in result.failures])
+    assert failures == [[str(root / "gone.png")], []]
+    merged = dino3.embed.read_shards(parts)
+    assert len(merged) == 4 and merged.meta["failed"] == 1
+
+
 def test_upper_case_suffixes_are_images_too(tmp_path):
     """Bug pinned (issue 31, fresh pass 3, F-E3): the folder walk compared suffixes as written, so a
     camera's or Windows' `IMG_0001.JPG` and `scan.Png` were counted as "other files" and never
