@@ -304,7 +304,8 @@ def test_shards_read_back_as_one(checkpoint, tmp_path, capsys):
 def test_skipped_inputs_are_counted_by_one_shard_only(checkpoint, tmp_path):
     """Bug pinned (issue 31, fresh pass 3, F-E4): with --shard K/N every shard listed the inputs the
     folder walk skipped (a dangling link, say): the shards read back as one said N failures for one
-    broken input, and each task's failure list repeated it."""
+    broken input, and each task's failure list repeated it. And F-E5: the count in an output's
+    metadata leaving the skipped inputs out (0 failed)."""
     root = tmp_path / "photos"
     root.mkdir()
     for name in NAMES[:4]:
