@@ -406,3 +406,49 @@ def test_an_image_larger_than_the_whole_memory_budget_runs_alone():
     thread.join(10)
     with budget.reserve(250):  # alone, at once
         assert budget.used == 100
+
+
+class Unannounced(http.server.BaseHTTPRequestHandler):
+    """Answers with `size` bytes whose length no header announces: /close ends the body by closing the
+    connection (HTTP/1.0), /chunked sends it in chunks (HTTP/1.1 Transfer-Encoding: chunked)."""
+
+    size = 0
+
+    def do_GET(self):  # noqa: N802
+        body = b"\xff" * self.size
+        if self.path == "/chunked":
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for start in range(0, len(body), 8192):
+                part = body[start : start + 8192]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_body_of_unannounced_length_is_held_to_the_size_limit_too():
+    """Bug pinned (issue 31, fresh pass 3, F-S6): the download's limit checked only against the
+    Content-Length header: a server that announces no length (a body ended by closing the connection,
+    or sent chunked) had its whole body read into memory, whatever its size, and a client of `dino3
+    serve` could make the server download gigabytes. Both kinds are refused past max_bytes."""
+    handler = type("Handler", (Unannounced,), {"size": 200_000})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for path in ("/close", "/chunked"):
+            assert len(fetch.fetch_bytes(base + path, max_bytes=200_000)) == 200_000  # the server works
+            with pytest.raises(images.ImageTooLargeError, match="larger than 100000 bytes"):
+                fetch.fetch_bytes(base + path, max_bytes=100_000)
+    finally:
+        server.shutdown()

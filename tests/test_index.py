@@ -1265,6 +1265,37 @@ def test_images_that_joined_the_graph_are_found_once(built, tmp_path, small_limi
     assert (ids[:, 0] == [e.id for e in index.entries()[-200:]]).all()
 
 
+def test_images_removed_since_the_graph_was_written_are_never_found(built, tmp_path, monkeypatch):
+    """Bug pinned (issue 31, fresh pass 3, F-I5): the images added beside the graph (searched exactly
+    until they join it) were read with their removed rows (live_after ignoring the tombstones): an
+    image added and then removed was still found by every approximate search, at score 1 for its own
+    vector, and when the added images joined the graph the removed ones were put into it too."""
+    monkeypatch.setattr(maintenance, "EXACT_LIMIT", 64 * 999)  # an approximate index from 1,000 images
+    monkeypatch.setattr(maintenance, "RECENT_FRACTION", 0.1)
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(synthetic(tmp_path / "a", 1200, 64, settings, seed=41))], folder=index_dir, progress=False)
+    index = dino3.index.open(index_dir)
+    index.add([str(synthetic(tmp_path / "b", 50, 64, settings, seed=42))], progress=False)  # 50 < 10%: beside
+    added = sorted((tmp_path / "b").iterdir())
+    removed = {e.path: (e.id, v) for e, v in zip(index.entries(), index.vectors()) if Path(e.path) in added[:20]}
+    assert len(removed) == 20
+    for path in added[:20]:
+        path.unlink()
+    assert index.add([str(tmp_path / "b")], progress=False).dropped == 20
+    assert index.info()["approximate_index"]["count"] == 1200  # the 30 left are still beside the graph
+    removed_ids = {item for item, _ in removed.values()}
+    vectors = np.stack([v for _, v in removed.values()])
+    found = index.nearest(vectors, 10, exact=False)[1]
+    assert not removed_ids & set(found.ravel().tolist())
+    index.add([str(synthetic(tmp_path / "c", 150, 64, settings, seed=43))], progress=False)  # 180 > 10%: join
+    info = index.info()["approximate_index"]
+    assert info["count"] == 1200 + 30 + 150  # the removed 20 not put into the graph
+    found = index.nearest(vectors, 10, exact=False)[1]
+    assert not removed_ids & set(found.ravel().tolist())
+
+
 def test_a_large_k_on_the_approximate_index_keeps_its_recall(approximate_index):
     """Bug pinned: the graph searched with its calibrated efSearch (tuned for 10 neighbours, here
     16-64) when k is larger: FAISS then returns k results, but from a candidate list shorter than

@@ -317,6 +317,47 @@ def test_concurrent_requests_of_different_sizes_each_get_their_own_features(real
         server.stop()
 
 
+def test_requests_batched_together_each_get_the_pooling_they_asked_for(real_model):
+    """Bug pinned (issue 31, fresh pass 3, F-S1): concurrent /v1/embeddings requests of one image size
+    that asked for different poolings ("cls", "mean", "cls+mean") and ran in one forward were all
+    pooled as the batch's first request asked: a client asking for "mean" got CLS vectors, one asking
+    for "cls+mean" got vectors of half the length. Queued together behind a held forward, each must
+    get what it gets alone."""
+    model = GatedModel(real_model)
+    server = Server(create_app(model, ServeSettings(max_batch=8, max_wait_ms=0, max_queue=16, max_images=8)))
+    service = server.server.config.app.state.service
+    url = f"{server.url}/v1/embeddings"
+    photo = data_url(PHOTOS / "rocket.jpg")
+    pools = ["cls", "mean", "cls+mean"]
+    executor = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        alone = {}
+        for pool in pools:
+            answer = post(url, {"input": [photo], "pool": pool})
+            assert answer.status_code == 200, answer.text
+            alone[pool] = torch.tensor(answer.json()["data"][0]["embedding"])
+        assert not torch.allclose(alone["cls"], alone["mean"], atol=1e-3)
+        model.gate.close()
+        holder = executor.submit(post, url, {"input": [photo]})
+        model.gate.wait_for_a_forward()
+        futures = {}
+        for pool in pools:  # queued one after the other: "cls" first in the batch
+            futures[pool] = executor.submit(post, url, {"input": [photo], "pool": pool})
+            wait_until(lambda: service.batcher.depth == len(futures))
+        model.gate.opened.set()
+        assert holder.result().status_code == 200
+        for pool, future in futures.items():
+            answer = future.result()
+            assert answer.status_code == 200, (pool, answer.text)
+            got = torch.tensor(answer.json()["data"][0]["embedding"])
+            assert got.shape == alone[pool].shape and (got - alone[pool]).abs().max() <= 1e-4, pool
+        assert model.shapes[-1][0] == 3  # the three requests ran in one forward
+    finally:
+        model.gate.opened.set()
+        executor.shutdown()
+        server.stop()
+
+
 class TextModel:
     """Stands in for a dino.txt model in the batcher: its text tower records each forward's texts (by
     their first token after start-of-text) and the thread it ran on, and waits at its gate; its

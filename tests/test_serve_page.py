@@ -295,6 +295,34 @@ def test_search_passes_exact_to_the_index(server, indexed, monkeypatch):
     assert asked == [True, False, None]
 
 
+def test_queries_are_preprocessed_as_the_index_was_not_as_the_server_would(checkpoint, tmp_path):
+    """Bug pinned (issue 31, fresh pass 3, F-S3): /v1/search preprocessed its queries with the server's
+    own processor (224 px) instead of the index's: an index built at another size answered with
+    neighbours from vectors of another resolution, so that an indexed image searched for was not
+    found at score 1 and the scores differed from the index's own search of that image."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo in PHOTOS[:4]:
+        shutil.copy(photo, photos / photo.name)
+    folder = tmp_path / "photos.index"
+    dino3.index.build([str(photos)], model=str(checkpoint), folder=folder, size=160, progress=False)
+    index = dino3.index.open(folder)
+    assert index.settings["processor"]["size"] != {"height": 224, "width": 224}  # not the server's default
+    running = Server(create_app(dino3.load(checkpoint), ServeSettings(), index=index))
+    try:
+        for query in sorted(photos.iterdir()):
+            body = {"input": [data_url(query)], "k": 3, "exact": True}
+            response = httpx.post(f"{running.url}/v1/search", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            (result,) = response.json()["data"]
+            expected = index.search(str(query), k=3, exact=True)[0]["neighbors"]
+            assert result["neighbors"][0]["path"] == str(query) and result["neighbors"][0]["score"] > 0.999
+            assert [n["id"] for n in result["neighbors"]] == [n["id"] for n in expected]
+            assert np.allclose([n["score"] for n in result["neighbors"]], [n["score"] for n in expected], atol=1e-4)
+    finally:
+        running.stop()
+
+
 def test_an_index_rebuilt_with_another_model_under_a_running_server_is_refused(checkpoint, tmp_path):
     """Bug pinned: the served index, refreshed after `index build --overwrite` in its folder, was not
     checked against the served model again: rebuilt with another model's vectors, every search
