@@ -138,3 +138,23 @@ def test_an_image_fixed_after_it_failed_is_embedded_on_resume(checkpoint, tmp_pa
     Path(paths[1]).write_bytes(good)  # fixed
     result = dino3.embed.run(paths, str(checkpoint), out, resume=True, **COMMON)
     assert result.count == 6 and not result.failures
+
+
+def test_failures_at_the_very_end_are_reported(checkpoint, tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-E1): the last chunk of a job dropped when it held only
+    failures: broken images at the end of the input list (after the last full checkpoint) were
+    neither embedded nor reported, the output said nothing of them and the run exited 0."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, photo in enumerate(sorted(PHOTOS.glob("*.png"))[:4]):
+        shutil.copy(photo, folder / f"{i}.png")
+    for name in ("x-broken.png", "y-broken.png"):  # sorted last: a chunk of their own
+        (folder / name).write_bytes(b"\x89PNG not really")
+    output = tmp_path / "out.npz"
+    result = dino3.embed.run(
+        [str(folder)], model=str(checkpoint), output=output, size=SIZE, batch_size=2, checkpoint_every=4,
+        workers=0, progress=False,
+    )  # fmt: skip
+    written = dino3.embed.read_embeddings(output)
+    assert len(written) == 4 and written.meta["failed"] == 2
+    assert sorted(Path(path).name for path, _ in result.failures) == ["x-broken.png", "y-broken.png"]
