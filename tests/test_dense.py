@@ -772,3 +772,17 @@ def test_a_soft_mask_keeps_only_the_patches_above_one_half():
     assert torch.equal(colours, dense.pca_rgb(grid, mask=hard))  # fitted on the same 20 patches
     assert torch.equal(colours, dense.pca_rgb(grid, mask=soft.numpy().astype(np.float64)))
 
+
+def test_a_png_mask_is_taken_before_a_jpeg_of_the_same_name(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-D5): with name.jpg and name.png both in the masks
+    folder, the first in sorted order was taken: the lossy JPEG (its edges smeared by compression)
+    instead of the PNG the docs promise. The two masks differ here so the choice shows; the
+    folder is listed sorted, so the JPEG comes first whatever order the file system keeps."""
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (32, 16), 0).save(tmp_path / "masks" / "photo.jpg")
+    Image.new("L", (32, 16), 0).save(tmp_path / "masks" / "photo.JPEG")
+    Image.new("L", (32, 16), 255).save(tmp_path / "masks" / "photo.png")
+    Image.new("RGB", (32, 16)).save(tmp_path / "photo.jpg")
+    assert dense.mask_for(tmp_path / "photo.jpg", tmp_path / "masks").name == "photo.png"
+    _, mask = dense.read_pair(tmp_path / "photo.jpg", tmp_path / "masks")
+    assert float(mask.min()) == 1.0  # the PNG's white, not the JPEG's black
