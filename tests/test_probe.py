@@ -675,3 +675,16 @@ def test_training_again_with_another_pooling_embeds_again(tiny, small_digits, tr
     )
     assert result.probe.pool == "cls" and result.probe.feature_dim == 64
     assert not any("reused" in note for note in result.notes)
+
+
+def test_a_labels_csv_saved_by_excel_with_a_bom_has_its_header_read(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P1): a labels CSV read as plain UTF-8, so the byte-order
+    mark Excel writes at the start of a "CSV UTF-8" file stuck to the first column's name: the header
+    `label,path` was not recognised and read as a row, the columns taken in the wrong order."""
+    from dino3.probe.dataset import read_labels_csv
+
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_bytes("label,path\r\ncat,a.png\r\ndog,b.png\r\n".encode("utf-8-sig"))
+    assert csv_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_labels_csv(csv_file) == [(2, str(tmp_path / "a.png"), "cat"), (3, str(tmp_path / "b.png"), "dog")]
+
