@@ -688,3 +688,16 @@ def test_a_labels_csv_saved_by_excel_with_a_bom_has_its_header_read(tmp_path):
     assert csv_file.read_bytes().startswith(b"\xef\xbb\xbf")
     assert read_labels_csv(csv_file) == [(2, str(tmp_path / "a.png"), "cat"), (3, str(tmp_path / "b.png"), "dog")]
 
+
+def test_blank_lines_of_a_labels_csv_are_skipped(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P2): a blank line in a labels CSV (an editor's last empty
+    line, a gap between blocks) refused as a row with no fields, with or without a header."""
+    from dino3.probe.dataset import read_labels_csv
+
+    for header in ("", "path,label\n"):
+        csv_file = tmp_path / "labels.csv"
+        csv_file.write_text(header + "a.png,cat\n\n , \nb.png,dog\n\n")
+        first = 1 + bool(header)
+        expected = [(first, str(tmp_path / "a.png"), "cat"), (first + 3, str(tmp_path / "b.png"), "dog")]
+        assert read_labels_csv(csv_file) == expected, header
+
