@@ -701,3 +701,18 @@ def test_blank_lines_of_a_labels_csv_are_skipped(tmp_path):
         expected = [(first, str(tmp_path / "a.png"), "cat"), (first + 3, str(tmp_path / "b.png"), "dog")]
         assert read_labels_csv(csv_file) == expected, header
 
+
+def test_evaluating_on_a_class_the_probe_does_not_know_is_refused_naming_it(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P4): a dataset with a class the probe was not trained on
+    was not refused up front: the images were embedded first, then the evaluation failed with a bare
+    KeyError (or scored the images against the wrong classes). The UsageError names the class and
+    what the probe knows, before any model is loaded."""
+    from dino3.probe.evaluate import evaluate
+
+    for name in ("cat", "dog", "zebra"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "1.png")
+    probe = knn_probe(torch.eye(2), torch.tensor([0, 1]), ["cat", "dog"], k=1)
+    with pytest.raises(UsageError, match=r"classes the probe does not know: zebra \(the probe knows cat, dog\)"):
+        evaluate(tmp_path / "data", probe, model=str(tmp_path / "no model here"), progress=False)
+
