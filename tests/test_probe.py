@@ -716,3 +716,25 @@ def test_evaluating_on_a_class_the_probe_does_not_know_is_refused_naming_it(tmp_
     with pytest.raises(UsageError, match=r"classes the probe does not know: zebra \(the probe knows cat, dog\)"):
         evaluate(tmp_path / "data", probe, model=str(tmp_path / "no model here"), progress=False)
 
+
+def test_the_confusion_picture_colours_each_cell_by_its_share_of_the_row(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P5): the confusion picture coloured each cell by its share
+    of the column (the predicted class), not of the row (the true class) as its title says: class b,
+    every image of it taken for a, had its (b, a) cell half-tone, as if half of them went there."""
+    confusion = np.array([[3, 1], [3, 0]])  # row shares 0.75, 0.25 / 1, 0; column shares 0.5, 1 / 0.5, 0
+    with Image.open(draw_confusion(confusion, ["a", "b"], tmp_path / "c.png")) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)  # (H, W, 3)
+    white, blue = np.array([255, 255, 255]), np.array([8, 48, 107])
+
+    def cell(share: float) -> tuple[np.ndarray, np.ndarray]:
+        """Where the picture has the colour of this share: (rows, columns) of those pixels."""
+        colour = np.round(white + (blue - white) * share).astype(int)
+        return np.nonzero((pixels == colour).all(axis=-1))
+
+    # a cell is 40 x 40 px less its count's text (whose smoothed edges blend the cell's colour with white)
+    (ys_00, xs_00), (ys_01, xs_01), (ys_10, xs_10) = cell(0.75), cell(0.25), cell(1.0)
+    assert min(len(ys_00), len(ys_01), len(ys_10)) >= 1000
+    y_00, x_00, y_01, x_01, y_10, x_10 = (np.median(v) for v in (ys_00, xs_00, ys_01, xs_01, ys_10, xs_10))
+    assert abs(x_01 - x_00 - 40) < 3 and abs(y_01 - y_00) < 3  # (0, 1) right of (0, 0)
+    assert abs(y_10 - y_00 - 40) < 3 and abs(x_10 - x_00) < 3  # (1, 0) below (0, 0)
+    assert len(cell(0.5)[0]) < 100  # no cell coloured by its column's share
