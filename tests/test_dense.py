@@ -756,3 +756,33 @@ def test_unsupervised_foreground_of_a_close_up_keeps_the_border_as_background():
     for sign in (1.0, -1.0):
         features = grid + sign * torch.where(inside[..., None], 0.5, -1.0) * direction
         assert torch.equal(dense.unsupervised_foreground(features), inside)
+
+
+def test_a_soft_mask_keeps_only_the_patches_above_one_half():
+    """Bug pinned (issue 31, fresh pass 4, G-D4): a soft mask (the foreground classifier's
+    probabilities) read as `!= 0`, not `> 0.5`: every patch with any probability was kept, so the
+    PCA was fitted on the background too and the picture had no black background at all."""
+    grid = torch.randn(6, 8, 16, generator=torch.Generator().manual_seed(0))
+    soft = torch.full((6, 8), 0.2)
+    soft[1:5, 2:7] = 0.9  # the foreground: 20 patches
+    soft[0, 0] = 0.5  # exactly one half is background
+    hard = soft > 0.5
+    colours = dense.pca_rgb(grid, mask=soft)
+    assert (colours[~hard] == 0).all() and (colours[hard] > 0).all()  # background black, foreground not
+    assert torch.equal(colours, dense.pca_rgb(grid, mask=hard))  # fitted on the same 20 patches
+    assert torch.equal(colours, dense.pca_rgb(grid, mask=soft.numpy().astype(np.float64)))
+
+
+def test_a_png_mask_is_taken_before_a_jpeg_of_the_same_name(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-D5): with name.jpg and name.png both in the masks
+    folder, the first in sorted order was taken: the lossy JPEG (its edges smeared by compression)
+    instead of the PNG the docs promise. The two masks differ here so the choice shows; the
+    folder is listed sorted, so the JPEG comes first whatever order the file system keeps."""
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (32, 16), 0).save(tmp_path / "masks" / "photo.jpg")
+    Image.new("L", (32, 16), 0).save(tmp_path / "masks" / "photo.JPEG")
+    Image.new("L", (32, 16), 255).save(tmp_path / "masks" / "photo.png")
+    Image.new("RGB", (32, 16)).save(tmp_path / "photo.jpg")
+    assert dense.mask_for(tmp_path / "photo.jpg", tmp_path / "masks").name == "photo.png"
+    _, mask = dense.read_pair(tmp_path / "photo.jpg", tmp_path / "masks")
+    assert float(mask.min()) == 1.0  # the PNG's white, not the JPEG's black

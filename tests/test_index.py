@@ -941,6 +941,20 @@ def test_dedup_threshold_is_a_cosine_above_0_everywhere(built, capsys):
     assert main(["dedup", "--index", str(built), "--threshold", "1"]) == 0
 
 
+def test_the_dedup_histogram_counts_scores_rounded_past_plus_or_minus_1():
+    """Bug pinned (issue 31, fresh pass 4, G-I2): the dedup histogram binned the raw scores, so an
+    exact copy whose float32 cosine rounds to 1.0000002 (or an opposite vector at -1.0000001) fell
+    outside every bin: `dino3 dedup` showed the top bin short of the copies it had just found, and
+    the counts summed to fewer than the images."""
+    from dino3.index import dedup
+
+    nearest = np.array([1.0000002, 1.0, -1.0000001, 0.975, np.nan], dtype=np.float32)
+    counts = dedup.histogram(nearest)
+    assert len(counts) == len(dedup.HISTOGRAM_EDGES) - 1 and sum(counts) == 4  # every finite score
+    assert counts[-1] == 2 and counts[0] == 1  # the copies in the top bin, -1 in the lowest
+    assert counts[dedup.HISTOGRAM_EDGES.index(0.97)] == 1
+
+
 # -- damaged index files (issue 28, item 13) ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def approximate_index(built, tmp_path_factory):

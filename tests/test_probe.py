@@ -675,3 +675,66 @@ def test_training_again_with_another_pooling_embeds_again(tiny, small_digits, tr
     )
     assert result.probe.pool == "cls" and result.probe.feature_dim == 64
     assert not any("reused" in note for note in result.notes)
+
+
+def test_a_labels_csv_saved_by_excel_with_a_bom_has_its_header_read(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P1): a labels CSV read as plain UTF-8, so the byte-order
+    mark Excel writes at the start of a "CSV UTF-8" file stuck to the first column's name: the header
+    `label,path` was not recognised and read as a row, the columns taken in the wrong order."""
+    from dino3.probe.dataset import read_labels_csv
+
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_bytes("label,path\r\ncat,a.png\r\ndog,b.png\r\n".encode("utf-8-sig"))
+    assert csv_file.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_labels_csv(csv_file) == [(2, str(tmp_path / "a.png"), "cat"), (3, str(tmp_path / "b.png"), "dog")]
+
+
+def test_blank_lines_of_a_labels_csv_are_skipped(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P2): a blank line in a labels CSV (an editor's last empty
+    line, a gap between blocks) refused as a row with no fields, with or without a header."""
+    from dino3.probe.dataset import read_labels_csv
+
+    for header in ("", "path,label\n"):
+        csv_file = tmp_path / "labels.csv"
+        csv_file.write_text(header + "a.png,cat\n\n , \nb.png,dog\n\n")
+        first = 1 + bool(header)
+        expected = [(first, str(tmp_path / "a.png"), "cat"), (first + 3, str(tmp_path / "b.png"), "dog")]
+        assert read_labels_csv(csv_file) == expected, header
+
+
+def test_evaluating_on_a_class_the_probe_does_not_know_is_refused_naming_it(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P4): a dataset with a class the probe was not trained on
+    was not refused up front: the images were embedded first, then the evaluation failed with a bare
+    KeyError (or scored the images against the wrong classes). The UsageError names the class and
+    what the probe knows, before any model is loaded."""
+    from dino3.probe.evaluate import evaluate
+
+    for name in ("cat", "dog", "zebra"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "1.png")
+    probe = knn_probe(torch.eye(2), torch.tensor([0, 1]), ["cat", "dog"], k=1)
+    with pytest.raises(UsageError, match=r"classes the probe does not know: zebra \(the probe knows cat, dog\)"):
+        evaluate(tmp_path / "data", probe, model=str(tmp_path / "no model here"), progress=False)
+
+
+def test_the_confusion_picture_colours_each_cell_by_its_share_of_the_row(tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-P5): the confusion picture coloured each cell by its share
+    of the column (the predicted class), not of the row (the true class) as its title says: class b,
+    every image of it taken for a, had its (b, a) cell half-tone, as if half of them went there."""
+    confusion = np.array([[3, 1], [3, 0]])  # row shares 0.75, 0.25 / 1, 0; column shares 0.5, 1 / 0.5, 0
+    with Image.open(draw_confusion(confusion, ["a", "b"], tmp_path / "c.png")) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)  # (H, W, 3)
+    white, blue = np.array([255, 255, 255]), np.array([8, 48, 107])
+
+    def cell(share: float) -> tuple[np.ndarray, np.ndarray]:
+        """Where the picture has the colour of this share: (rows, columns) of those pixels."""
+        colour = np.round(white + (blue - white) * share).astype(int)
+        return np.nonzero((pixels == colour).all(axis=-1))
+
+    # a cell is 40 x 40 px less its count's text (whose smoothed edges blend the cell's colour with white)
+    (ys_00, xs_00), (ys_01, xs_01), (ys_10, xs_10) = cell(0.75), cell(0.25), cell(1.0)
+    assert min(len(ys_00), len(ys_01), len(ys_10)) >= 1000
+    y_00, x_00, y_01, x_01, y_10, x_10 = (np.median(v) for v in (ys_00, xs_00, ys_01, xs_01, ys_10, xs_10))
+    assert abs(x_01 - x_00 - 40) < 3 and abs(y_01 - y_00) < 3  # (0, 1) right of (0, 0)
+    assert abs(y_10 - y_00 - 40) < 3 and abs(x_10 - x_00) < 3  # (1, 0) below (0, 0)
+    assert len(cell(0.5)[0]) < 100  # no cell coloured by its column's share
