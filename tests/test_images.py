@@ -374,9 +374,26 @@ def test_every_redirect_hop_is_checked(monkeypatch):
             fetch.fetch_bytes(f"{url}/redirect", public_only=True)
         assert private_handler.hits == []
         assert fetch.fetch_bytes(f"{url}/redirect") == CAT.read_bytes()  # without the guard: followed
+        # Bug pinned (issue 31, fresh pass 4, G-S1): a relative redirect (Location: /cat.png, as most
+        # servers send) taken as it stands instead of joined to the URL: refused as "not http(s)".
+        public.RequestHandlerClass.location = "/cat.png"
+        assert fetch.fetch_bytes(f"{url}/redirect", public_only=True) == CAT.read_bytes()
     finally:
         public.shutdown()
         private.shutdown()
+
+
+def test_line_wrapped_base64_is_read():
+    """Bug pinned (issue 31, fresh pass 4, G-S2): base64 as encoders write it for mail and PEM, in
+    lines of 76 characters, refused as "not valid base64" (in a JSON request or a data URL)."""
+    import base64
+
+    data = CAT.read_bytes()
+    wrapped = base64.encodebytes(data).decode()  # 76 characters a line
+    assert "\n" in wrapped and fetch.decode_base64(wrapped) == data
+    assert fetch.fetch_bytes("data:image/png;base64," + wrapped.replace("\n", "\r\n")) == data
+    with pytest.raises(ImageError, match="not valid base64"):
+        fetch.decode_base64(wrapped[:-3] + "*==")
 
 
 @pytest.mark.parametrize(
