@@ -129,3 +129,17 @@ def test_a_copied_model_is_the_same_model_and_other_weights_are_not(checkpoint, 
     assert differences(original, other.describe())[0].startswith("weights: they compute other numbers")
     with pytest.raises(UsageError, match="compute other numbers"):
         check_model(original, other, "the output")
+
+
+def test_a_model_given_by_a_relative_path_is_recorded_by_its_absolute_path(checkpoint, tmp_path, monkeypatch):
+    """Bug pinned (issue 31, fresh pass 4, G-E5): a local model given by a relative path recorded as
+    written: an output made with `-m models/vits16` named a folder that an index build, a probe or
+    a resume run from another working folder could not find."""
+    shutil.copytree(checkpoint, tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "f.npz"
+    dino3.embed.run([PHOTO], model="models/mine", output=output, progress=False)
+    recorded = dino3.embed.read_embeddings(output).meta
+    assert recorded["model"] == str(tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path / "models")  # elsewhere: the record still names the model
+    assert Recipe.from_meta(recorded).load().describe()["model_fingerprint"] == recorded["model_fingerprint"]
