@@ -264,6 +264,26 @@ def test_a_full_queue_answers_429_with_retry_after(real_model):
         server.stop()
 
 
+def test_a_request_with_a_bad_image_leaves_nothing_announced(real_model):
+    """Bug pinned (issue 31, fresh pass 4, G-S5): a request refused for a bad image left its images
+    announced to the batcher, which then waited for them (up to --max-wait-ms) before every later
+    batch: each bad request made the server slower for everyone, for good."""
+    server = Server(create_app(real_model, ServeSettings(max_batch=8, max_wait_ms=3000, max_images=8)))
+    service = server.server.config.app.state.service
+    url = f"{server.url}/v1/embeddings"
+    good = data_url(PHOTOS / "rocket.jpg")
+    try:
+        for _ in range(2):
+            refused = post(url, {"input": [good, "data:image/png;base64,iVBORw0KGgo="]})  # a PNG cut short
+            assert refused.status_code == 400, refused.text
+        assert service.batcher.expected == 0
+        started = time.perf_counter()
+        assert post(url, {"input": [good]}).status_code == 200
+        assert time.perf_counter() - started < 2.5  # not held for images that will never come
+    finally:
+        server.stop()
+
+
 def wait_until(condition, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
