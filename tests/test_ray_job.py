@@ -116,3 +116,14 @@ def test_a_shard_cut_off_while_written_never_shows_in_the_dataset(stand_in_plan,
         embed(paths, checkpoint, out, shard_size=2)
     assert [p.name for p in out.iterdir()] == ["shard-00000.parquet"]
     assert pd.read_parquet(out)["path"].tolist() == paths[:2]
+
+
+def test_resume_on_a_folder_with_no_job_is_refused(stand_in_plan, checkpoint, tmp_path):
+    """Bug pinned (issue 31, fresh pass 4, G-R3): `--resume` on a folder that holds no interrupted job
+    (a typo in -o, another machine's path) silently started the whole job afresh, as if the user had
+    not asked to continue one."""
+    paths = inputs(tmp_path / "photos", ["a.png", "b.png"])
+    out = tmp_path / "no-such-job"
+    with pytest.raises(dino3.UsageError, match="holds no interrupted job to resume"):
+        dino3.embed.run(paths, model=str(checkpoint), output=out, engine="ray", resume=True, progress=False)
+    assert not out.exists()
