@@ -320,6 +320,41 @@ def test_skipped_inputs_are_counted_by_one_shard_only(checkpoint, tmp_path):
     assert len(merged) == 4 and merged.meta["failed"] == 1
 
 
+def test_object_storage_prefixes_are_listed_as_inputs(tmp_path, monkeypatch):
+    """An s3:// prefix lists the images under it (any depth, any suffix case, sorted) as s3:// URIs;
+    an object names itself; a missing prefix, an unreachable store and a missing pyarrow are usage
+    errors that name the URI. A local folder stands in for the bucket."""
+    import sys
+    from types import SimpleNamespace
+
+    pafs = pytest.importorskip("pyarrow.fs")
+    import pyarrow
+
+    photos = tmp_path / "bucket" / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for name in ["b.png", "a.JPG", "notes.txt", "sub/c.png"]:
+        shutil.copy(PHOTOS / NAMES[0], photos / name)
+
+    def from_uri(uri):
+        if uri.startswith("s3://down/"):
+            raise OSError("connection refused")
+        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri.removeprefix("s3://")
+
+    stand_in = SimpleNamespace(FileSystem=SimpleNamespace(from_uri=from_uri), FileType=pafs.FileType,
+                               FileSelector=pafs.FileSelector)  # fmt: skip
+    monkeypatch.setattr(pyarrow, "fs", stand_in)
+    listed = dino3.embed.expand_inputs(["s3://bucket/photos"]).paths
+    assert listed == ["s3://bucket/photos/a.JPG", "s3://bucket/photos/b.png", "s3://bucket/photos/sub/c.png"]
+    assert dino3.embed.expand_inputs(["s3://bucket/photos/b.png"]).paths == ["s3://bucket/photos/b.png"]
+    with pytest.raises(dino3.UsageError, match="s3://bucket/gone: no such object or prefix"):
+        dino3.embed.expand_inputs(["s3://bucket/gone"])
+    with pytest.raises(dino3.UsageError, match="s3://down/x: cannot be reached .*connection refused"):
+        dino3.embed.expand_inputs(["s3://down/x"])
+    monkeypatch.setitem(sys.modules, "pyarrow.fs", None)  # pyarrow not installed
+    with pytest.raises(dino3.UsageError, match=r"s3://bucket/photos: object storage is read through pyarrow"):
+        dino3.embed.expand_inputs(["s3://bucket/photos"])
+
+
 def test_upper_case_suffixes_are_images_too(tmp_path):
     """Bug pinned (issue 31, fresh pass 3, F-E3): the folder walk compared suffixes as written, so a
     camera's or Windows' `IMG_0001.JPG` and `scan.Png` were counted as "other files" and never

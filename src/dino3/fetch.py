@@ -259,14 +259,25 @@ def _download_error(url: str, error: Exception) -> ImageError:
     return ImageError(f"{url}: download failed ({type(error).__name__}: {first_line(reason)})")
 
 
-def _read_object(uri: str, max_bytes: int) -> bytes:
-    """An object's bytes from a store that pyarrow.fs reaches (S3, GCS, HDFS, Azure)."""
+def object_store(uri: str, error: type[Exception] = ImageError):
+    """(pyarrow.fs, the file system, the path in it) for an object-storage URI (S3, GCS, HDFS, Azure):
+    the one place that opens one, for reading here and for listing inputs. `error` is raised, naming
+    the URI, when pyarrow is missing or the store cannot be reached."""
     try:
         import pyarrow.fs as pafs
     except ImportError:
-        raise ImageError(f"{uri}: reading object storage needs pyarrow: pip install 'dino3[parquet]'") from None
+        raise error(f"{uri}: object storage is read through pyarrow: pip install 'dino3[parquet]'") from None
     try:
         filesystem, inner = pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # noqa: BLE001  (pyarrow raises its own kinds: an unknown scheme, credentials)
+        raise error(f"{uri}: cannot be reached ({type(e).__name__}: {first_line(e)})") from None
+    return pafs, filesystem, inner
+
+
+def _read_object(uri: str, max_bytes: int) -> bytes:
+    """An object's bytes from a store that pyarrow.fs reaches."""
+    pafs, filesystem, inner = object_store(uri)
+    try:
         info = filesystem.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             raise ImageError(f"{uri}: no such object")

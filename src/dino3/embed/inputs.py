@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import UsageError, VideoError
 from ..fetch import OBJECT_STORE_PREFIXES as URI_SCHEMES
-from ..fetch import URL_PREFIXES
+from ..fetch import URL_PREFIXES, object_store
 from ..video import VIDEO_SUFFIXES, Sampling, is_video, list_frames
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -182,12 +182,8 @@ def read_table_inputs(path: str | os.PathLike) -> list[str]:
 
 def _list_uri(uri: str, suffixes: set[str]) -> list[str]:
     """An object-storage URI: itself if it names an object, else the images under it as a prefix."""
+    pafs, filesystem, inner = object_store(uri, UsageError)
     try:
-        import pyarrow.fs as pafs
-    except ImportError:
-        raise UsageError(f"{uri}: object storage is read through pyarrow: pip install 'dino3[parquet]'") from None
-    try:
-        filesystem, inner = pafs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(inner)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{uri}: cannot be listed ({type(e).__name__}: {e})") from None
