@@ -1344,3 +1344,163 @@ def test_after_a_rebuild_with_another_model_queries_use_the_new_model(photos, tm
     assert index.refresh() is True
     for query, result in zip(queries, index.search(queries, k=1)):
         assert result["neighbors"][0]["path"] == query and result["neighbors"][0]["score"] >= 0.9999
+
+
+# -- edges the rooms' coverage showed untested (issue 31) ------------------------------------------------
+def embeddings_file(out: Path, paths: list[str], vectors: np.ndarray, settings: dict) -> Path:
+    """A `dino3 embed` output naming `paths` with these vectors, made with an index's settings."""
+    meta = {key: settings[key] for key in DECIDING if key in settings}
+    dino3.embed.write_embeddings(
+        out, paths, list(np.asarray(vectors, np.float32)), [(14, 14)] * len(paths), {**meta, "model": settings["model"]}
+    )
+    return out
+
+
+def small_files(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"{i:03d}.jpg").write_bytes(f"file {i}".encode())
+    return [str(folder / f"{i:03d}.jpg") for i in range(count)]
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_adding_an_embeddings_file_replaces_the_vectors_of_paths_already_indexed(built, tmp_path):
+    """An embeddings file naming images the index holds replaces their vectors (counted as replaced,
+    not added); the others stay as they were. Planted: every row counted as added with the old entry
+    kept (the `removed.append(old.id)` branch dropped) -> the index holds each path twice."""
+    settings = dino3.index.open(built).settings
+    rng = np.random.default_rng(11)
+    paths = small_files(tmp_path / "files", 8)
+    first = rng.standard_normal((8, 384)).astype(np.float32)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(embeddings_file(tmp_path / "a.npz", paths, first, settings))], folder=index_dir)
+    second = rng.standard_normal((3, 384)).astype(np.float32)
+    update = dino3.index.open(index_dir).add(
+        [str(embeddings_file(tmp_path / "b.npz", paths[2:5], second, settings))], progress=False
+    )
+    assert (update.added, update.replaced) == (0, 3)
+    index = dino3.index.open(index_dir)
+    assert len(index) == 8 and sorted(e.path for e in index.entries()) == paths
+    vectors = dict(zip((e.path for e in index.entries()), index.vectors()))
+    expected = unit_rows(np.concatenate([first[:2], second, first[5:]]))
+    np.testing.assert_allclose(np.stack([vectors[p] for p in paths]), expected, atol=1e-6)
+
+
+def test_an_embeddings_file_naming_an_image_twice_keeps_its_first_vector(built, tmp_path):
+    """A path listed twice in an embeddings file is indexed once, with its first vector, and a note
+    says so; a path not on this disk is indexed but noted. Planted: the duplicate filter dropped
+    (two entries), the note's count off, the missing-file note dropped."""
+    settings = dino3.index.open(built).settings
+    rng = np.random.default_rng(12)
+    paths = small_files(tmp_path / "files", 3)
+    gone = str(tmp_path / "files" / "gone.jpg")
+    vectors = rng.standard_normal((5, 384)).astype(np.float32)
+    data = embeddings_file(tmp_path / "a.npz", [paths[0], paths[1], paths[0], paths[2], gone], vectors, settings)
+    update = dino3.index.build([str(data)], folder=tmp_path / "index")
+    assert f"{data}: 1 images listed twice; the first kept" in update.notes
+    assert f"{data}: 1 of its images are not on this disk; `dino3 index add` drops them" in update.notes
+    index = dino3.index.open(tmp_path / "index")
+    assert sorted(e.path for e in index.entries()) == sorted([*paths, gone])
+    found = dict(zip((e.path for e in index.entries()), index.vectors()))
+    np.testing.assert_allclose(found[paths[0]], unit_rows(vectors[:1])[0], atol=1e-6)
+    assert dino3.index.open(tmp_path / "index").add([], progress=False).dropped == 1  # add drops it
+
+
+def test_an_image_named_twice_among_the_inputs_is_indexed_once(built, photos, model_folder, tmp_path):
+    """Two spellings of one image path (and the same path twice) give one entry and a note.
+    Planted: the inputs not made unique (three entries for one image)."""
+    index_dir = tmp_path / "index"
+    coins = photos / "coins.png"
+    other = str(photos / ".." / photos.name / "coins.png")
+    update = dino3.index.build([str(coins), other, str(coins)], model=str(model_folder), folder=index_dir)
+    assert update.count == 1 and update.embedded == 1
+    assert "2 inputs named an image already listed; each is indexed once" in update.notes
+    assert [e.path for e in dino3.index.open(index_dir).entries()] == [str(coins)]
+
+
+def test_queries_as_tensors_equal_queries_as_arrays_and_bad_vectors_are_refused(built):
+    """A float tensor is a query like its numpy array; NaN or infinite queries are a usage error in
+    search and nearest. Planted: the tensor not converted, the finiteness checks dropped."""
+    torch = pytest.importorskip("torch")
+    index = dino3.index.open(built)
+    vectors = index.vectors()[:3] + 0.01
+    as_array = index.search(vectors, k=4)
+    assert index.search(torch.from_numpy(vectors), k=4) == as_array
+    assert index.search(torch.from_numpy(vectors).double(), k=4) == as_array
+    rounded = index.search(torch.from_numpy(vectors).bfloat16(), k=4)  # numpy has no bfloat16
+    assert [[n["id"] for n in r["neighbors"]] for r in rounded] == [[n["id"] for n in r["neighbors"]] for r in as_array]
+    bad = vectors.copy()
+    bad[1, 5] = np.nan
+    for value in (np.nan, np.inf):
+        bad[1, 5] = value
+        with pytest.raises(UsageError, match="NaN or infinite"):
+            index.search(bad, k=2)
+        with pytest.raises(UsageError, match="NaN or infinite"):
+            index.nearest(bad, 2)
+
+
+def test_text_search_is_refused_on_an_index_of_image_features(built):
+    """search_text on an index of CLS features names the pool and the remedy; an empty or non-text
+    query is refused. Planted: either check dropped (a model without a text tower is then loaded)."""
+    index = dino3.index.open(built)
+    with pytest.raises(UsageError, match="holds 'cls\\+mean' features|holds '.*' features, not a dino.txt"):
+        index.search_text("a cat", k=1)
+    for bad in ([], [1, 2], ["a cat", None]):
+        with pytest.raises(UsageError, match="one text or a list of texts"):
+            index.search_text(bad, k=1)
+
+
+def test_an_index_folder_that_is_a_file_is_refused(built, photos, model_folder, tmp_path):
+    """Planted: the is-a-file check dropped (the build then fails inside SQLite or mkdir)."""
+    target = tmp_path / "index"
+    target.write_text("a file")
+    with pytest.raises(UsageError, match="is a file; give a folder for the index"):
+        dino3.index.build([str(photos / "coins.png")], model=str(model_folder), folder=target)
+    assert target.read_text() == "a file"
+
+
+def test_a_query_path_that_is_a_dangling_link_names_the_link(built, tmp_path):
+    """Planted: the skipped inputs of a query path ignored (an empty query answered with nothing)."""
+    link = tmp_path / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageError, match="gone.png: a symbolic link to nothing"):
+        dino3.index.open(built).search(str(link), k=1)
+
+
+def test_an_exact_index_grown_past_the_limit_gets_its_graph(built, tmp_path, small_limits):
+    """An index built exact (small) gets an approximate graph of all its vectors once an add makes it
+    large enough. Planted: the `elif want_ann: rebuild = True` branch dropped (it stays exact)."""
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(synthetic(tmp_path / "a", 900, 64, settings, seed=1))], folder=index_dir)
+    index = dino3.index.open(index_dir)
+    assert not index.approximate  # 900 x 64 values: under the limit
+    index.add([str(synthetic(tmp_path / "b", 200, 64, settings, seed=2))], progress=False)
+    index = dino3.index.open(index_dir)
+    assert index.approximate and index.info()["approximate_index"]["count"] == 1100
+
+
+def test_a_dedup_page_shows_an_unreadable_image_and_says_how_many_groups_it_left_out(tmp_path, monkeypatch):
+    """The contact sheet shows why an image cannot be read, links a URL, and past MAX_GROUPS says how
+    many groups only the JSON holds. Planted: the ImageError not caught (the page fails), the note's
+    count off, URLs thumbnailed."""
+    from dino3.index import report
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    url = "https://example.org/photo.jpg"
+    monkeypatch.setattr(report, "MAX_GROUPS", 2)
+    groups = [{"paths": [str(good), str(broken)], "scores": [1.0, 0.99]}, {"paths": [url, str(good)], "scores": [1, 1]}]
+    groups += [{"paths": [str(good), str(good)], "scores": [1.0, 1.0]}] * 3
+    page = report.dedup_page({"groups": groups, "threshold": 0.98})
+    assert "<p>... and 3 more groups (in the JSON)</p>" in page
+    assert page.count("<h2>group ") == 2
+    assert 'class="missing"' in page and "broken.png" in page.split('class="missing">')[1].split("</div>")[0]
+    assert f'<img src="{url}"' in page
+    assert page.count("data:image/jpeg;base64,") == 2  # the good image, twice (made once, shown twice)

@@ -405,9 +405,10 @@ def _check_k(k: int, state: State) -> int:
 def _nearest(view: _View, vectors: np.ndarray, k: int, exact: bool | None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the k nearest items of each vector (Q, D) in one state of the index (k checked)."""
     state = view.state
-    queries = unit(np.asarray(vectors, dtype=np.float32).reshape(-1, state.dim))
+    queries = np.asarray(vectors, dtype=np.float32).reshape(-1, state.dim)  # (Q, D)
     if not np.isfinite(queries).all():
         raise UsageError("query vectors hold NaN or infinite values")
+    queries = unit(queries)
     use_exact = not state.meta.get("ann") if exact is None else exact
     if not use_exact:
         return view.approximate().search(queries, k)

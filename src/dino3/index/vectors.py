@@ -30,15 +30,15 @@ def is_vectors(queries: Any) -> bool:
 
 
 def as_vectors(queries: Any, dim: int) -> np.ndarray:
+    """Query vectors, an array or tensor (D,) or (Q, D) of any float dtype -> float32 (Q, D), of the
+    index's width (their values are checked where they are searched)."""
     if not isinstance(queries, np.ndarray):
         queries = queries.detach().float().cpu().numpy()
     vectors = np.asarray(queries, dtype=np.float32)
     vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
     if vectors.shape[1] != dim:
         raise UsageError(f"query vectors have {vectors.shape[1]} values; the index's have {dim}")
-    if not np.isfinite(vectors).all():
-        raise UsageError("query vectors hold NaN or infinite values")
-    return unit(vectors)
+    return vectors
 
 
 def live_after(state: State, max_id: int) -> tuple[np.ndarray, np.ndarray]:
