@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -1504,3 +1505,55 @@ def test_a_dedup_page_shows_an_unreadable_image_and_says_how_many_groups_it_left
     assert 'class="missing"' in page and "broken.png" in page.split('class="missing">')[1].split("</div>")[0]
     assert f'<img src="{url}"' in page
     assert page.count("data:image/jpeg;base64,") == 2  # the good image, twice (made once, shown twice)
+
+
+def test_embeddings_files_that_cannot_make_an_index_are_refused_naming_why(built, model_folder, tmp_path):
+    """Each refusal of `index build` from embeddings files, naming the file and the remedy, with no
+    index left behind. Planted, one at a time: each check dropped; the settings of a second file not
+    compared with the first's."""
+    settings = dino3.index.open(built).settings
+    rng = np.random.default_rng(13)
+    paths = small_files(tmp_path / "files", 2)
+    good = embeddings_file(tmp_path / "good.npz", paths, rng.standard_normal((2, 384)), settings)
+    no_model = tmp_path / "old.npz"
+    data = dict(np.load(good, allow_pickle=False))
+    meta = json.loads(str(data["meta"]))
+    meta.pop("model_identity")
+    np.savez(no_model, **{**data, "meta": np.asarray(json.dumps(meta))})
+    other = {**settings, "processor": {**settings["processor"], "image_mean": [0.5, 0.5, 0.5]}}
+    other_file = embeddings_file(tmp_path / "other.npz", small_files(tmp_path / "more", 1), np.ones((1, 384)), other)
+    empty = embeddings_file(tmp_path / "empty.npz", [], np.zeros((0, 384)), settings)
+    cases = [
+        ([good], dict(model=str(model_folder)), "name the model that made them: give them without -m"),
+        ([no_model], {}, "does not record the model that made it"),
+        ([good, other_file], {}, "(?s)not made as those of .*good.npz.*image_mean"),
+        ([empty], {}, "nothing to index"),
+        ([good], dict(folder=None), "give the index folder"),
+    ]
+    for number, (files, options, message) in enumerate(cases):
+        folder = tmp_path / f"index{number}"
+        with pytest.raises(UsageError, match=message):
+            dino3.index.build([str(f) for f in files], **{"folder": folder, "progress": False, **options})
+        assert not folder.exists()
+    for option, value, said in [("--pool", "patches", "pool='patches', layers=None"), ("--layers", "2", "layers=[")]:
+        out = tmp_path / f"{value}.npz"
+        assert main(["embed", str(PHOTOS / "coins.png"), "-m", str(model_folder), "-o", str(out), option, value,
+                     "-q"]) == 0  # fmt: skip
+        with pytest.raises(UsageError, match=f"holds {re.escape(said)}.*an index holds one vector per image"):
+            dino3.index.build([str(out)], folder=tmp_path / "p", progress=False)
+
+
+def test_an_add_whose_model_moved_says_where_to_give_it(model_folder, photos, tmp_path):
+    """An index built from a model folder that is gone since: `add` with new images names the model
+    and the remedy (-m), and with -m where it lies now it works. Planted: the check dropped (the
+    loader's own 'not found' error named no remedy)."""
+    model = tmp_path / "model"
+    shutil.copytree(model_folder, model)
+    index_dir = tmp_path / "index"
+    dino3.index.build([str(photos / "coins.png")], model=str(model), folder=index_dir, progress=False)
+    moved = tmp_path / "moved"
+    model.rename(moved)
+    with pytest.raises(UsageError, match="model .*model is not there any more; give where it lies now"):
+        dino3.index.open(index_dir).add([str(photos / "horse.png")], progress=False)
+    update = dino3.index.open(index_dir).add([str(photos / "horse.png")], model=str(moved), progress=False)
+    assert update.added == 1 and len(dino3.index.open(index_dir)) == 2

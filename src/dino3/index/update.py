@@ -150,6 +150,11 @@ def build(
         if created and not store.db_path(folder).exists():
             shutil.rmtree(folder, ignore_errors=True)
         raise UsageError(str(e)) from None
+    except UsageError:  # refused (an embeddings file given with a model, ...): nothing was made either
+        shutil.rmtree(folder / store.WORK, ignore_errors=True)
+        if created and not store.db_path(folder).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     update.seconds = time.perf_counter() - started
     return update
 
@@ -489,6 +494,8 @@ def _ingest(
             settings = _settings(data.meta)
         else:
             _check_same_settings(settings, _settings(data.meta), files[0])
+        if not len(data.paths):  # an embed run that found no image (its features have no width)
+            continue
         features = _features(data, file)
         paths = _absolute_paths(file, [str(p) for p in data.paths], relative_to)
         keep = [i for i, p in enumerate(paths) if not (p in seen or seen.add(p))]
