@@ -1557,3 +1557,107 @@ def test_an_add_whose_model_moved_says_where_to_give_it(model_folder, photos, tm
         dino3.index.open(index_dir).add([str(photos / "horse.png")], progress=False)
     update = dino3.index.open(index_dir).add([str(photos / "horse.png")], model=str(moved), progress=False)
     assert update.added == 1 and len(dino3.index.open(index_dir)) == 2
+
+
+# -- the exact search and the dedup groups, against numpy (no index needed) ----------------------------------
+def brute_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
+    """Best first, ties by the lower id; -inf/-1 past the vectors there are."""
+    scores = queries @ vectors.T
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for q, row in enumerate(scores):
+        order = sorted(range(len(ids)), key=lambda j: (-row[j], ids[j]))[:k]
+        out_s[q, : len(order)] = row[order]
+        out_i[q, : len(order)] = ids[order]
+    return out_s, out_i
+
+
+@pytest.mark.parametrize("tile", [None, 64])
+def test_the_exact_search_equals_brute_force_over_tiles_blocks_and_removed_rows(monkeypatch, tile):
+    """top_k over two blocks (one with removed rows), in tiles of 5 rows and 3 queries when `tile` is
+    set, equals numpy's: scores, ids, ties by the lower id, and -inf/-1 where fewer than k are alive.
+    Planted: the alive mask ignored, the lower id not first among ties, the tiles' best merged wrong
+    (only the last tile kept), the query step's rows written at the wrong place."""
+    from dino3.index import exact
+
+    if tile:
+        monkeypatch.setattr(exact, "ROWS", 5)
+        monkeypatch.setattr(exact, "TILE", 15)  # 3 queries a step
+    rng = np.random.default_rng(21)
+    vectors = unit_rows(rng.standard_normal((23, 8))).astype(np.float32)
+    vectors[7] = vectors[3]  # a tie: ids 103 and 107 score the same for every query
+    ids = np.arange(100, 123)
+    alive = np.ones(23, bool)
+    alive[[0, 5, 9]] = False
+    blocks = [(vectors[:12], ids[:12], alive[:12]), (vectors[12:], ids[12:], None)]
+    queries = unit_rows(rng.standard_normal((8, 8))).astype(np.float32)
+    queries[0] = vectors[3]
+    want_s, want_i = brute_top_k(queries, vectors[alive], ids[alive], 6)
+    got_s, got_i = exact.top_k(queries, blocks, 6)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, atol=1e-6)
+    assert got_i[0, :2].tolist() == [103, 107]
+    few_s, few_i = exact.top_k(queries, [(vectors[:4], ids[:4], alive[:4])], 5)  # 3 alive of 4
+    assert (few_i[:, 3:] == -1).all() and np.isneginf(few_s[:, 3:]).all() and (few_i[:, :3] >= 0).all()
+    assert set(few_i[1, :3].tolist()) == {101, 102, 103}
+
+
+@pytest.mark.parametrize("tile", [None, 40])
+def test_all_pairs_and_nearest_scores_equal_brute_force(monkeypatch, tile):
+    """pairs_above: every pair i < j at or above the threshold, once, with its score, and each row's
+    nearest other row, in one tile or in tiles of 2 rows. Planted: the diagonal not masked (every
+    row its own nearest at 1.0), pairs repeated as (j, i), the nearest written at the wrong rows."""
+    from dino3.index import exact
+
+    if tile:
+        monkeypatch.setattr(exact, "TILE", tile)  # 40 // 17 = 2 rows a tile
+    rng = np.random.default_rng(22)
+    vectors = unit_rows(rng.standard_normal((17, 6)) + 1.0).astype(np.float32)
+    first, second, scores, nearest = exact.pairs_above(vectors, 0.8)
+    full = vectors @ vectors.T
+    want = {(i, j) for i in range(17) for j in range(i + 1, 17) if full[i, j] >= 0.8}
+    assert len(want) > 10 and sorted(zip(first.tolist(), second.tolist())) == sorted(want)
+    np.testing.assert_allclose(scores, full[first, second], atol=1e-6)
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_allclose(nearest, full.max(axis=1), atol=1e-6)
+    assert np.isneginf(exact.pairs_above(vectors[:1], 0.5)[3]).all()  # one vector: no neighbour
+
+
+def test_dedup_groups_put_the_most_central_image_first_and_the_largest_group_first():
+    """groups(): connected components of the pairs (a~b, b~c: one group), the member closest to the
+    group's mean first with score 1.0, the others by their cosine to it (ties by id), the largest
+    group first, single images in no group. Planted: the components' sizes >= 1 (singletons
+    listed), the first member not the central one, the groups in label order."""
+    from dino3.index import dedup
+
+    base = np.array([1.0, 0.0, 0.0])
+    vectors = unit_rows(
+        np.array([
+            [0, 1, 0], base + [0, 0.20, 0], base + [0, 0.05, 0], base + [0, -0.05, 0], [0, 1, 0.1], [0, 0, 1],
+        ], dtype=np.float32)
+    ).astype(np.float32)  # fmt: skip
+    ids = np.array([10, 11, 12, 13, 14, 15])
+    first, second = np.array([1, 2, 0]), np.array([2, 3, 4])  # 11~12, 12~13 (a chain), 10~14
+    found = dedup.groups(vectors, ids, first, second)
+    assert [g.ids for g in found] == [[12, 13, 11], [10, 14]]
+    group = found[0]
+    assert group.scores[0] == 1.0
+    np.testing.assert_allclose(group.scores[1:], [vectors[2] @ vectors[3], vectors[2] @ vectors[1]], atol=1e-6)
+    assert found[1].scores == [1.0, pytest.approx(float(vectors[0] @ vectors[4]), abs=1e-6)]
+    assert dedup.groups(vectors, ids, np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
+
+
+def test_the_histogram_text_marks_the_bins_at_or_above_the_threshold():
+    """format_histogram: one line a bin, bars scaled to the largest count, '<- duplicates' on the bins
+    from the threshold up. Planted: `low > threshold` (the bin starting at it unmarked)."""
+    from dino3.index import dedup
+
+    counts = [0] * (len(dedup.HISTOGRAM_EDGES) - 1)
+    counts[-1], counts[-3] = 10, 5  # 0.999-1.0 and 0.99-0.995
+    lines = dedup.format_histogram(counts, 0.99, width=20).splitlines()[1:]
+    assert len(lines) == len(counts)
+    marked = [line.split()[0] for line in lines if line.endswith("<- duplicates")]
+    assert marked == ["0.990", "0.995", "0.999"]
+    assert lines[-1].split()[-4:] == ["10", "#" * 20, "<-", "duplicates"]
+    assert lines[-3].split()[-4:] == ["5", "#" * 10, "<-", "duplicates"]
+    assert lines[0].split() == ["below", "0.500", "0"]
