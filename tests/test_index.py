@@ -1661,3 +1661,65 @@ def test_the_histogram_text_marks_the_bins_at_or_above_the_threshold():
     assert lines[-1].split()[-4:] == ["10", "#" * 20, "<-", "duplicates"]
     assert lines[-3].split()[-4:] == ["5", "#" * 10, "<-", "duplicates"]
     assert lines[0].split() == ["below", "0.500", "0"]
+
+
+def test_the_graph_maps_positions_to_ids_filters_removed_items_and_merges_recent_ones():
+    """HNSW: every vector in the graph once (the calibration sample added after), searches answer item
+    ids (not positions), removed items are never found, and Approximate merges the vectors added
+    since, exactly, best first. Planted: positions returned as ids, the held-out sample never added,
+    keep_only's selector not passed to the search, the merge not sorted."""
+    from dino3.index import ann
+
+    rng = np.random.default_rng(31)
+    vectors = unit_rows(rng.standard_normal((400, 16))).astype(np.float32)
+    ids = np.arange(1000, 1400, dtype=np.int64)
+    graph = ann.HNSW.build(vectors, ids)
+    assert graph.count == 400 and sorted(graph.ids.tolist()) == ids.tolist()
+    scores, found = graph.search(vectors[:50], 1)
+    assert found[:, 0].tolist() == ids[:50].tolist()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    graph.keep_only(ids[10:])  # 1000-1009 removed
+    found = graph.search(vectors[:10], 5)[1]
+    assert not np.isin(found, ids[:10]).any() and (found >= 1010).all()
+    recent = unit_rows(rng.standard_normal((5, 16))).astype(np.float32)
+    both = ann.Approximate(graph, recent, np.arange(5000, 5005))
+    queries = np.vstack([recent, vectors[20:25]])
+    scores, found = both.search(queries, 3)
+    assert found[:5, 0].tolist() == list(range(5000, 5005)) and found[5:, 0].tolist() == ids[20:25].tolist()
+    assert (np.diff(scores, axis=1) <= 0).all()
+    every = np.concatenate([ids[10:], np.arange(5000, 5005)])
+    truth = brute_top_k(queries, np.vstack([vectors[10:], recent]), every, 3)
+    assert (found == truth[1]).mean() >= 0.9
+
+
+def test_the_calibration_picks_the_smallest_ef_that_reaches_the_recall_target(monkeypatch):
+    """The chosen ef_search reaches RECALL_TARGET on the held-out sample, and the choice below it does
+    not; a target never reached gives the largest choice. Planted: the loop's first choice returned
+    whatever its recall, the target compared with `>` on a bin edge, the fallback the smallest."""
+    from dino3.index import ann
+
+    rng = np.random.default_rng(32)
+    centres = rng.standard_normal((20, 48))
+    vectors = unit_rows(centres[rng.integers(0, 20, 3000)] + 0.9 * rng.standard_normal((3000, 48))).astype(np.float32)
+    ids = np.arange(3000, dtype=np.int64)
+    held = np.zeros(3000, bool)
+    held[rng.choice(3000, 300, replace=False)] = True
+    graph = ann.HNSW(None, np.zeros(0, np.int64), ef_search=16)
+    graph.index = graph.faiss.IndexHNSWFlat(48, 4, graph.faiss.METRIC_INNER_PRODUCT)  # sparse: recall grows with ef
+    graph.add(vectors, ids, ~held)
+    truth = brute_top_k(vectors[held], vectors[~held], ids[~held], 10)[1]
+
+    def recall(ef):
+        found = graph.search(vectors[held], 10, ef=ef)[1]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)])
+
+    recalls = {ef: recall(ef) for ef in ann.EF_CHOICES[:6]}
+    assert recalls[16] < recalls[24] < recalls[32] < recalls[96], recalls  # the choices differ here
+    target = (recalls[24] + recalls[32]) / 2 if recalls[24] < recalls[32] else recalls[32]
+    monkeypatch.setattr(ann, "RECALL_TARGET", target)
+    chosen = graph.calibrate(vectors, ids, held)
+    assert recalls[chosen] >= target and all(recalls[ef] < target for ef in recalls if ef < chosen)
+    monkeypatch.setattr(ann, "RECALL_TARGET", recalls[chosen])  # exactly on it: that ef
+    assert graph.calibrate(vectors, ids, held) == chosen
+    monkeypatch.setattr(ann, "RECALL_TARGET", 1.01)
+    assert graph.calibrate(vectors, ids, held) == ann.EF_CHOICES[-1]
