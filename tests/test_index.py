@@ -1723,3 +1723,48 @@ def test_the_calibration_picks_the_smallest_ef_that_reaches_the_recall_target(mo
     assert graph.calibrate(vectors, ids, held) == chosen
     monkeypatch.setattr(ann, "RECALL_TARGET", 1.01)
     assert graph.calibrate(vectors, ids, held) == ann.EF_CHOICES[-1]
+
+
+def test_the_index_keeps_its_files_and_graph_at_each_limit_exactly(built, tmp_path, monkeypatch):
+    """maintain() at each of its limits, on it and one past it: vector files merged past MAX_SEGMENTS
+    and past a quarter of dead rows (not at them), the graph built past EXACT_LIMIT (not at it),
+    extended past RECENT_FRACTION of recent images (not at it), dropped below the limit again.
+    Planted, one at a time: each `>` made `>=`, the drop of the graph removed."""
+    monkeypatch.setattr(maintenance, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(maintenance, "EXACT_LIMIT", 64 * 100)
+    monkeypatch.setattr(maintenance, "RECENT_FRACTION", 0.2)
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    folder = tmp_path / "index"
+    dino3.index.build([str(synthetic(tmp_path / "a", 80, 64, settings, seed=1))], folder=folder)
+
+    def state():
+        return dino3.index.open(folder)._view.state
+
+    def add(seed, count):
+        dino3.index.open(folder).add([str(synthetic(tmp_path / f"s{seed}", count, 64, settings, seed=seed))])
+
+    add(2, 20)  # 100 x 64: at the limit, exact; two vector files: at MAX_SEGMENTS, kept
+    assert state().meta.get("ann") is None and len(state().segments) == 2
+    add(3, 4)  # 104: past both
+    assert state().meta["ann"]["count"] == 104 and len(state().segments) == 1
+    monkeypatch.setattr(maintenance, "MAX_SEGMENTS", 100)  # (a merge puts off an extension to the next change)
+    add(4, 26)  # 26 recent of 130: at 20%, beside the graph
+    assert state().meta["ann"]["count"] == 104
+    add(5, 1)  # 27 of 131: past it, they join the graph
+    assert state().meta["ann"]["count"] == 131
+    assert state().meta["ann"]["max_id"] == int(state().live_ids().max())  # none of them searched twice
+
+    monkeypatch.setattr(maintenance, "EXACT_LIMIT", 64 * 10**6)
+    add(6, 1)  # 132 rows
+    assert state().meta.get("ann") is None  # below the limit now: the graph dropped
+    rows = sum(len(s.ids) for s in state().segments)
+    assert rows == 132
+    files = sorted((tmp_path / "a").iterdir())
+    for path in files[:33]:  # a quarter of the rows dead: kept
+        path.unlink()
+    dino3.index.open(folder).add([])
+    assert len(state().tombstones) == 33
+    files[33].unlink()  # past a quarter: merged
+    dino3.index.open(folder).add([])
+    assert len(state().tombstones) == 0 and len(dino3.index.open(folder)) == 132 - 34
