@@ -1768,3 +1768,37 @@ def test_the_index_keeps_its_files_and_graph_at_each_limit_exactly(built, tmp_pa
     files[33].unlink()  # past a quarter: merged
     dino3.index.open(folder).add([])
     assert len(state().tombstones) == 0 and len(dino3.index.open(folder)) == 132 - 34
+
+
+def test_the_store_reads_entries_in_the_order_asked_and_live_vectors_in_pieces(built, tmp_path):
+    """store.entries over more ids than SQLite takes at once (500), in the order asked, repeats kept,
+    unknown ids left out; State.blocks in pieces of any size and live_vectors skip removed rows.
+    Planted: the entries in id order, a piece of the ids skipped, blocks' alive mask not sliced with
+    its rows, live_vectors keeping dead rows."""
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    data = synthetic(tmp_path / "a", 1100, 64, settings, seed=3)
+    folder = tmp_path / "index"
+    dino3.index.build([str(data)], folder=folder)
+    con = store.connect(folder)
+    try:
+        asked = [1100, 5, 5, 99999, 700, 1, *range(1099, 0, -2)]
+        found = store.entries(con, asked)
+        assert [e.id for e in found] == [i for i in asked if i != 99999]
+        assert found[0].path.endswith("3-01099.jpg") and found[2].path.endswith("3-00004.jpg")
+    finally:
+        con.close()
+    files = sorted((tmp_path / "a").iterdir())
+    for i in (0, 9, 10, 500):
+        files[i].unlink()
+    dino3.index.open(folder).add([])
+    state = dino3.index.open(folder)._view.state
+    vectors = unit_rows(np.load(data)["features"].astype(np.float32))
+    keep = np.setdiff1d(np.arange(1100), [0, 9, 10, 500])
+    got, ids = state.live_vectors()
+    assert ids.tolist() == (keep + 1).tolist()
+    np.testing.assert_allclose(got, vectors[keep], atol=1e-6)
+    pieces = list(state.blocks(rows=7))
+    assert max(len(p[1]) for p in pieces) == 7
+    live = np.concatenate([p[1] if p[2] is None else p[1][p[2]] for p in pieces])
+    assert live.tolist() == ids.tolist()
