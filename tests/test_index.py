@@ -128,6 +128,8 @@ def test_dedup_returns_exactly_the_copy_groups(built, photos, exact):
         for name in COPIED
     }
     assert {frozenset(g["paths"]) for g in result["groups"]} == expected
+    firsts = [g["paths"][0] for g in result["groups"]]  # groups of one size: by their first path
+    assert firsts == sorted(firsts)
     for group in result["groups"]:
         assert group["scores"][0] == 1.0 and min(group["scores"]) >= 0.999
     assert sum(result["histogram"]["counts"]) == 17  # every image's nearest neighbour
@@ -1535,7 +1537,10 @@ def test_embeddings_files_that_cannot_make_an_index_are_refused_naming_why(built
         with pytest.raises(UsageError, match=message):
             dino3.index.build([str(f) for f in files], **{"folder": folder, "progress": False, **options})
         assert not folder.exists()
-    for option, value, said in [("--pool", "patches", "pool='patches', layers=None"), ("--layers", "2", "layers=[")]:
+    for option, value, said in [
+        ("--pool", "patches", "pool='patches', layers=None"),
+        ("--layers", "2", "pool='cls', layers=2:"),
+    ]:
         out = tmp_path / f"{value}.npz"
         assert main(["embed", str(PHOTOS / "coins.png"), "-m", str(model_folder), "-o", str(out), option, value,
                      "-q"]) == 0  # fmt: skip
@@ -1843,3 +1848,16 @@ def test_an_interrupted_add_whose_images_changed_is_started_over(model_folder, p
     fresh = tmp_path / "fresh"
     dino3.index.build([str(folder)], model=str(model_folder), folder=fresh, progress=False)
     assert_same_index(snapshot(index_dir), snapshot(fresh))
+
+
+def test_dedup_groups_of_one_size_come_by_their_first_path(built, tmp_path):
+    """Equal-sized groups are ordered by their first path, not by where their images were indexed.
+    Planted: the sort by size alone (the groups then come in indexing order)."""
+    settings = dino3.index.open(built).settings
+    rng = np.random.default_rng(41)
+    files = small_files(tmp_path / "m", 3) + small_files(tmp_path / "a", 3)  # m/... indexed first
+    centres = rng.standard_normal((2, 384))
+    vectors = np.repeat(centres, 3, axis=0) + 0.001 * rng.standard_normal((6, 384))
+    dino3.index.build([str(embeddings_file(tmp_path / "e.npz", files, vectors, settings))], folder=tmp_path / "i")
+    groups = dino3.index.open(tmp_path / "i").dedup(0.99, exact=True)["groups"]
+    assert [sorted(g["paths"]) for g in groups] == [sorted(files[3:]), sorted(files[:3])]
