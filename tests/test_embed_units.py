@@ -100,9 +100,14 @@ def test_a_glob_that_matches_a_folder_walks_it(tmp_path):
     assert found.paths == [a, b]
 
 
-def test_a_glob_that_matches_files_is_sorted(tmp_path):
-    """A pattern's matching files, sorted, whatever their suffix (the user named them)."""
+def test_a_glob_that_matches_files_is_sorted(tmp_path, monkeypatch):
+    """A pattern's matching files, sorted (whatever order the file system lists them in), whatever
+    their suffix (the user named them)."""
+    import glob
+
     b, a = touch(tmp_path / "b.png"), touch(tmp_path / "a.webp")
+    real = glob.glob
+    monkeypatch.setattr(glob, "glob", lambda *args, **kw: sorted(real(*args, **kw), reverse=True))
     assert expand_inputs([str(tmp_path / "*.*")]).paths == [a, b]
 
 
@@ -290,7 +295,7 @@ def test_check_output_parquet_without_pyarrow(tmp_path, monkeypatch):
 def test_check_output_in_a_folder_not_writable(tmp_path, monkeypatch):
     """A folder this user cannot write into is refused before any work (checked with os.access)."""
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(writers.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    monkeypatch.setattr(writers.os, "access", lambda path, mode: Path(path) != tmp_path / "ro" or mode != os.W_OK)
     with pytest.raises(UsageError, match=r"ro: no permission to write there"):
         writers.check_output(tmp_path / "ro" / "out.npz")
     assert writers.check_output(tmp_path / "out.npz") == tmp_path / "out.npz"
@@ -413,6 +418,10 @@ def test_read_shards_refusals(tmp_path):
     f0 = shard_file(tmp_path, 0, 3, ["a"], [v])
     with pytest.raises(UsageError, match="some of these files were not written with --shard"):
         writers.read_shards([f0, plain])
+    f0_again = shard_file(tmp_path, 0, 2, ["a"], [v])
+    with pytest.raises(UsageError, match=r"the job had 2 shards; these files hold shards \[0, 0\]"):
+        writers.read_shards([f0_again, f0_again])
+    f0 = shard_file(tmp_path, 0, 3, ["a"], [v])
     f2 = shard_file(tmp_path, 2, 3, ["c"], [v])
     with pytest.raises(UsageError, match=r"the job had 3 shards; these files hold shards \[0, 2\]"):
         writers.read_shards([f0, f2])
@@ -475,20 +484,21 @@ def test_check_resumable_without_a_readable_manifest(tmp_path):
 
 def test_check_resumable_names_each_change_old_and_new(tmp_path):
     """Every key that changed, sorted, old then new; a long value shortened to 120 characters."""
-    old = store.Store(tmp_path / "o.npz", {"pool": "cls", "dtype": "float32", "paths": "a" * 200})
+    old = store.Store(tmp_path / "o.npz", {"pool": "cls", "dtype": "float32", "paths": "a" * 200, "gone": 2})
     old.save(store.Chunk([0], [np.zeros(2, np.float32)], [(1, 1)], [], {0: (1, 2)}))
-    same = store.Store(tmp_path / "o.npz", {"pool": "cls", "dtype": "float32", "paths": "a" * 200})
+    same = store.Store(tmp_path / "o.npz", {"pool": "cls", "dtype": "float32", "paths": "a" * 200, "gone": 2})
     same.check_resumable()  # nothing changed: no refusal
     new = store.Store(tmp_path / "o.npz", {"pool": "mean", "dtype": "float32", "paths": "b" * 200, "x": 1})
     with pytest.raises(UsageError) as info:
         new.check_resumable()
     lines = str(info.value).splitlines()
-    assert lines[1:4] == [
+    assert lines[1:5] == [
+        "  gone: was 2, now null",
         f'  paths: was "{"a" * 116}..., now "{"b" * 116}...',
         '  pool: was "cls", now "mean"',
         "  x: was null, now 1",
     ]
-    assert len(lines[1]) == len("  paths: was , now ") + 2 * 120
+    assert len(lines[2]) == len("  paths: was , now ") + 2 * 120
     assert lines[-1] == "run with the settings it began with, or start over with --overwrite"
 
 
@@ -801,26 +811,30 @@ def test_embedder_groups_sizes_and_keeps_failed_rows_as_nulls(checkpoint):
     model = dino3.load(str(checkpoint))
     a = torch.randn(3, 32, 32)
     b = torch.randn(3, 32, 48)
+    c = torch.randn(3, 32, 32)
     batch = {
-        "path": np.asarray(["a", "bad", "b"], object),
-        "pixels": np.asarray([a.numpy().tobytes(), b"", b.numpy().tobytes()], object),
-        "height": np.asarray([32, 0, 32]),
-        "width": np.asarray([32, 0, 48]),
-        "error": np.asarray(["", "bad: cannot decode", ""], object),
+        "path": np.asarray(["a", "bad", "b", "c"], object),
+        "pixels": np.asarray([a.numpy().tobytes(), b"", b.numpy().tobytes(), c.numpy().tobytes()], object),
+        "height": np.asarray([32, 0, 32, 32]),
+        "width": np.asarray([32, 0, 48, 32]),
+        "error": np.asarray(["", "bad: cannot decode", "", ""], object),
     }
     embedder = plan._Embedder(str(checkpoint), {"check_hash": False}, "cls", None, '{"k": 1}', None, threads=1)
     table = embedder(batch)
-    assert table.column("path").to_pylist() == ["a", "bad", "b"]
-    assert table.column("error").to_pylist() == ["", "bad: cannot decode", ""]
+    assert table.column("path").to_pylist() == ["a", "bad", "b", "c"]
+    assert table.column("error").to_pylist() == ["", "bad: cannot decode", "", ""]
     got = table.column("features").to_pylist()
     assert got[1] is None
     with torch.inference_mode():
         want_a = extract(model, a[None], "cls")[0][0].numpy()
         want_b = extract(model, b[None], "cls")[0][0].numpy()
+        want_c = extract(model, c[None], "cls")[0][0].numpy()
     np.testing.assert_allclose(got[0], want_a, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[2], want_b, rtol=1e-4, atol=1e-5)
-    assert table.column("grid_h").to_pylist() == [2, 0, 2] and table.column("grid_w").to_pylist() == [2, 0, 3]
-    assert table.column("shape").to_pylist() == [[len(want_a)], [], [len(want_b)]]
+    np.testing.assert_allclose(got[3], want_c, rtol=1e-4, atol=1e-5)
+    assert table.column("grid_h").to_pylist() == [2, 0, 2, 2]
+    assert table.column("grid_w").to_pylist() == [2, 0, 3, 2]
+    assert table.column("shape").to_pylist() == [[len(want_a)], [], [len(want_b)], [len(want_c)]]
     assert table.schema.metadata[b"dino3"] == b'{"k": 1}'
     fixed = plan._Embedder(str(checkpoint), {"check_hash": False}, "cls", None, "{}", len(want_a), threads=1)(batch)
     column = fixed.column("features").combine_chunks()
@@ -846,7 +860,7 @@ def test_check_reachable_refuses_an_address_nobody_listens_at():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        plan._check_reachable(f"127.0.0.1:{server.getsockname()[1]}", timeout=1)  # someone there: no error
+        plan._check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}", timeout=1)  # someone there: no error
 
 
 def test_require_without_ray_names_the_extra(monkeypatch):
