@@ -871,3 +871,144 @@ def test_require_without_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UsageError, match=r"the Ray engine needs Ray Data: pip install 'dino3\[ray\]'"):
         plan.require()
+
+
+# -- job.py and ray_job.py around a model: what a run writes and refuses ---------------------------------
+def test_chunks_are_whole_batches_of_about_checkpoint_every(checkpoint, tmp_path, monkeypatch):
+    """checkpoint_every=5 with batches of 2: chunks of 4 images (whole batches, at least one), then
+    the partial last one; checkpoint_every below a batch: a chunk per batch."""
+    import dino3
+
+    paths = [image(tmp_path / "in" / f"{i}.png") for i in range(5)]
+    sizes = []
+    real = store.Store.save
+    monkeypatch.setattr(store.Store, "save", lambda self, chunk: sizes.append(len(chunk.indices)) or real(self, chunk))
+    common = dict(model=str(checkpoint), size=32, batch_size=2, workers=0, progress=False)
+    dino3.embed.run(paths, output=tmp_path / "a.npz", checkpoint_every=5, **common)
+    assert sizes == [4, 1]
+    sizes.clear()
+    dino3.embed.run(paths, output=tmp_path / "b.npz", checkpoint_every=1, **common)
+    assert sizes == [2, 2, 1]
+
+
+def test_an_existing_output_or_interrupted_run_needs_a_choice(checkpoint, tmp_path):
+    """An output already there, or an interrupted run's store, is refused without --overwrite/--resume."""
+    import dino3
+
+    a = image(tmp_path / "in" / "a.png")
+    out = tmp_path / "o.npz"
+    out.write_bytes(b"old")
+    with pytest.raises(UsageError, match=r"o\.npz exists; pass --overwrite to replace it"):
+        dino3.embed.run([a], model=str(checkpoint), output=out, progress=False)
+    out.unlink()
+    (tmp_path / "o.npz.partial").mkdir()
+    with pytest.raises(UsageError, match=r"o\.npz\.partial holds an interrupted run: pass --resume .* or --overwrite"):
+        dino3.embed.run([a], model=str(checkpoint), output=out, progress=False)
+    assert out.exists() is False
+    result = dino3.embed.run([a], model=str(checkpoint), output=out, size=32, overwrite=True, progress=False)
+    assert result.count == 1 and not (tmp_path / "o.npz.partial").exists()
+
+
+@pytest.fixture
+def stand_in_ray(monkeypatch):
+    """The Ray Data plan replaced by rows made here (test_ray_job's way): no Ray needed."""
+    from dino3.integrations import ray as plan
+
+    pa = pytest.importorskip("pyarrow")
+    made = []
+
+    def embed(shard, recipe, **options):
+        made.append(list(shard))
+        values = np.stack([np.full(3, float(len(p)), np.float32) for p in shard]).reshape(-1)
+        return Blocks(
+            [
+                pa.table(
+                    {
+                        "path": pa.array(list(shard), pa.string()),
+                        "features": pa.FixedSizeListArray.from_arrays(pa.array(values), 3),
+                        "shape": pa.array([[3]] * len(shard), pa.list_(pa.int64())),
+                        "grid_h": pa.array([2] * len(shard), pa.int64()),
+                        "grid_w": pa.array([2] * len(shard), pa.int64()),
+                        "error": pa.array([""] * len(shard), pa.string()),
+                    }
+                )
+            ]
+        )
+
+    monkeypatch.setattr(plan, "require", lambda: None)
+    monkeypatch.setattr(plan, "start", lambda address, progress: 0.0)
+    monkeypatch.setattr(plan, "embed", embed)
+    return made
+
+
+def test_ray_engine_refusals(stand_in_ray, checkpoint, tmp_path):
+    """The Ray engine writes a folder: a file name or an existing file is refused; so are kept-aspect
+    patch grids and a shard size below 1; nothing is written."""
+    import dino3
+    from dino3.embed.job import RayOptions
+
+    a = touch(tmp_path / "in" / "a.png")
+    run = lambda out, **kw: dino3.embed.run([a], model=str(checkpoint), output=out, engine="ray", progress=False, **kw)  # noqa: E731
+    for name in ("o.parquet", "o.NPZ"):
+        with pytest.raises(UsageError, match=rf"{name}: the Ray engine writes a folder"):
+            run(tmp_path / name)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="file: the Ray engine writes a folder"):
+        run(tmp_path / "file")
+    with pytest.raises(UsageError, match="patch grids of kept aspect ratios .* need the local engine"):
+        run(tmp_path / "o", pool="patches", keep_aspect="shorter", target=64)
+    for bad in (0, 1.5):
+        with pytest.raises(UsageError, match=rf"shard_size must be an integer >= 1, got {bad}"):
+            run(tmp_path / "o", ray=RayOptions(shard_size=bad))
+    with pytest.raises(UsageError, match="no images found in the inputs"):
+        dino3.embed.run(dino3.embed.Inputs(), model=str(checkpoint), output=tmp_path / "o", engine="ray")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in"] and stand_in_ray == []
+
+
+def test_ray_engine_resume_skips_the_shards_done_and_overwrite_redoes_them(stand_in_ray, checkpoint, tmp_path):
+    """A resumed Ray job does only the shards its manifest does not name (saying so); --overwrite
+    does them all again and keeps nothing of the old output."""
+    import dino3
+    from dino3.embed.job import RayOptions
+
+    paths = [touch(tmp_path / "in" / f"{'x' * i}.png") for i in range(1, 4)]
+    out = tmp_path / "out"
+    run = lambda **kw: dino3.embed.run(  # noqa: E731
+        paths, model=str(checkpoint), output=out, engine="ray", ray=RayOptions(shard_size=2), progress=False, **kw
+    )
+    assert run().count == 3 and stand_in_ray == [paths[:2], paths[2:]]
+    manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    del manifest["shards"]["1"]
+    (tmp_path / "out.manifest.json").write_text(json.dumps(manifest))
+    stand_in_ray.clear()
+    result = run(resume=True)
+    assert stand_in_ray == [paths[2:]] and result.notes == ["shard 0 was done already"] and result.count == 3
+    back = writers.read_embeddings(out)
+    assert back.paths == paths and back.features[:, 0].tolist() == [len(p) for p in paths]
+    stand_in_ray.clear()
+    assert run(overwrite=True).count == 3 and stand_in_ray == [paths[:2], paths[2:]]
+    with pytest.raises(UsageError, match="holds a dino3 output: pass --resume"):
+        run()
+
+
+def test_ray_engine_overwrite_removes_the_old_outputs_before_its_work(stand_in_ray, checkpoint, tmp_path, monkeypatch):
+    """--overwrite removes the old shards and failure list first: an overwrite that then fails leaves
+    no failure list of the old job beside the new one's manifest."""
+    import dino3
+    from dino3.errors import Dino3Error
+    from dino3.integrations import ray as plan
+
+    paths = [touch(tmp_path / "in" / "a.png")]
+    out = tmp_path / "out"
+    dino3.embed.run(paths, model=str(checkpoint), output=out, engine="ray", progress=False)
+    (tmp_path / "out.failures.tsv").write_text("old.png\tcannot decode\n")
+
+    class Broken:
+        def iter_batches(self, **kw):
+            raise RuntimeError("worker died\nmore lines")
+
+    monkeypatch.setattr(plan, "embed", lambda shard, recipe, **kw: Broken())
+    with pytest.raises(Dino3Error, match=r"the Ray job failed on shard 0: RuntimeError: worker died$"):
+        dino3.embed.run(paths, model=str(checkpoint), output=out, engine="ray", overwrite=True, progress=False)
+    assert not (tmp_path / "out.failures.tsv").exists() and list(out.iterdir()) == []
+    assert json.loads((tmp_path / "out.manifest.json").read_text())["shards"] == {}
