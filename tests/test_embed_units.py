@@ -1012,3 +1012,35 @@ def test_ray_engine_overwrite_removes_the_old_outputs_before_its_work(stand_in_r
         dino3.embed.run(paths, model=str(checkpoint), output=out, engine="ray", overwrite=True, progress=False)
     assert not (tmp_path / "out.failures.tsv").exists() and list(out.iterdir()) == []
     assert json.loads((tmp_path / "out.manifest.json").read_text())["shards"] == {}
+
+
+def test_videos_are_inputs_only_with_a_sampling(tmp_path, monkeypatch):
+    """With `video`, a video in a folder, named directly or in a list file gives its frames (and its
+    problems as skipped); one that cannot be read is skipped with the reason. Without, a video in a
+    folder is an ignored file; a URL to a video stays a URL."""
+    from dino3.errors import VideoError
+    from dino3.video import Sampling
+
+    clip = touch(tmp_path / "v" / "clip.MP4")
+    bad = touch(tmp_path / "v" / "bad.mkv")
+    a = touch(tmp_path / "v" / "a.png")
+    (tmp_path / "list.txt").write_text("v/clip.MP4\nhttps://h/remote.mp4\n")
+
+    def list_frames(name, sampling):
+        assert sampling == Sampling(every=2)
+        if name.endswith("bad.mkv"):
+            raise VideoError(f"{name}: no video frames")
+        return [f"{name}#t=0.000", f"{name}#t=0.080"], [(f"{name}#t=0.160", "cut short")]
+
+    monkeypatch.setattr(inputs_mod, "list_frames", list_frames)
+    found = expand_inputs([str(tmp_path / "v")], video=Sampling(every=2))
+    assert found.paths == [a, f"{clip}#t=0.000", f"{clip}#t=0.080"]
+    assert found.skipped == [(bad, f"{bad}: no video frames"), (f"{clip}#t=0.160", "cut short")]
+    listed = expand_inputs([str(tmp_path / "list.txt"), clip], video=Sampling(every=2))
+    assert listed.paths == [f"{clip}#t=0.000", f"{clip}#t=0.080", "https://h/remote.mp4"] + [
+        f"{clip}#t=0.000",
+        f"{clip}#t=0.080",
+    ]
+    plain = expand_inputs([str(tmp_path / "v")])
+    assert plain.paths == [a] and plain.ignored == 2 and plain.skipped == []
+    assert expand_inputs([clip]).paths == [clip]  # named, without a sampling: a file as it is
