@@ -1044,3 +1044,37 @@ def test_videos_are_inputs_only_with_a_sampling(tmp_path, monkeypatch):
     plain = expand_inputs([str(tmp_path / "v")])
     assert plain.paths == [a] and plain.ignored == 2 and plain.skipped == []
     assert expand_inputs([clip]).paths == [clip]  # named, without a sampling: a file as it is
+
+
+def test_embedder_a_failed_forward_fails_only_its_group(checkpoint, monkeypatch):
+    """A forward that raises for one group of sizes marks its rows failed (path, error class and
+    message); the other group's rows keep their features."""
+    import torch
+
+    import dino3.features
+    from dino3.integrations import ray as plan
+
+    real = dino3.features.extract
+
+    def extract(model, pixels, *args):
+        if pixels.shape[-1] == 48:
+            raise RuntimeError("out of memory")
+        return real(model, pixels, *args)
+
+    monkeypatch.setattr(dino3.features, "extract", extract)
+    a, b = torch.randn(3, 32, 32), torch.randn(3, 32, 48)
+    batch = {  # the failing group first: the groups after it are still done
+        "path": np.asarray(["b", "a", "b2"], object),
+        "pixels": np.asarray([b.numpy().tobytes(), a.numpy().tobytes(), b.numpy().tobytes()], object),
+        "height": np.asarray([32, 32, 32]),
+        "width": np.asarray([48, 32, 48]),
+        "error": np.asarray(["", "", ""], object),
+    }
+    table = plan._Embedder(str(checkpoint), {"check_hash": False}, "cls", None, "{}", None, threads=1)(batch)
+    assert table.column("error").to_pylist() == [
+        "b: RuntimeError: out of memory",
+        "",
+        "b2: RuntimeError: out of memory",
+    ]
+    got = table.column("features").to_pylist()
+    assert got[0] is None and got[1] is not None and got[2] is None
