@@ -1078,3 +1078,40 @@ def test_embedder_a_failed_forward_fails_only_its_group(checkpoint, monkeypatch)
     ]
     got = table.column("features").to_pylist()
     assert got[0] is None and got[1] is not None and got[2] is None
+
+
+def test_plan_refusals_before_ray_runs_anything(checkpoint):
+    """dino3.integrations.ray.embed: options beside a recipe, and no inputs, are refused before any
+    Ray work (Ray imported, not started)."""
+    pytest.importorskip("ray.data")
+    from dino3.integrations import ray as plan
+    from dino3.recipe import Recipe
+
+    with pytest.raises(UsageError, match=r"give the options in the recipe, not beside it: \['pool', 'size'\]"):
+        plan.embed(["a.png"], Recipe(str(checkpoint)), pool="mean", size=64)
+    with pytest.raises(UsageError, match="no inputs to embed"):
+        plan.embed([], str(checkpoint), check_hash=False)
+
+
+def test_run_lock_takes_the_file_again_when_it_was_replaced_meanwhile(tmp_path, monkeypatch):
+    """Between opening and locking, the previous holder may remove the lock file: the lock is taken
+    again on the file that is there now (and never held on a removed one)."""
+    out = tmp_path / "out.npz"
+    real_stat = store.os.stat
+    calls = []
+
+    def stat(path, *a, **k):
+        if Path(path) == tmp_path / "out.npz.lock" and not calls:
+            calls.append(path)
+            raise FileNotFoundError(path)
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(store.os, "stat", stat)
+    lock = store.RunLock(out)
+    lock.acquire()
+    try:
+        assert calls and lock.fd is not None
+        assert (tmp_path / "out.npz.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+    assert lock.fd is None and not (tmp_path / "out.npz.lock").exists()
