@@ -1115,3 +1115,29 @@ def test_run_lock_takes_the_file_again_when_it_was_replaced_meanwhile(tmp_path, 
     finally:
         lock.release()
     assert lock.fd is None and not (tmp_path / "out.npz.lock").exists()
+
+
+def test_a_local_run_reports_failures_then_skipped_and_counts_them(checkpoint, tmp_path):
+    """The failures in input order, then the inputs skipped while listing; the output's meta counts
+    both; files without an image suffix are counted as ignored, by the first shard only."""
+    import dino3
+
+    root = tmp_path / "in"
+    a, c = image(root / "a.png"), image(root / "c.png")
+    b, d = touch(root / "b.png", b"not an image"), touch(root / "d.png", b"nor this")
+    touch(root / "notes.md")
+    os.symlink(root / "gone.png", root / "z.png")
+    out = tmp_path / "o.npz"
+    result = dino3.embed.run([str(root)], model=str(checkpoint), output=out, size=32, batch_size=1, progress=False)
+    assert (result.count, result.computed, result.ignored) == (2, 2, 1)
+    assert [p for p, _ in result.failures] == [b, d, str(root / "z.png")]
+    assert result.failures[2][1] == "a symbolic link to nothing (dangling)"
+    written = writers.read_embeddings(out)
+    assert written.paths == [a, c] and written.meta["failed"] == 3
+    lines = (tmp_path / "o.npz.failures.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [b, d, str(root / "z.png")]
+    ignored = [
+        dino3.embed.run([str(root)], model=str(checkpoint), output=tmp_path / f"s{k}.npz", size=32, shard=(k, 2)).ignored
+        for k in (0, 1)
+    ]
+    assert ignored == [1, 0]
