@@ -1137,7 +1137,34 @@ def test_a_local_run_reports_failures_then_skipped_and_counts_them(checkpoint, t
     lines = (tmp_path / "o.npz.failures.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == [b, d, str(root / "z.png")]
     ignored = [
-        dino3.embed.run([str(root)], model=str(checkpoint), output=tmp_path / f"s{k}.npz", size=32, shard=(k, 2)).ignored
+        dino3.embed.run(
+            [str(root)], model=str(checkpoint), output=tmp_path / f"s{k}.npz", size=32, shard=(k, 2)
+        ).ignored
         for k in (0, 1)
     ]
     assert ignored == [1, 0]
+
+
+def test_parquet_features_are_a_fixed_size_list_when_every_image_has_as_many(tmp_path):
+    """Equal sizes: a fixed-size list column of float32 (what DuckDB and Arrow's tensors want); sizes
+    that differ: a plain list."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    same = [np.arange(4, dtype=np.float64).reshape(2, 2), np.ones((2, 2))]
+    writers.write_embeddings(tmp_path / "s.parquet", ["a", "b"], same, [(1, 1), (1, 1)], {})
+    column = pq.read_table(tmp_path / "s.parquet").schema.field("features").type
+    assert pa.types.is_fixed_size_list(column) and column.list_size == 4 and column.value_type == pa.float32()
+    back = writers.read_embeddings(tmp_path / "s.parquet")
+    assert back.features.dtype == np.float32 and back.features.shape == (2, 2, 2)
+    assert back.features[0].tolist() == [[0, 1], [2, 3]]
+    writers.write_embeddings(tmp_path / "r.parquet", ["a", "b"], RAGGED, [(2, 3), (1, 2)], {})
+    column = pq.read_table(tmp_path / "r.parquet").schema.field("features").type
+    assert pa.types.is_list(column) and column.value_type == pa.float32()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy", ".safetensors"])
+def test_an_output_with_no_image_reads_back_empty(tmp_path, suffix):
+    """Every image failed: the output is still written, and reads back with no paths."""
+    writers.write_embeddings(tmp_path / f"o{suffix}", [], [], [], {"pool": "cls"})
+    back = writers.read_embeddings(tmp_path / f"o{suffix}")
+    assert back.paths == [] and len(back) == 0 and back.features.size == 0 and back.meta["pool"] == "cls"
