@@ -1168,3 +1168,14 @@ def test_an_output_with_no_image_reads_back_empty(tmp_path, suffix):
     writers.write_embeddings(tmp_path / f"o{suffix}", [], [], [], {"pool": "cls"})
     back = writers.read_embeddings(tmp_path / f"o{suffix}")
     assert back.paths == [] and len(back) == 0 and back.features.size == 0 and back.meta["pool"] == "cls"
+
+
+def test_local_paths_come_out_absolute_with_the_home_folder_expanded(tmp_path, monkeypatch):
+    """A relative path is made absolute from the working folder; `~` is the home folder, in a plain
+    path and in a pattern."""
+    a = touch(tmp_path / "home" / "pics" / "a.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "home")
+    assert expand_inputs(["pics/a.png"]).paths == [a]
+    assert expand_inputs(["~/pics/a.png"]).paths == [a]
+    assert expand_inputs(["~/pics/*.png"]).paths == [a]
