@@ -147,3 +147,27 @@ def test_check_model_shows_twelve_differences_and_counts_the_rest(checkpoint):
     with pytest.raises(UsageError) as info:
         check_model({**meta, "processor": {**meta["processor"], **thirteen}}, made, "it")
     assert str(info.value).count("\n  processor.k") == 12 and "more" not in str(info.value)
+
+
+def test_a_dinotxt_fingerprint_covers_its_head_and_text_tower(tmp_path):
+    """A dino.txt model's fingerprint: its backbone's patch values, then its image embedding and the
+    embedding of a fixed text (their first values each), rounded to 5 decimals."""
+    import torch
+
+    import dino3
+    from dino3.features import extract
+    from dino3.recipe import FINGERPRINT_SIZE, fingerprint
+    from helpers import dinotxt_meta_files
+
+    model = dino3.DINOv3TextModel.from_meta(*dinotxt_meta_files(tmp_path)).eval()
+    got = fingerprint(model)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        grid = extract(model, pixels, "patches")[0]
+        image = extract(model, pixels, "text")[0][0, :FINGERPRINT_SIZE]
+        text = model.encode_text(["a photo of a cat"])[0, :FINGERPRINT_SIZE]
+    patches = grid.reshape(-1, grid.shape[-1])[:, :FINGERPRINT_SIZE].reshape(-1)
+    want = [round(float(v), 5) for v in torch.cat([patches, image, text])]
+    assert len(got) == patches.numel() + 2 * FINGERPRINT_SIZE
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert got[-FINGERPRINT_SIZE:] != got[-2 * FINGERPRINT_SIZE : -FINGERPRINT_SIZE]
