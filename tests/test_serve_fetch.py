@@ -223,9 +223,9 @@ def test_files_that_are_not_regular_or_cannot_be_read_are_named(tmp_path, monkey
 
 def test_object_storage_without_pyarrow_or_unreachable_says_what_to_do(monkeypatch):
     pytest.importorskip("pyarrow.fs")
-    import pyarrow
-
     from types import SimpleNamespace
+
+    import pyarrow
 
     def unreachable(uri):
         raise OSError("no credentials\nsecond line")
