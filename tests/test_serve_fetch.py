@@ -187,10 +187,13 @@ def test_a_bytes_path_is_read_as_the_path_it_spells():
     assert fetch.fetch_bytes(os.fsencode(str(CAT))) == CAT.read_bytes()
 
 
-def test_download_takes_http_urls_only(tmp_path):
+def test_download_takes_http_urls_only(local):
     for text in ("ftp://host/a.png", str(CAT), "data:,x"):
         with pytest.raises(ImageError, match=rf"^{text}: not an http\(s\) URL$"):
             fetch.download(text)
+    assert fetch.download(f"{local}/cat.png") == CAT.read_bytes()
+    with pytest.raises(ImageTooLargeError, match=r"larger than 10 bytes"):  # its limit is passed on
+        fetch.download(f"{local}/cat.png", max_bytes=10)
 
 
 def test_a_data_url_without_its_comma_is_refused_with_the_expected_shape():
