@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -469,3 +470,109 @@ def test_a_body_of_unannounced_length_is_held_to_the_size_limit_too():
                 fetch.fetch_bytes(base + path, max_bytes=100_000)
     finally:
         server.shutdown()
+
+
+# -- edges of the loader (issue 31: each seen failing on a planted bug) -------------------------------
+def test_the_pixel_limit_sits_on_its_boundary():
+    """An image of exactly max_pixels is read; one pixel more is refused, naming size and limit."""
+    w, h = 451, 300  # the cat
+    assert images.open_image(CAT, max_pixels=w * h).size == (w, h)
+    with pytest.raises(images.ImageTooLargeError, match=r"451x300 = 0 megapixels is over the limit"):
+        images.open_image(CAT, max_pixels=w * h - 1)
+
+
+def test_an_empty_pil_image_is_refused():
+    for size in ((0, 5), (5, 0)):
+        with pytest.raises(ImageError, match=rf"the image is empty \({size[0]}x{size[1]}\)$"):
+            images.open_image(Image.new("RGB", size))
+
+
+def test_a_reader_that_fails_is_an_image_error_naming_it():
+    """Whatever PIL's parsers or the file object raise becomes an ImageError with the source's name."""
+
+    class Broken(io.RawIOBase):
+        name = "broken.png"
+
+        def readinto(self, buffer):
+            raise ValueError("boom")
+
+    with pytest.raises(ImageError, match=r"^broken.png: cannot be read as an image \(ValueError: boom\)$"):
+        load_image(Broken())
+
+
+def test_a_failing_jpeg_draft_is_a_decode_error(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(rgb_array(64, 64)).save(path)
+
+    def fails(self, mode, size):
+        raise OSError("draft refused")
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", fails)
+    with pytest.raises(ImageError, match=r"a.jpg: cannot be decoded \(OSError: draft refused\)$"):
+        load_image(path, draft_size=(16, 16))
+    assert load_image(path).shape == (3, 64, 64)  # no draft asked: no draft made
+
+
+def test_an_unknown_alpha_mode_is_refused():
+    with pytest.raises(ValueError, match=r"alpha must be one of .*got 'black'"):
+        images.decode(images.open_image(CAT), alpha="black")
+
+
+def test_load_pil_keeps_the_mode_and_turns_the_image_upright(tmp_path):
+    grey = Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6))
+    assert np.array_equal(np.asarray(images.load_pil(encode(grey, "PNG"))), np.asarray(grey))
+    assert images.load_pil(encode(grey, "PNG")).mode == "L"
+    rgba = Image.new("RGBA", (3, 2), (10, 20, 30, 40))
+    assert images.load_pil(encode(rgba, "PNG")).getpixel((0, 0)) == (10, 20, 30, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 6 wide, 4 high, shown 4 wide, 6 high
+    assert images.load_pil(encode(grey, "JPEG", exif=exif)).size == (4, 6)
+    with pytest.raises(ImageError, match=r"^array: an array, not an image file$"):
+        images.load_pil(rgb_array())
+
+
+def test_running_out_of_memory_while_decoding_is_an_image_error(monkeypatch):
+    from PIL import ImageOps
+
+    def no_memory(image):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", no_memory)
+    with pytest.raises(ImageError, match=r"chelsea.png: not enough memory to decode it \(451x300\)$"):
+        load_image(CAT)
+
+
+def test_a_boolean_mask_array_is_black_and_white():
+    mask = np.array([[True, False], [False, True]])
+    pixels = load_image(mask)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 2, 2)
+    assert pixels[:, 0, 0].tolist() == [255] * 3 and pixels[:, 0, 1].tolist() == [0] * 3
+
+
+def test_a_memory_budget_wait_stops_when_cancelled():
+    """A reservation waiting for room gives up with an ImageError once its cancel event is set; one
+    that fits exactly beside the others does not wait."""
+    budget = images.MemoryBudget(100)
+    cancel, outcome = threading.Event(), []
+
+    def wait():
+        try:
+            with budget.reserve(41, cancel):
+                outcome.append("reserved")
+        except ImageError as e:
+            outcome.append(str(e))
+
+    held = budget.reserve(60)
+    held.__enter__()
+    waiting = threading.Thread(target=wait, daemon=True)
+    waiting.start()
+    time.sleep(0.1)
+    cancel.set()
+    waiting.join(5)
+    with budget.reserve(40, cancel):  # fits exactly beside the 60: not a wait, not cancelled
+        assert budget.used == 100
+    held.__exit__(None, None, None)
+    waiting.join(5)
+    assert outcome == ["cancelled"] and budget.used == 0

@@ -433,3 +433,56 @@ def test_texts_queue_with_images_and_go_through_the_text_tower_together():
     assert [int(row[1]) for row in held + two + one] == [1, 2, 3, 4]  # each text its own row
     assert float(picture[0][0]) == 7
     assert model.threads == {"dino3-batcher"} and on_thread == "dino3-batcher"
+
+
+def test_texts_on_a_model_without_a_text_tower_are_refused():
+    """compute(texts=...) on an image-only model: a TypeError saying texts need dino.txt, nothing queued."""
+    model = CountingModel()
+    batcher = Batcher(model, max_batch=4, max_wait_ms=0, max_queue=4)
+    try:
+        with pytest.raises(TypeError, match="texts need a dino.txt model"):
+            asyncio.run(batcher.compute([image(1)], "cls", texts=[torch.zeros(3, dtype=torch.long)]))
+        assert batcher.depth == 0 and model.batches == []
+    finally:
+        batcher.stop()
+
+
+def test_a_call_runs_on_the_models_thread_and_returns_its_result():
+    """call() and run(): fn runs on the batcher's own thread (the model's), its result handed back; a
+    call is admitted even when the queue is full (a weight check is never refused with a 429)."""
+    model = CountingModel()
+    batcher = Batcher(model, max_batch=1, max_wait_ms=0, max_queue=1)
+
+    async def scenario():
+        model.gate.close()
+        held = asyncio.ensure_future(batcher.compute([image(1)], "cls"))
+        await asyncio.to_thread(model.gate.wait_for_a_forward)
+        queued = asyncio.ensure_future(batcher.compute([image(2)], "cls"))
+        await until(lambda: batcher.depth == 1)  # the queue is full
+        called = asyncio.ensure_future(batcher.call(lambda: (threading.current_thread().name, 42)))
+        await asyncio.sleep(0.05)
+        model.gate.opened.set()
+        return await called, await held, await queued
+
+    try:
+        called, _, _ = asyncio.run(scenario())
+        assert called == ("dino3-batcher", 42)
+        assert batcher.run(lambda: threading.current_thread().name) == "dino3-batcher"
+    finally:
+        model.gate.opened.set()
+        batcher.stop()
+
+
+@pytest.mark.parametrize("seconds, header", [(0.2, "1"), (1.0, "1"), (1.2, "2"), (2.0, "2"), (2.001, "3")])
+def test_retry_after_is_the_wait_rounded_up_to_whole_seconds(seconds, header):
+    """A full queue's 429 says Retry-After: the estimated wait rounded up (never down: the client would
+    come back too early), at least 1 s."""
+    from dino3.serve.service import ApiError, _queued
+
+    async def full():
+        raise QueueFull(max(1.0, seconds))
+
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(_queued(full()))
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": header}
+    assert "at capacity" in refused.value.message
