@@ -345,3 +345,61 @@ def test_an_index_rebuilt_with_another_model_under_a_running_server_is_refused(c
         assert response.status_code == 503 and response.json()["error"]["code"] == "index_changed"
     finally:
         running.stop()
+
+
+def test_a_search_read_as_the_index_is_rebuilt_is_tried_once_more_then_a_503(checkpoint, indexed, monkeypatch):
+    """/v1/search whose read meets a rebuild (StaleIndexError) reads once more after a refresh, and
+    answers 503 `index_changed` when the second read meets one too. Planted: no second read (a 503
+    at the first), a third read, the error let through as a 500."""
+    from fastapi.testclient import TestClient
+
+    from dino3.errors import StaleIndexError
+
+    _, index = indexed
+    search = index.search
+    calls = []
+
+    def stale(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise StaleIndexError("rebuilt meanwhile")
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(index, "search", stale)
+    body = {"input": [data_url(PHOTOS[0])], "k": 2}
+    with TestClient(create_app(dino3.load(checkpoint), ServeSettings(), index=index, warm=False)) as client:
+        failures = 1
+        answer = client.post("/v1/search", json=body)
+        assert answer.status_code == 200 and len(calls) == 2, answer.text
+        calls.clear()
+        failures = 5
+        answer = client.post("/v1/search", json=body)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "index_changed"
+        assert len(calls) == 2
+
+
+def test_thumbnails_of_url_items_are_404_and_sizes_are_bounded_on_both_ends(checkpoint, tmp_path):
+    """An indexed URL has no thumbnail here (404 naming it a URL); sizes 64 and 512 are given,
+    63 and 513 refused. Planted: the URL check dropped (the server would download it), either bound
+    made strict or loosened by one."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    features = tmp_path / "e.npz"
+    dino3.embed.run([str(PHOTOS[0]), str(PHOTOS[1])], model=str(checkpoint), output=features, progress=False)
+    data = dict(np.load(features, allow_pickle=False))
+    data["paths"] = np.asarray([str(PHOTOS[0]), "https://example.org/photo.jpg"])
+    np.savez(features, **data)
+    folder = tmp_path / "i.index"
+    dino3.index.build([str(features)], folder=folder, progress=False)
+    index = dino3.index.open(folder)
+    ids = {e.path: e.id for e in index.entries()}
+    with TestClient(create_app(dino3.load(checkpoint), ServeSettings(), index=index, warm=False)) as client:
+        answer = client.get(f"/v1/thumbnails/{ids['https://example.org/photo.jpg']}")
+        assert answer.status_code == 404 and "is a URL" in answer.json()["error"]["message"]
+        local = ids[str(PHOTOS[0])]
+        for size, status in ((64, 200), (512, 200), (63, 400), (513, 400)):
+            answer = client.get(f"/v1/thumbnails/{local}", params={"size": size})
+            assert answer.status_code == status, (size, answer.text)
+            if status == 200:
+                assert max(Image.open(io.BytesIO(answer.content)).size) == size
