@@ -1,0 +1,250 @@
+"""Edge inputs of probe training and its datasets: every refusal names the thing and the remedy."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from test_probe import digits_subset, small_digits, tiny, write_digits  # noqa: F401  (fixtures)
+
+import dino3
+from dino3.errors import UsageError
+from dino3.probe.dataset import read_dataset, read_labels_csv, stratified_split
+from dino3.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    """2 classes x 3 digit images."""
+    return write_digits(tmp_path_factory.mktemp("two") / "data", digits_subset(2, 3))
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny, two_classes, tmp_path_factory):  # noqa: F811
+    """The 6 images embedded (cls), and a labels CSV naming them all."""
+    folder = tmp_path_factory.mktemp("emb")
+    features = folder / "features.npz"
+    dino3.embed.run([str(two_classes)], model=str(tiny), output=features, pool="cls", progress=False)
+    images = sorted(two_classes.rglob("*.png"))
+    labels = folder / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    return features, labels, images
+
+
+# -- read_dataset -------------------------------------------------------------------------------------------
+def test_labels_with_a_folder_or_csv_dataset_are_refused(two_classes, tmp_path):
+    """labels= goes with an embeddings file only; a folder dataset given labels is refused, naming them."""
+    with pytest.raises(UsageError, match=r"labels \(x.csv\) go with an embeddings file"):
+        read_dataset(two_classes, labels="x.csv")
+
+
+def test_a_missing_or_unknown_dataset_is_named(tmp_path):
+    """A path that does not exist, and a file that is no dataset, get each its own message."""
+    with pytest.raises(UsageError, match="no such folder or file"):
+        read_dataset(tmp_path / "gone")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(UsageError, match=r"notes.txt: a dataset is a folder with a folder per class"):
+        read_dataset(other)
+
+
+def test_a_csv_dataset_with_an_upper_case_suffix_is_read(two_classes, tmp_path):
+    """The .CSV suffix is matched whatever its case."""
+    images = sorted(two_classes.rglob("*.png"))
+    csv = tmp_path / "LABELS.CSV"
+    csv.write_text("".join(f"{p},{p.parent.name}\n" for p in images))
+    found = read_dataset(csv)
+    assert found.paths == [str(p) for p in images] and found.labels == [p.parent.name for p in images]
+
+
+def test_many_missing_images_of_a_csv_are_counted_beyond_the_five_shown(tmp_path):
+    """The message lists 5 missing files and counts the rest ("and 2 more"); exactly 5: no count."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("".join(f"gone{i}.png,a\n" for i in range(7)))
+    with pytest.raises(UsageError, match=r"names 7 image file\(s\) .*gone4.png \(line 5\) and 2 more\.") as e:
+        read_dataset(csv)
+    assert "gone5.png" not in str(e.value)
+    csv.write_text("".join(f"gone{i}.png,a\n" for i in range(5)))
+    with pytest.raises(UsageError, match=r"names 5 image file\(s\)") as e:
+        read_dataset(csv)
+    assert "more" not in str(e.value) and "gone4.png (line 5)" in str(e.value)
+
+
+def test_loose_files_beside_the_class_folders_are_left_out_with_a_note(two_classes, tmp_path):
+    """Images directly in the dataset folder belong to no class: left out, and a note says how many."""
+    root = tmp_path / "data"
+    shutil.copytree(two_classes, root)
+    shutil.copy(next(two_classes.rglob("*.png")), root / "loose.png")
+    (root / ".hidden").write_text("x")
+    found = read_dataset(root)
+    assert len(found.paths) == 6 and found.notes == [
+        f"1 file(s) directly in {root} are in no class folder and were left out"
+    ]
+    assert read_dataset(two_classes).notes == []
+
+
+# -- read_labels_csv ----------------------------------------------------------------------------------------
+def test_a_labels_csv_that_cannot_be_read_is_named(tmp_path):
+    """A missing file and a file not in UTF-8 are refused with the reason."""
+    with pytest.raises(UsageError, match="no such labels file"):
+        read_labels_csv(tmp_path / "gone.csv")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("caf\u00e9.png,a\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"must be UTF-8 text \(invalid continuation byte at byte 3\)"):
+        read_labels_csv(latin)
+
+
+def test_a_header_names_the_columns_in_any_order(tmp_path):
+    """With a header the columns are found by name (any order, any case, other columns allowed);
+    relative paths are made relative to the CSV's folder, absolute ones kept."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text(" Label ,extra,PATH\ncat,1,a.png\ndog,2,/abs/b.png\n")
+    assert read_labels_csv(csv) == [(2, str(tmp_path / "a.png"), "cat"), (3, "/abs/b.png", "dog")]
+
+
+def test_short_rows_and_empty_fields_name_their_line(tmp_path):
+    """A row that lacks its path or label column, or has it empty, is refused naming the line and the field."""
+    csv = tmp_path / "labels.csv"
+    for text, message in [
+        ("label,path\ncat,a.png\ndog\n", "line 3: the row has no path"),
+        ("path,label\na.png,cat\nb.png\n", "line 3: the row has no label"),
+        ("path,label\na.png, \n", "line 2: the label is empty"),
+        ("path,label\n ,cat\n", "line 2: the path is empty"),
+        ("a.png\n", "line 1: expected two fields, path and label, got 1"),
+    ]:
+        csv.write_text(text)
+        with pytest.raises(UsageError, match=message):
+            read_labels_csv(csv)
+
+
+def test_a_path_repeated_with_the_same_label_is_kept_once(tmp_path):
+    """The same image twice under the same label is one row (the first line's)."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text("/a.png,cat\n/b.png,dog\n/a.png,cat\n")
+    assert read_labels_csv(csv) == [(1, "/a.png", "cat"), (2, "/b.png", "dog")]
+
+
+# -- labelled embeddings ------------------------------------------------------------------------------------
+def test_labels_that_leave_images_out_say_how_many(embedded, tmp_path):
+    """Embedded images with no label are left out, with a note counting them; features follow the CSV's order."""
+    features, _, images = embedded
+    labels = tmp_path / "labels.csv"
+    chosen = [images[4], images[0]]
+    labels.write_text("".join(f"{p},{p.parent.name}\n" for p in chosen))
+    found = read_dataset(features, labels=labels)
+    assert found.paths == [str(p) for p in chosen] and found.labels == [p.parent.name for p in chosen]
+    assert found.notes == [f"4 image(s) of {features} have no label in {labels} and were left out"]
+    whole = read_dataset(features, labels=embedded[1])
+    assert np.array_equal(found.features, whole.features[[4, 0]])
+
+
+def test_an_image_labelled_under_two_spellings_is_refused(embedded, tmp_path):
+    """The same embedded image labelled twice (its path written two ways) is refused."""
+    features, _, images = embedded
+    labels = tmp_path / "labels.csv"
+    twisted = f"{images[0].parent}/../{images[0].parent.name}/{images[0].name}"
+    labels.write_text(f"{images[0]},0\n{twisted},0\n{images[3]},1\n")
+    with pytest.raises(UsageError, match="labels some images of .* twice"):
+        read_dataset(features, labels=labels)
+
+
+def test_patch_features_are_refused_for_a_probe(tiny, two_classes, tmp_path):  # noqa: F811
+    """Per-patch features are no vector per image: refused, naming the pooling and the remedy."""
+    features = tmp_path / "patches.npz"
+    dino3.embed.run([str(two_classes)], model=str(tiny), output=features, pool="patches", progress=False)
+    with pytest.raises(UsageError, match=r"\(pool 'patches'\); a probe takes one vector per image"):
+        read_dataset(features, labels=tmp_path / "unused.csv")
+
+
+def test_a_split_at_fraction_zero_holds_nothing_and_a_negative_fraction_is_refused():
+    """fraction 0 holds out nothing; a class of one image is never held out; < 0 is refused."""
+    targets = np.array([0, 0, 0, 1])
+    train, held = stratified_split(targets, 0.0, 0)
+    assert sorted(train) == [0, 1, 2, 3] and len(held) == 0
+    train, held = stratified_split(targets, 0.5, 0)
+    assert 3 in train and len(held) == 2 and set(targets[held]) == {0}  # round(1.5) = 2, never all 3
+    with pytest.raises(UsageError, match=r"must lie in \[0, 1\), got -0.1"):
+        stratified_split(targets, -0.1, 0)
+
+
+# -- train(): every option checked before any work ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ({"seed": True}, "seed must be an integer, got True"),
+        ({"method": "svm"}, "method must be one of"),
+        ({"features": "patches"}, "features must be one of"),
+        ({"C": 1.0, "method": "knn"}, "C is logistic regression's"),
+        ({"C": -1.0}, "got C=-1.0 with method 'logreg'"),
+        ({"C": "1"}, "got C='1'"),
+        ({"k": 5}, "k is k-NN's .*got k=5 with method 'logreg'"),
+        ({"k": 0, "method": "knn"}, "got k=0"),
+        ({"k": True, "method": "knn"}, "got k=True"),
+        ({"k": 2.0, "method": "knn"}, "got k=2.0"),
+    ],
+)
+def test_bad_train_options_are_refused_naming_the_option(options, message, tmp_path):
+    """Each bad option is refused up front (the dataset does not even exist)."""
+    with pytest.raises(UsageError, match=message):
+        dino3.probe.train(tmp_path / "no-such-dataset", model="no-such-model", **options)
+
+
+def test_k_at_its_bound_and_C_above_zero_pass_the_checks(tmp_path):
+    """k=1 and a small positive C are accepted (the error is then the missing dataset's)."""
+    for options in ({"k": 1, "method": "knn"}, {"C": 1e-9}, {"seed": 0}):
+        with pytest.raises(UsageError, match="no such folder or file"):
+            dino3.probe.train(tmp_path / "no-such-dataset", model="no-such-model", **options)
+
+
+def test_unknown_keyword_arguments_are_a_type_error(tmp_path):
+    """A misspelt embedding option is a TypeError naming it, as Python's own."""
+    with pytest.raises(TypeError, match="unexpected keyword arguments: batchsize, sise"):
+        dino3.probe.train(tmp_path / "x", model="m", batchsize=4, sise=224)
+
+
+def test_recipe_options_are_checked_before_the_dataset_is_read(tmp_path):
+    """A bad embedding option (size) is refused before the missing dataset is noticed."""
+    with pytest.raises(UsageError, match="size"):
+        dino3.probe.train(tmp_path / "no-such-dataset", model="m", size=-3)
+
+
+def test_a_recipe_and_another_model_are_refused(tiny, two_classes, tmp_path):  # noqa: F811
+    """A recipe fixes the model: another model beside it is refused; so are options given beside it."""
+    recipe = Recipe(str(tiny), pool="cls")
+    with pytest.raises(UsageError, match="and the recipe's model .* differ"):
+        dino3.probe.train(two_classes, model="vits16", recipe=recipe)
+    with pytest.raises(UsageError, match="size: give them in the recipe"):
+        dino3.probe.train(two_classes, recipe=recipe, size=112, C=1.0)
+
+
+def test_features_already_embedded_take_no_model_recipe_or_options(embedded, tiny):  # noqa: F811
+    """An embeddings file holds its features: a model, another pooling, embedding options or a recipe are refused."""
+    features, labels, _ = embedded
+    for options, message in [
+        ({"model": str(tiny)}, r"already holds features \(made by .*\); leave out the model"),
+        ({"features": "mean"}, "holds 'cls' features, not 'mean'"),
+        ({"size": 112}, "size: embedding options do not apply to features already embedded"),
+        ({"recipe": Recipe(str(tiny), pool="cls")}, "already holds features .*leave out the model"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            dino3.probe.train(features, labels=labels, C=1.0, progress=False, **options)
+    result = dino3.probe.train(features, labels=labels, features="cls", C=1.0, progress=False)
+    assert result.images == 6 and result.probe.pool == "cls"
+
+
+def test_an_output_that_is_a_file_or_a_foreign_folder_is_refused(embedded, tmp_path):
+    """A probe needs a folder of its own: a file, or a folder holding other files, is refused."""
+    features, labels, _ = embedded
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(UsageError, match="is a file; a probe is a folder"):
+        dino3.probe.train(features, labels=labels, C=1.0, output=file)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("x")
+    (foreign / ".DS_Store").write_text("x")
+    with pytest.raises(UsageError, match=r"holds other files \(thesis.tex\.\.\.\)"):
+        dino3.probe.train(features, labels=labels, C=1.0, output=foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == [".DS_Store", "thesis.tex"]
