@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import numpy as np
 import pytest
-from test_probe import digits_subset, small_digits, tiny, write_digits  # noqa: F401  (fixtures)
+import torch
 
 import dino3
 from dino3.errors import UsageError
 from dino3.probe.dataset import read_dataset, read_labels_csv, stratified_split
 from dino3.recipe import Recipe
+from test_probe import digits_subset, small_digits, tiny, write_digits  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +251,153 @@ def test_an_output_that_is_a_file_or_a_foreign_folder_is_refused(embedded, tmp_p
     with pytest.raises(UsageError, match=r"holds other files \(thesis.tex\.\.\.\)"):
         dino3.probe.train(features, labels=labels, C=1.0, output=foreign)
     assert sorted(p.name for p in foreign.iterdir()) == [".DS_Store", "thesis.tex"]
+
+
+# -- Probe, built by hand: predictions against numpy ---------------------------------------------------------
+from dino3.probe.probe import FORMAT_VERSION, SETTINGS_FILE, WEIGHTS_FILE, Probe, _is_features  # noqa: E402
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+def logreg_probe(seed=0) -> Probe:
+    g = torch.Generator().manual_seed(seed)
+    settings = {"feature_dim": 4, "features": "cls", "model": "test", "model_identity": {}, "processor": {}, "C": 0.5}
+    tensors = {
+        "weight": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "bias": torch.randn(3, generator=g, dtype=torch.float64),
+    }
+    return Probe("logreg", CLASSES, tensors, settings)
+
+
+def numpy_softmax(probe: Probe, x: np.ndarray) -> np.ndarray:
+    logits = x @ probe.tensors["weight"].numpy().T + probe.tensors["bias"].numpy()
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predictions_are_the_softmax_ranked_and_cut_to_the_classes():
+    """top_k above the number of classes gives every class, best first, scores = numpy's softmax."""
+    probe = logreg_probe()
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    expected = numpy_softmax(probe, x)
+    got = probe.predict(x, top_k=10)
+    assert len(got) == 5 and got.scores.shape == (5, 3)
+    order = np.argsort(-expected, axis=1)
+    assert np.array_equal(got.indices, order)
+    assert got.labels == [[CLASSES[i] for i in row] for row in order]
+    assert np.allclose(got.scores, np.take_along_axis(expected, order, axis=1), atol=1e-12)
+    one = probe.predict(x, top_k=1)
+    assert one.scores.shape == (5, 1) and np.array_equal(one.indices[:, 0], order[:, 0])
+
+
+def test_a_bad_top_k_is_refused():
+    """top_k is a positive integer: 0, a bool or a float is refused."""
+    probe = logreg_probe()
+    for top_k in (0, -1, True, 1.5):
+        with pytest.raises(UsageError, match=f"top_k must be a positive integer, got {top_k!r}"):
+            probe.predict(np.zeros((1, 4)), top_k=top_k)
+
+
+def test_one_vector_and_integer_features_are_taken_and_3d_is_refused():
+    """A (D,) vector is one row; integer features count as numbers; (N, D, 1) is refused with its shape."""
+    probe = logreg_probe()
+    x = np.array([1, -2, 3, 0])
+    expected = numpy_softmax(probe, x[None].astype(np.float64))
+    assert np.allclose(probe.probabilities(torch.as_tensor(x)).numpy(), expected, atol=1e-12)
+    assert np.allclose(probe.probabilities(x.astype(np.float32)).numpy(), expected, atol=1e-6)
+    with pytest.raises(UsageError, match=r"features must be \(N, D\), one vector per image; got shape \(2, 4, 1\)"):
+        probe.probabilities(np.zeros((2, 4, 1)))
+
+
+def test_what_counts_as_features_and_what_as_images():
+    """Float (N, D) or (D,) arrays or tensors are features; integer arrays, 3-D arrays and lists are images."""
+    assert _is_features(np.zeros((2, 4), np.float32)) and _is_features(np.zeros(4)) and _is_features(torch.zeros(2, 4))
+    assert _is_features(torch.zeros(4, dtype=torch.float16))
+    assert not _is_features(np.zeros((2, 4), np.uint8)) and not _is_features(torch.zeros(2, 4, dtype=torch.long))
+    assert not _is_features(np.zeros((8, 8, 3), np.float32)) and not _is_features(torch.zeros(1, 2, 4))
+    assert not _is_features([[0.0, 1.0]]) and not _is_features("a.png")
+
+
+def test_repr_names_the_method_its_choice_and_features():
+    probe = logreg_probe()
+    assert repr(probe) == "Probe(logreg, 3 classes, C=0.5, cls features of 4 from test)"
+    knn_probe = Probe(
+        "knn",
+        CLASSES,
+        {"features": torch.eye(4)[:3], "labels": torch.tensor([0, 1, 2])},
+        {**probe.settings, "k": 2, "temperature": 0.07},
+    )
+    assert repr(knn_probe) == "Probe(knn, 3 classes, k=2, cls features of 4 from test)"
+
+
+def test_damaged_weights_built_by_hand_are_refused():
+    """A missing tensor, knn labels that do not match the rows, bool labels, a negative label, a model not text."""
+    probe = logreg_probe()
+    with pytest.raises(UsageError, match="this logreg probe is incomplete: the weights hold no 'bias'"):
+        Probe("logreg", CLASSES, {"weight": probe.tensors["weight"]}, probe.settings)
+    knn_settings = {**probe.settings, "k": 2, "temperature": 0.07}
+    rows = torch.eye(4)[:3]
+    for labels, message in [
+        (torch.tensor([0, 1]), "damaged: 2 labels for 3 features"),
+        (torch.tensor([True, False, True]), "'labels' holds torch.bool, not class indices"),
+        (torch.tensor([0, -1, 2]), "a label index outside the 3 classes"),
+        (torch.tensor([0, 1, 3]), "a label index outside the 3 classes"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Probe("knn", CLASSES, {"features": rows, "labels": labels}, knn_settings)
+    Probe("knn", CLASSES, {"features": rows, "labels": torch.tensor([0, 1, 2])}, knn_settings)  # on the bounds: fine
+    for key, value, need in [("model", 5, "a str"), ("processor", [], "a dict"), ("model_identity", "x", "a dict")]:
+        with pytest.raises(UsageError, match=re.escape(f"'{key}' is {value!r}; it must be {need}")):
+            Probe("logreg", CLASSES, probe.tensors, {**probe.settings, key: value})
+
+
+def test_save_and_load_round_trip_with_numpy_values_in_the_settings(tmp_path):
+    """numpy numbers, tuples and sets in the settings are written as JSON numbers and lists; load gives the same probe."""
+    probe = logreg_probe()
+    probe.settings.update(
+        C=np.float64(0.25), validation={"seed": np.int64(3), "ks": (1, 2), "only": {7}, "where": tmp_path}
+    )
+    probe.save(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / SETTINGS_FILE).read_text())
+    assert saved["C"] == 0.25 and saved["validation"] == {"seed": 3, "ks": [1, 2], "only": [7], "where": str(tmp_path)}
+    assert saved["format_version"] == FORMAT_VERSION
+    back = Probe.load(tmp_path / "p", device="cpu")
+    assert back.classes == CLASSES and torch.equal(back.tensors["weight"], probe.tensors["weight"])
+    x = np.random.default_rng(1).normal(size=(2, 4))
+    assert np.allclose(back.probabilities(x).numpy(), numpy_softmax(probe, x), atol=1e-12)
+
+
+def test_probe_folders_that_are_not_probes_are_refused(tmp_path):
+    """No folder, settings not a probe's, a newer format, a knn probe lacking k, unreadable weights."""
+    with pytest.raises(UsageError, match="gone: no such probe folder"):
+        Probe.load(tmp_path / "gone")
+    logreg_probe().save(tmp_path / "p")
+    settings_file = tmp_path / "p" / SETTINGS_FILE
+    good = json.loads(settings_file.read_text())
+    for document, message in [
+        ([1, 2], 'is not a dino3 probe\'s settings (no "format": "dino3-probe")'),
+        ({**good, "format": "other"}, "is not a dino3 probe's settings"),
+        (
+            {**good, "format_version": FORMAT_VERSION + 1, "dino3_version": "9.9"},
+            "written by a newer dino3 (9.9); upgrade",
+        ),
+        ({**good, "method": "knn"}, "it lacks k, temperature"),
+    ]:
+        settings_file.write_text(json.dumps(document))
+        with pytest.raises(UsageError, match=re.escape(message)):
+            Probe.load(tmp_path / "p")
+    settings_file.write_text(json.dumps(good))
+    (tmp_path / "p" / WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(UsageError, match="probe.safetensors is damaged: not a readable safetensors file"):
+        Probe.load(tmp_path / "p")
+
+
+def test_embeddings_without_identity_or_with_layers_are_refused():
+    """Features from elsewhere (no model identity), or of chosen layers, are refused naming why."""
+    probe = logreg_probe()
+    with pytest.raises(UsageError, match="x.npz records no model identity; it was not written by `dino3 embed`"):
+        probe.check_embeddings({"pool": "cls"}, "x.npz")
+    meta = {"model_identity": {}, "model": "test", "pool": "cls", "layers": [1, 2]}
+    with pytest.raises(UsageError, match=re.escape("holds 'cls' features of layers [1, 2]: embed with --pool cls")):
+        probe.check_embeddings(meta, "x.npz")
+    probe.check_embeddings({**meta, "layers": None}, "x.npz")  # the probe's own: accepted
