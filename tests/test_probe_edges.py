@@ -352,7 +352,7 @@ def test_damaged_weights_built_by_hand_are_refused():
 
 
 def test_save_and_load_round_trip_with_numpy_values_in_the_settings(tmp_path):
-    """numpy numbers, tuples and sets in the settings are written as JSON numbers and lists; load gives the same probe."""
+    """numpy numbers, tuples and sets in the settings are written as JSON numbers and lists; load gives it back."""
     probe = logreg_probe()
     probe.settings.update(
         C=np.float64(0.25), validation={"seed": np.int64(3), "ks": (1, 2), "only": {7}, "where": tmp_path}
