@@ -1,0 +1,179 @@
+"""Edge inputs of the dense tools at unit level: every refusal names the thing, and the results equal
+independent answers."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from dino3 import dense, linear
+from dino3.dense import foreground as fg
+from dino3.dense import pca
+from dino3.errors import UsageError
+
+
+def grids_and_labels(seed=0, dim=4):
+    """Two (3, 3, dim) grids whose foreground (label 1) patches are shifted along the first axis."""
+    g = torch.Generator().manual_seed(seed)
+    labels = [torch.zeros(3, 3), torch.zeros(3, 3)]
+    labels[0][0, :] = 1
+    labels[1][1:, 1] = 1
+    grids = [torch.randn(3, 3, dim, generator=g) + 2.0 * lab[..., None] * torch.eye(dim)[0] for lab in labels]
+    return grids, labels
+
+
+# -- foreground ---------------------------------------------------------------------------------------------
+def test_a_foreground_choice_other_than_auto_is_refused():
+    """foreground is a classifier, "auto" or None: another string is refused naming it; None: every patch."""
+    grid = torch.randn(4, 4, 8)
+    with pytest.raises(UsageError, match="foreground must be a ForegroundClassifier, 'auto' or None, got 'Auto'"):
+        dense.foreground_mask(grid, "Auto")
+    assert dense.foreground_mask(grid, None) is None
+
+
+def test_training_refuses_grids_and_labels_that_do_not_pair():
+    """Counts, shapes, masks with one kind of patch only, and a bad C are refused naming the problem."""
+    grids, labels = grids_and_labels()
+    for args, kwargs, message in [
+        ((grids, labels[:1]), {}, "give one label grid per feature grid, and at least one of each"),
+        (([], []), {}, "give one label grid per feature grid"),
+        ((grids, [labels[0], torch.zeros(3, 4)]), {}, "image 1: labels of shape (3, 4) for a patch grid (3, 3)"),
+        ((grids, [torch.zeros(3, 3)] * 2), {}, "the masks give no foreground patches"),
+        ((grids, [torch.ones(3, 3)] * 2), {}, "the masks give no background patches"),
+        ((grids, [torch.full((3, 3), 0.5)] * 2), {}, "the masks give no clear patches"),
+        ((grids, labels), {"C": 0}, "C must be a number > 0, got 0"),
+        ((grids, labels), {"C": True}, "C must be a number > 0, got True"),
+        ((grids, labels), {"C": float("inf")}, "C must be a number > 0, got inf"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            dense.train_foreground(*args, **kwargs)
+
+
+def test_labels_within_the_clear_margin_are_kept_and_beyond_it_left_out():
+    """A label of exactly 0.01 (or 0.99) is not clear; 0.009 is (kept, as background)."""
+    grids, labels = grids_and_labels()
+    near = [lab.double() for lab in labels]  # float64: the boundary exactly
+    near[0][2, 2] = 0.009
+    near[1][0, 0] = 0.01  # left out
+    near[1][2, 2] = 0.99  # left out
+    classifier = dense.train_foreground(grids, near, C=1.0)
+    kept = torch.cat([g.reshape(-1, 4) for g in grids])
+    keep = torch.ones(18, dtype=torch.bool)
+    keep[9 + 0] = keep[9 + 8] = False
+    y = torch.cat([lab.reshape(-1) for lab in labels]).long()
+    model = linear.fit(kept[keep].double(), y[keep], 2, 1.0, solver="newton", tol=1e-10, max_iter=200)
+    assert torch.allclose(classifier.weight, model.weight[1] - model.weight[0], atol=1e-6)
+
+
+def test_choosing_c_needs_two_images_and_one_that_can_be_held_out():
+    """Leave-one-image-out needs 2 images; and an image whose others hold both classes."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(UsageError, match="needs at least 2 images with labelled patches; give C"):
+        dense.sweep_c(x, torch.tensor([0, 1, 0, 1, 0, 1]), torch.zeros(6, dtype=torch.long))
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    with pytest.raises(UsageError, match="no image could be held out"):
+        dense.sweep_c(x, y, y.clone())
+
+
+def test_the_deprecated_fit_from_a_start_reaches_the_same_parameters():
+    """fit_logistic's init (weights then intercept) is a warm start: the same optimum as without one."""
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    y[:4] = 1 - y[:4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cold = dense.fit_logistic(x, y, 0.5)
+        warm = dense.fit_logistic(x, y, 0.5, init=torch.tensor([5.0, -2.0, 1.0, 3.0]))
+    assert torch.allclose(cold, warm, atol=1e-7)
+    from sklearn.linear_model import LogisticRegression
+
+    ref = LogisticRegression(C=0.5 * 40 / 40, tol=1e-12, max_iter=10_000).fit(x.numpy(), y.numpy())
+    assert np.allclose(warm[:-1].numpy(), ref.coef_[0], atol=1e-4) and abs(float(warm[-1]) - ref.intercept_[0]) < 1e-4
+
+
+def test_a_classifier_of_another_width_is_refused():
+    """Patch features of another width than the classifier's are refused naming both widths."""
+    grids, labels = grids_and_labels()
+    classifier = dense.train_foreground(grids, labels, C=1.0)
+    with pytest.raises(UsageError, match="takes 4-dim patch features; got 6-dim ones"):
+        classifier.probabilities(torch.zeros(3, 3, 6))
+    p = classifier.probabilities(grids[0].float()).double()
+    logit = grids[0].double() @ classifier.weight + classifier.bias
+    assert torch.allclose(p, torch.sigmoid(logit), atol=1e-6)
+
+
+def test_classifier_files_that_are_not_classifiers_are_refused(tmp_path):
+    """No file, not safetensors, safetensors of something else, a damaged quality record."""
+    from safetensors.torch import save_file
+
+    with pytest.raises(UsageError, match="gone.safetensors: no such classifier file"):
+        dense.ForegroundClassifier.load(tmp_path / "gone.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors at all")
+    with pytest.raises(UsageError, match="bad.safetensors: not a safetensors file"):
+        dense.ForegroundClassifier.load(bad)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(4), "bias": torch.zeros(1)}, str(other), metadata={"format": "x"})
+    with pytest.raises(UsageError, match="not a dino3 foreground classifier"):
+        dense.ForegroundClassifier.load(other)
+    save_file({"weight": torch.zeros(4)}, str(other), metadata={"format": fg.FORMAT})
+    with pytest.raises(UsageError, match="not a dino3 foreground classifier"):
+        dense.ForegroundClassifier.load(other)
+    grids, labels = grids_and_labels()
+    good = dense.train_foreground(grids, labels).save(tmp_path / "good.safetensors")
+    back = dense.ForegroundClassifier.load(good)
+    assert back.sweep is not None and back.sweep.folds == [0, 1] and back.quality is not None
+    from safetensors import safe_open
+
+    with safe_open(str(good), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(other), metadata={**metadata, "quality": '{"nonsense": 1}'})
+    with pytest.raises(UsageError, match="its quality record is damaged; train the classifier again"):
+        dense.ForegroundClassifier.load(other)
+
+
+# -- PCA ----------------------------------------------------------------------------------------------------
+def test_pca_inputs_that_are_not_patch_grids_are_refused():
+    """2-D or integer grids, grids of two widths, no grids, a mask count or shape that does not fit."""
+    grid = torch.randn(3, 3, 4)
+    for args, message in [
+        ((torch.randn(3, 4),), "grid: expected patch features of shape (h, w, D) in floating point, got (3, 4)"),
+        ((torch.zeros(3, 3, 4, dtype=torch.long),), "got (3, 3, 4) torch.int64"),
+        (([grid, torch.randn(3, 3, 8)],), "the grids have different feature sizes [4, 8]"),
+        (([],), "no patch grids given"),
+        (([grid, grid], [torch.ones(3, 3, dtype=torch.bool)]), "give one mask per grid"),
+        ((grid, torch.ones(2, 2)), "mask: its shape (2, 2) is not the patch grid's (3, 3)"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            dense.pca_rgb(*args)
+    fitted = dense.fit_pca([grid])
+    with pytest.raises(UsageError, match="this PCA was fitted on 4-dim features; got 8-dim ones"):
+        fitted.transform(torch.randn(3, 3, 8))
+
+
+def test_pca_keeps_float64_and_takes_a_float_mask_at_one_half():
+    """float64 grids stay float64; a float mask counts above 0.5 as foreground (0.5 itself is not)."""
+    assert pca._as_grid(torch.zeros(2, 2, 3, dtype=torch.float64), "g").dtype == torch.float64
+    assert pca._as_grid(np.zeros((2, 2, 3), np.float16), "g").dtype == torch.float32
+    mask = pca._as_mask(np.array([[0.5, 0.51], [0.0, 1.0]]), (2, 2), "m")
+    assert mask.tolist() == [[False, True], [False, True]]
+
+
+def test_too_few_foreground_patches_fit_the_pca_on_every_patch_with_a_note():
+    """Foreground patches <= 3 (the components): the PCA is fitted on every patch and a note says so."""
+    grid = torch.randn(4, 4, 6, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, :3] = True  # 3 patches: too few
+    fitted, note = dense.fit_foreground_pca([grid], [mask])
+    assert note.startswith("3 foreground patches, too few for the PCA")
+    assert torch.allclose(fitted.mean, dense.fit_pca([grid]).mean)
+    mask[0, 3] = True  # 4: enough
+    fitted, note = dense.fit_foreground_pca([grid], [mask])
+    assert note is None and torch.allclose(fitted.mean.float(), grid[0].mean(dim=0), atol=1e-5)
+    for masks in (None, [None]):  # no mask, or an image without one: every patch
+        fitted, note = dense.fit_foreground_pca([grid], masks)
+        assert note is None and torch.allclose(fitted.mean.float(), grid.reshape(16, 6).mean(dim=0), atol=1e-5)
