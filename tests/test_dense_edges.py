@@ -177,3 +177,38 @@ def test_too_few_foreground_patches_fit_the_pca_on_every_patch_with_a_note():
     for masks in (None, [None]):  # no mask, or an image without one: every patch
         fitted, note = dense.fit_foreground_pca([grid], masks)
         assert note is None and torch.allclose(fitted.mean.float(), grid.reshape(16, 6).mean(dim=0), atol=1e-5)
+
+
+# -- matching and high resolution ---------------------------------------------------------------------------
+def test_grids_of_two_widths_and_a_negative_spacing_are_refused():
+    """Matching needs one model's features for both grids; sparse() needs a spacing >= 0 (0 is fine)."""
+    with pytest.raises(UsageError, match=re.escape("different feature sizes (4 and 8): one model for both")):
+        dense.nearest_patches(torch.randn(2, 2, 4), torch.randn(2, 2, 8))
+    matches = dense.Matches(
+        torch.zeros(2, 2, dtype=torch.float64),
+        torch.zeros(2, 2, dtype=torch.float64),
+        torch.tensor([0.9, 0.8]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 1]),
+    )
+    with pytest.raises(UsageError, match="spacing must be >= 0 px, got -1"):
+        dense.sparse(matches, -1)
+    assert len(dense.sparse(matches, 0)) == 2 and len(dense.sparse(matches, 0.5)) == 1
+
+
+def test_a_bad_height_or_pixels_of_another_shape_are_refused():
+    """height is a whole number >= 1 (1 passes the check); pixels are one (3, H, W) image."""
+    for height in (0, -5, True, 1.5):
+        with pytest.raises(UsageError, match=re.escape(f"height must be a whole number of pixels, got {height!r}")):
+            dense.processor_for(object(), height=height)
+    with pytest.raises(UsageError, match=re.escape("pixels must be one (3, H, W) image, got (1, 32, 32)")):
+        dense.dense_features(object(), torch.zeros(1, 32, 32))
+    with pytest.raises(UsageError, match=re.escape("got (1, 3, 32, 32)")):
+        dense.dense_features(object(), torch.zeros(1, 3, 32, 32))
+
+
+def test_a_model_without_attention_needs_no_attention_memory():
+    """ConvNeXt (no attention heads in its config): 0 bytes."""
+    from types import SimpleNamespace
+
+    assert dense.attention_bytes(SimpleNamespace(config=SimpleNamespace()), 512, 512) == 0
