@@ -12,6 +12,7 @@ import torch
 
 import dino3
 from dino3.errors import UsageError
+from dino3.probe import knn
 from dino3.probe.dataset import read_dataset, read_labels_csv, stratified_split
 from dino3.recipe import Recipe
 from test_probe import digits_subset, small_digits, tiny, write_digits  # noqa: F401  (fixtures)
@@ -401,3 +402,41 @@ def test_embeddings_without_identity_or_with_layers_are_refused():
     with pytest.raises(UsageError, match=re.escape("holds 'cls' features of layers [1, 2]: embed with --pool cls")):
         probe.check_embeddings(meta, "x.npz")
     probe.check_embeddings({**meta, "layers": None}, "x.npz")  # the probe's own: accepted
+
+
+# -- classify: refusals before any image is read -------------------------------------------------------------
+def test_classify_refuses_no_images_a_mixed_list_and_a_bad_top_k(tmp_path):
+    """No images; an embeddings file among images; top_k not a positive integer; a folder of no images."""
+    from dino3.probe.classify import classify
+
+    probe = logreg_probe()
+    (tmp_path / "f.npz").write_bytes(b"x")
+    (tmp_path / "f.NPZ").write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    for images, kwargs, message in [
+        ([], {}, "no images given"),
+        (
+            [str(tmp_path / "f.npz"), str(tmp_path / "a.png")],
+            {},
+            "f.npz is an embeddings file: give it alone, or give images only",
+        ),
+        ([str(tmp_path / "a.png"), str(tmp_path / "f.NPZ")], {}, "f.NPZ is an embeddings file"),
+        ([str(tmp_path)], {"top_k": 0}, "top_k must be a positive integer, got 0"),
+        ([str(tmp_path)], {"top_k": False}, "top_k must be a positive integer, got False"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            classify(images, probe, **kwargs)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="no image"):
+        classify(tmp_path / "empty", probe, progress=False)
+
+
+def test_knn_neighbours_of_no_queries_are_empty_and_k_is_cut_to_the_rows():
+    """No queries: (0, k) similarities and indices; k above the training rows is cut to them."""
+    train = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    sims, indices = knn.neighbours(torch.zeros(0, 4), train, 5)
+    assert sims.shape == (0, 3) and indices.shape == (0, 3) and indices.dtype == torch.long
+    sims, indices = knn.neighbours(train, train, 5)
+    assert indices.shape == (3, 3) and indices[:, 0].tolist() == [0, 1, 2]
+    assert torch.allclose(sims, torch.sort(train @ train.T, dim=1, descending=True).values)
