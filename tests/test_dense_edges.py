@@ -212,3 +212,58 @@ def test_a_model_without_attention_needs_no_attention_memory():
     from types import SimpleNamespace
 
     assert dense.attention_bytes(SimpleNamespace(config=SimpleNamespace()), 512, 512) == 0
+
+
+# -- pictures -----------------------------------------------------------------------------------------------
+def test_to_uint8_takes_grey_channel_first_and_float_images():
+    """(H, W) and (1, H, W) grey repeat to 3 channels; floats are scaled by 255 and rounded, clipped."""
+    from dino3.dense.render import to_uint8
+
+    grey = np.array([[0.0, 0.5], [1.0, 2.0]], np.float32)
+    expected = np.repeat(np.array([[0, 128], [255, 255]], np.uint8)[..., None], 3, axis=-1)
+    assert np.array_equal(to_uint8(grey), expected)
+    assert np.array_equal(to_uint8(torch.from_numpy(grey)[None]), expected)
+    assert np.array_equal(
+        to_uint8(np.array([[-0.2, 0.002]])), np.repeat(np.array([[0, 1]], np.uint8)[..., None], 3, -1)
+    )
+    chw = torch.arange(3 * 2 * 4, dtype=torch.uint8).reshape(3, 2, 4)
+    assert np.array_equal(to_uint8(chw), chw.permute(1, 2, 0).numpy())
+
+
+def test_label_colours_repeat_the_palette_darker_past_its_end():
+    """Colours cycle through the palette; the second round is the palette at 0.6, the third as the first."""
+    from dino3.dense.render import PALETTE, label_colours
+
+    n = len(PALETTE)
+    colours = label_colours(3 * n)
+    assert np.array_equal(colours[:n], PALETTE.astype(np.uint8))
+    assert np.array_equal(colours[n : 2 * n], (PALETTE * 0.6).astype(np.uint8))
+    assert np.array_equal(colours[2 * n :], colours[:n])
+
+
+def test_a_segmentation_picture_blends_the_label_colours_and_draws_a_legend():
+    """Each pixel is (1 - alpha) photo + alpha colour of its label, rounded; the legend sits on the right."""
+    from types import SimpleNamespace
+
+    from dino3.dense.render import label_colours, segmentation_picture
+
+    photo = np.full((40, 30, 3), 100, np.uint8)
+    label_map = torch.zeros(40, 30, dtype=torch.long)
+    label_map[:, 15:] = 1
+    segmentation = SimpleNamespace(labels=["sky", "sea"], label_map=label_map, areas={"sky": 0.5, "sea": 0.5})
+    picture = segmentation_picture(photo, segmentation, alpha=0.5)
+    assert picture.shape == (18 * 2 + 8, 30 + 220, 3)  # the legend is taller than the photo
+    assert (picture[40:, :30] == 255).all()  # white below the photo
+    colours = label_colours(2).astype(np.float64)
+    assert np.array_equal(picture[0, 0], np.round(0.5 * 100 + 0.5 * colours[0]).astype(np.uint8))
+    assert np.array_equal(picture[39, 29], np.round(0.5 * 100 + 0.5 * colours[1]).astype(np.uint8))
+    assert np.array_equal(picture[10, 30 + 15], colours[0].astype(np.uint8))  # the first swatch
+    # the second swatch, a line (18 px) below: rows 24 to 36, white past them
+    assert np.array_equal(picture[24, 30 + 15], colours[1].astype(np.uint8))
+    assert np.array_equal(picture[36, 30 + 15], colours[1].astype(np.uint8)) and (picture[37, 30 + 15] == 255).all()
+    tall = SimpleNamespace(
+        labels=[f"l{i}" for i in range(5)],
+        label_map=torch.zeros(40, 30, dtype=torch.long),
+        areas={f"l{i}": 0.2 for i in range(5)},
+    )
+    assert segmentation_picture(photo, tall).shape == (max(40, 18 * 5 + 8), 250, 3)
