@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_dense import _break_frame, _write_clip, small, small_model  # noqa: F401  (fixtures)
 
 from dino3 import dense
+from test_dense import _break_frame, _write_clip, small, small_model  # noqa: F401  (fixtures)
 
 pytest.importorskip("av")
 

@@ -440,3 +440,40 @@ def test_knn_neighbours_of_no_queries_are_empty_and_k_is_cut_to_the_rows():
     sims, indices = knn.neighbours(train, train, 5)
     assert indices.shape == (3, 3) and indices[:, 0].tolist() == [0, 1, 2]
     assert torch.allclose(sims, torch.sort(train @ train.T, dim=1, descending=True).values)
+
+
+# -- evaluate -----------------------------------------------------------------------------------------------
+def test_evaluating_on_many_unknown_classes_names_five_and_counts_the_rest(small_digits, tmp_path):  # noqa: F811
+    """7 unknown classes: 5 named and "and 2 more"; a probe of 11 classes lists its first 10 and "..."."""
+    from dino3.probe.evaluate import evaluate
+
+    images = sorted((small_digits / "train").rglob("*.png"))[:7]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("".join(f"{p},z{i}\n" for i, p in enumerate(images)))
+    base = logreg_probe()
+    classes = [f"c{i}" for i in range(11)]
+    tensors = {"weight": torch.zeros(11, 4, dtype=torch.float64), "bias": torch.zeros(11, dtype=torch.float64)}
+    probe = Probe("logreg", classes, tensors, base.settings)
+    with pytest.raises(UsageError) as refused:
+        evaluate(csv, probe, progress=False)
+    assert "has classes the probe does not know: z0, z1, z2, z3, z4 and 2 more (the probe knows c0, c1" in str(
+        refused.value
+    )
+    assert str(refused.value).endswith("c8, c9...)")
+    csv.write_text("".join(f"{p},z{i}\n" for i, p in enumerate(images[:5])))
+    probe = Probe("logreg", classes[:10], {k: v[:10] for k, v in tensors.items()}, base.settings)
+    with pytest.raises(UsageError) as refused:
+        evaluate(csv, probe, progress=False)
+    assert str(refused.value).endswith("z4 (the probe knows c0, c1, c2, c3, c4, c5, c6, c7, c8, c9)")
+
+
+def test_evaluating_features_of_another_model_is_refused(embedded):
+    """An embeddings file is checked against the probe before it is scored: another model is named."""
+    from dino3.probe.evaluate import evaluate
+
+    features, labels, _ = embedded
+    base = logreg_probe()
+    tensors = {"weight": torch.zeros(2, 64, dtype=torch.float64), "bias": torch.zeros(2, dtype=torch.float64)}
+    probe = Probe("logreg", ["0", "1"], tensors, {**base.settings, "feature_dim": 64, "model_identity": {"x": 1}})
+    with pytest.raises(UsageError, match="is another model"):
+        evaluate(features, probe, labels=labels, progress=False)
