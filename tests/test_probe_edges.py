@@ -477,3 +477,30 @@ def test_evaluating_features_of_another_model_is_refused(embedded):
     probe = Probe("logreg", ["0", "1"], tensors, {**base.settings, "feature_dim": 64, "model_identity": {"x": 1}})
     with pytest.raises(UsageError, match="is another model"):
         evaluate(features, probe, labels=labels, progress=False)
+
+
+# -- the embeddings cached in a probe folder ----------------------------------------------------------------
+def test_cached_embeddings_are_reused_with_their_failures_until_the_weights_change(tiny, two_classes, tmp_path):  # noqa: F811
+    """Training again into the folder reuses its embeddings and lists the same failed image; once the
+    model's weight file changes (its time), the images are embedded again and the old file removed."""
+    import os
+
+    data = tmp_path / "data"
+    shutil.copytree(two_classes, data)
+    (data / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    folder = tmp_path / "probe"
+    first = dino3.probe.train(data, model=str(tiny), output=folder, C=1.0, progress=False)
+    assert [p for p, _ in first.failures] == [str(data / "0" / "broken.png")] and first.images == 6
+    cached = sorted(folder.glob("embeddings-*.npz"))
+    again = dino3.probe.train(data, model=str(tiny), output=folder, C=1.0, progress=False, overwrite=True)
+    assert any(n.startswith("reused the embeddings in") for n in again.notes)
+    assert again.failures == first.failures and sorted(folder.glob("embeddings-*.npz")) == cached
+    weights = next(tiny.glob("*.safetensors"))
+    stat = weights.stat()
+    try:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        fresh = dino3.probe.train(data, model=str(tiny), output=folder, C=1.0, progress=False, overwrite=True)
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not any(n.startswith("reused") for n in fresh.notes) and fresh.failures == first.failures
+    assert len(list(folder.glob("embeddings-*.npz"))) == 1
