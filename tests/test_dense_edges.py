@@ -267,3 +267,28 @@ def test_a_segmentation_picture_blends_the_label_colours_and_draws_a_legend():
         areas={f"l{i}": 0.2 for i in range(5)},
     )
     assert segmentation_picture(photo, tall).shape == (max(40, 18 * 5 + 8), 250, 3)
+
+
+# -- masks --------------------------------------------------------------------------------------------------
+def test_masks_are_read_from_alpha_16_bit_grey_or_grey_and_a_bad_file_is_named(tmp_path):
+    """An RGBA mask is its alpha (not its colour); a 16-bit mask is value / 65535; grey is / 255;
+    a file that is no image is an ImageError that says it was the mask."""
+    from PIL import Image
+
+    from dino3.errors import ImageError
+
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., :3] = 255  # white colour everywhere
+    rgba[0, 1, 3] = 255
+    rgba[1, 2, 3] = 51
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    assert torch.allclose(dense.read_mask(tmp_path / "alpha.png"), torch.tensor([[0, 1, 0], [0, 0, 0.2]]))
+    Image.fromarray(np.array([[0, 65535], [32768, 13107]], np.uint16)).save(tmp_path / "deep.png")
+    mask = dense.read_mask(tmp_path / "deep.png")
+    assert mask.dtype == torch.float32
+    assert torch.allclose(mask, torch.tensor([[0, 1], [32768 / 65535, 0.2]]), atol=1e-6)
+    Image.fromarray(np.array([[0, 255], [102, 0]], np.uint8)).convert("RGB").save(tmp_path / "rgb.png")
+    assert torch.allclose(dense.read_mask(tmp_path / "rgb.png"), torch.tensor([[0, 1], [0.4, 0]]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match=r"bad.png.*\(a mask\)$"):
+        dense.read_mask(tmp_path / "bad.png")
