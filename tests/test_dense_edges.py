@@ -292,3 +292,24 @@ def test_masks_are_read_from_alpha_16_bit_grey_or_grey_and_a_bad_file_is_named(t
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match=r"bad.png.*\(a mask\)$"):
         dense.read_mask(tmp_path / "bad.png")
+
+
+def test_newton_fits_up_to_its_dimension_and_lbfgs_beyond():
+    """The foreground solver: Newton at exactly linear.NEWTON_MAX_DIM features, L-BFGS one above."""
+    assert fg._solver(linear.NEWTON_MAX_DIM)["solver"] == "newton"
+    assert fg._solver(linear.NEWTON_MAX_DIM + 1)["solver"] == "lbfgs"
+    assert fg._solver(1)["solver"] == "newton"
+
+
+def test_a_classifier_as_the_foreground_choice_gives_its_mask():
+    """foreground_mask(grid, classifier) is the classifier's mask: the median-filtered probability > 0.5
+    (the filter is checked against scipy in test_dense)."""
+    g = torch.Generator().manual_seed(1)
+    labels = [torch.zeros(6, 6), torch.zeros(6, 6)]
+    labels[0][:3] = 1
+    labels[1][:, :2] = 1
+    grids = [0.5 * torch.randn(6, 6, 4, generator=g) + 3.0 * lab[..., None] * torch.eye(4)[0] for lab in labels]
+    classifier = dense.train_foreground(grids, labels, C=1.0)
+    expected = dense.median_filter3(classifier.probabilities(grids[0])) > 0.5
+    assert torch.equal(dense.foreground_mask(grids[0], classifier), classifier.mask(grids[0]))
+    assert torch.equal(classifier.mask(grids[0]), expected) and expected.any() and not expected.all()
