@@ -313,3 +313,20 @@ def test_a_classifier_as_the_foreground_choice_gives_its_mask():
     expected = dense.median_filter3(classifier.probabilities(grids[0])) > 0.5
     assert torch.equal(dense.foreground_mask(grids[0], classifier), classifier.mask(grids[0]))
     assert torch.equal(classifier.mask(grids[0]), expected) and expected.any() and not expected.all()
+
+
+def test_patch_centres_undo_a_plain_resize_a_centre_crop_and_no_resize():
+    """Hand-computed centres (x, y) = ((i + 0.5) * 16 + crop offset) * (original / resized) - 0.5."""
+    import dino3
+
+    plain = dino3.DINOv3ViTImageProcessor()  # 224 x 224, aspect not kept
+    centres = dense.patch_centres((2, 2), (448, 224), plain)
+    assert centres[..., 0].tolist() == [[7.5, 23.5], [7.5, 23.5]]  # x: 224 px wide, not scaled
+    assert centres[..., 1].tolist() == [[15.5, 15.5], [47.5, 47.5]]  # y: 448 -> 224, scaled by 2
+    cropped = dino3.DINOv3ViTImageProcessor(
+        size={"height": 256, "width": 256}, do_center_crop=True, crop_size={"height": 224, "width": 224}
+    )
+    assert dense.patch_centres((1, 1), (512, 256), cropped).tolist() == [[[(8 + 16) * 1 - 0.5, (8 + 16) * 2 - 0.5]]]
+    unresized = dino3.DINOv3ViTImageProcessor(do_resize=False)
+    centres = dense.patch_centres((2, 3), (32, 48), unresized)
+    assert centres[1, 2].tolist() == [39.5, 23.5] and centres[0, 0].tolist() == [7.5, 7.5]
