@@ -129,7 +129,7 @@ def test_accuracy_and_average_precision_scores_equal_hand_counts():
     assert linear.score(model, X, y, "accuracy") == pytest.approx(3 / 4)
     three = linear.LinearModel(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0)
     X3 = torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])
-    assert linear.score(three, X3, torch.tensor([0, 2, 0, 1, 2]), "accuracy") == pytest.approx(2 / 5)
+    assert linear.score(three, X3, torch.tensor([0, 2, 0, 1, 1]), "accuracy") == pytest.approx(2 / 5)  # rows 0, 1
     from sklearn.metrics import average_precision_score
 
     y2 = torch.tensor([0, 1, 1, 0])  # ranked 2, 1, -1, -2: labels 0, 1, 0, 1
