@@ -4,6 +4,8 @@ solvers reach scikit-learn's model, the sweep's choice of C, and the deprecated 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,89 @@ def test_average_precision_counts_tied_scores_as_one_threshold():
     assert linear.average_precision(labels, scores) == pytest.approx(expected, abs=1e-12)
     order = torch.tensor([0, 3, 4, 1, 2, 5])  # the positives first among equals: the same answer
     assert linear.average_precision(labels[order], scores[order]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bad_arguments_are_refused_naming_them():
+    """A solver, class count, C, metric or grid out of range is refused before any fit, naming it."""
+    X, y = _two_digits()
+    for kwargs, message in [
+        ({"solver": "sgd"}, "solver must be one of ('lbfgs', 'newton'), got 'sgd'"),
+        ({"num_classes": 1}, "a classifier needs two classes or more, got 1"),
+        ({"C": 0.0}, "C must be a number > 0, got 0.0"),
+        ({"C": float("nan")}, "C must be a number > 0, got nan"),
+    ]:
+        args = {"num_classes": 2, "C": 1.0, **kwargs}
+        with pytest.raises(UsageError, match=re.escape(message)):
+            linear.fit(X, y, args.pop("num_classes"), args.pop("C"), **args)
+    with pytest.raises(
+        UsageError, match=re.escape("metric must be one of ('accuracy', 'average_precision'), got 'f1'")
+    ):
+        linear.sweep(X, y, X, y, 2, (1.0,), metric="f1")
+    with pytest.raises(UsageError, match="the grid of C is empty"):
+        linear.sweep(X, y, X, y, 2, ())
+    model = linear.fit(X[:20], y[:20], 2, 1.0)
+    with pytest.raises(UsageError, match="metric must be one of"):
+        linear.score(model, X, y, "f1")
+
+
+def test_a_binary_logit_needs_two_classes():
+    """The positive probability of a 3-class model is refused, naming its class count."""
+    model = linear.LinearModel(torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0)
+    with pytest.raises(UsageError, match="needs a two-class model; this one has 3 classes"):
+        model.positive_probability(torch.zeros(1, 4))
+
+
+def test_accuracy_and_average_precision_scores_equal_hand_counts():
+    """score: accuracy is the share of argmax hits; average precision of class 1; no positive: 0."""
+    weight = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    model = linear.LinearModel(weight, torch.zeros(2, dtype=torch.float64), 0)
+    X = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])  # logits of class 1: 2, -2, 1, -1
+    y = torch.tensor([1, 0, 0, 0])
+    assert linear.score(model, X, y, "accuracy") == pytest.approx(3 / 4)
+    three = linear.LinearModel(torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0)
+    X3 = torch.tensor([[3.0, 1.0, 0.0], [0.0, 1.0, 3.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])
+    assert linear.score(three, X3, torch.tensor([0, 2, 0, 1, 1]), "accuracy") == pytest.approx(2 / 5)  # rows 0, 1
+    from sklearn.metrics import average_precision_score
+
+    y2 = torch.tensor([0, 1, 1, 0])  # ranked 2, 1, -1, -2: labels 0, 1, 0, 1
+    expected = average_precision_score(y2.numpy(), model.positive_probability(X).numpy())
+    assert linear.score(model, X, y2, "average_precision") == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert linear.average_precision(torch.zeros(4), torch.rand(4)) == 0.0
+
+
+def test_lbfgs_keeps_100_steps_unless_they_would_take_256_mib_and_never_under_10():
+    """The history's bounds, on each side of each threshold: 256 MiB // (16 bytes x parameters)."""
+    assert linear._history(1) == 100
+    assert linear._history(167772) == 100 and linear._history(167773) == 99
+    assert linear._history(1677721) == 10 and linear._history(1677722) == 10 and linear._history(10**9) == 10
+
+
+def test_leaving_groups_out_skips_a_group_whose_others_hold_one_class():
+    """A group whose removal leaves one class is skipped (its fold not listed); one group, or none
+    left to hold out, is refused."""
+    X, y = _two_digits()
+    X, y = X[:40], y[:40].clone()
+    groups = torch.zeros(40, dtype=torch.long)
+    groups[y == 1] = 1  # group 1 holds every positive: leaving it out leaves class 0 only
+    groups[(y == 0).nonzero()[:5, 0]] = 2
+    found = linear.sweep_groups(X, y, groups, (0.1, 1.0), solver="newton", max_iter=50)
+    assert found.folds == [0, 2] and found.scores.shape == (2, 2)
+    with pytest.raises(UsageError, match="needs at least 2 groups"):
+        linear.sweep_groups(X, y, torch.zeros(40, dtype=torch.long), (1.0,))
+    with pytest.raises(UsageError, match="no group could be held out"):
+        linear.sweep_groups(X, y, (y == 1).long(), (1.0,))
+
+
+def test_newtons_line_search_halves_a_step_that_overshoots():
+    """Started far off (a warm start that is confidently wrong), the full Newton step overshoots and
+    must be cut; the fit still reaches scikit-learn's model."""
+    X = torch.tensor([[-3.0], [-1.0], [1.0], [2.0], [-0.5], [3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 0, 1, 1])
+    wrong = linear.LinearModel(
+        torch.tensor([[0.0], [-8.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0
+    )
+    model = linear.fit(X, y, 2, 1.0, solver="newton", tol=1e-10, max_iter=200, init=wrong)
+    p = model.positive_probability(X).numpy()
+    reference = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(X.numpy(), y.numpy())
+    assert np.abs(p - reference.predict_proba(X.numpy())[:, 1]).max() < 1e-4
