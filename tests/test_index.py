@@ -1861,3 +1861,38 @@ def test_dedup_groups_of_one_size_come_by_their_first_path(built, tmp_path):
     dino3.index.build([str(embeddings_file(tmp_path / "e.npz", files, vectors, settings))], folder=tmp_path / "i")
     groups = dino3.index.open(tmp_path / "i").dedup(0.99, exact=True)["groups"]
     assert [sorted(g["paths"]) for g in groups] == [sorted(files[3:]), sorted(files[:3])]
+
+
+def test_images_in_object_storage_are_indexed_by_their_uri_and_kept_by_an_add(model_folder, tmp_path, monkeypatch):
+    """An s3:// prefix is indexed under its objects' URIs (not made into local paths of the working
+    folder), found by a search, and an add keeps them (never 'gone' from this disk) without embedding
+    them again. A local folder stands in for the bucket. Bug found by issue 31's fifth mutation pass:
+    the index made every input that was not http(s) a local path, so s3://b/x.jpg became
+    ./s3:/b/x.jpg, which no job could read, and an add dropped any object-storage item as deleted."""
+    from types import SimpleNamespace
+
+    pafs = pytest.importorskip("pyarrow.fs")
+    import pyarrow
+
+    bucket = tmp_path / "bucket" / "photos"
+    bucket.mkdir(parents=True)
+    for name in ("coins.png", "horse.png"):
+        shutil.copy(PHOTOS / name, bucket / name)
+
+    def from_uri(uri):
+        return pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), uri.removeprefix("s3://")
+
+    stand_in = SimpleNamespace(FileSystem=SimpleNamespace(from_uri=from_uri), FileType=pafs.FileType,
+                               FileSelector=pafs.FileSelector)  # fmt: skip
+    monkeypatch.setattr(pyarrow, "fs", stand_in)
+    monkeypatch.chdir(tmp_path)
+    index_dir = tmp_path / "index"
+    update = dino3.index.build(["s3://bucket/photos"], model=str(model_folder), folder=index_dir, progress=False)
+    assert update.count == 2 and not update.failures, update.failures
+    index = dino3.index.open(index_dir)
+    uris = ["s3://bucket/photos/coins.png", "s3://bucket/photos/horse.png"]
+    assert [e.path for e in index.entries()] == uris
+    assert index.search(str(bucket / "horse.png"), k=1)[0]["neighbors"][0]["path"] == uris[1]
+    again = index.add(["s3://bucket/photos"], progress=False)
+    assert (again.dropped, again.embedded, again.unchanged) == (0, 0, 2)
+    assert dino3.index.open(index_dir).add([], progress=False).dropped == 0

@@ -504,3 +504,16 @@ def test_cached_embeddings_are_reused_with_their_failures_until_the_weights_chan
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert not any(n.startswith("reused") for n in fresh.notes) and fresh.failures == first.failures
     assert len(list(folder.glob("embeddings-*.npz"))) == 1
+
+
+def test_a_labels_csv_may_name_images_in_object_storage_and_on_the_web(tmp_path):
+    """s3:// (and gs://, ...) names in a labels CSV stay as they are, like http URLs: not made relative
+    to the CSV's folder, not refused as missing files. Bug found by issue 31's fifth mutation pass:
+    only http(s) counted as remote, so s3://b/x.jpg became CSVFOLDER/s3:/b/x.jpg and was refused."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "path,label\ns3://bucket/cats/1.jpg,cat\ngs://bucket/dogs/2.jpg,dog\nhttps://example.org/3.jpg,dog\n"
+    )
+    found = read_dataset(csv)
+    assert found.paths == ["s3://bucket/cats/1.jpg", "gs://bucket/dogs/2.jpg", "https://example.org/3.jpg"]
+    assert found.labels == ["cat", "dog", "dog"]

@@ -24,6 +24,7 @@ MAX_DOWNLOAD_BYTES = 100 * 2**20
 URL_TIMEOUT_SECONDS = 30.0  # for a whole download, however slowly the server sends it
 URL_PREFIXES = ("http://", "https://")
 OBJECT_STORE_PREFIXES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")  # read through pyarrow.fs
+REMOTE_PREFIXES = URL_PREFIXES + OBJECT_STORE_PREFIXES  # names of images elsewhere: never local paths
 MAX_REDIRECTS = 5
 IDLE_SECONDS = 10.0  # how long one read of a download may wait for data
 

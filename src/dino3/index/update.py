@@ -30,7 +30,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import BadIndexError, UsageError
-from ..fetch import URL_PREFIXES
+from ..fetch import REMOTE_PREFIXES
 from ..recipe import DECIDING, Made, Recipe, check_model, differences, digest, model_name
 from ..video import source_file
 from . import maintenance, store
@@ -260,7 +260,7 @@ def update_index(
 
             # -- what is gone, what changed, what is new ------------------------------------------------
             removed: list[int] = []
-            local = [e for e in known.values() if not e.path.startswith(URL_PREFIXES)]
+            local = [e for e in known.values() if not e.path.startswith(REMOTE_PREFIXES)]
             gone = [e for e in local if _is_gone(e.path)]
             if gone and len(gone) == len(local) and len(local) > 1:
                 raise UsageError(
@@ -395,7 +395,7 @@ def _plan(paths: list[str], known: dict[str, Entry], by_hash: dict[str, Entry], 
     need_hash = []
     for path in paths:
         old = known.get(path)
-        if old is not None and (path.startswith(URL_PREFIXES) or (old.size, old.mtime_ns) == input_stat(path)):
+        if old is not None and (path.startswith(REMOTE_PREFIXES) or (old.size, old.mtime_ns) == input_stat(path)):
             update.unchanged += 1
         else:
             need_hash.append(path)
@@ -502,7 +502,7 @@ def _ingest(
         if len(keep) < len(paths):
             update.notes.append(f"{file}: {len(paths) - len(keep)} images listed twice; the first kept")
         stats = _stats_and_hashes([paths[i] for i in keep], 4)
-        local = [i for i in keep if not paths[i].startswith(URL_PREFIXES)]
+        local = [i for i in keep if not paths[i].startswith(REMOTE_PREFIXES)]
         missing = sum(1 for i in local if stats[paths[i]][0] < 0)
         if missing:
             update.notes.append(f"{file}: {missing} of its images are not on this disk; `dino3 index add` drops them")
@@ -525,7 +525,7 @@ def _ingest(
 def _absolute_paths(file: str, paths: list[str], relative_to: str | os.PathLike | None) -> list[str]:
     """The paths of an embeddings file, absolute: a relative one (an older dino3 wrote them as given)
     only against `relative_to`, never against whatever folder this runs in. URLs (http, s3, ...) stay."""
-    as_is = [p.startswith(URL_PREFIXES) or "://" in p or os.path.isabs(p) for p in paths]
+    as_is = [p.startswith(REMOTE_PREFIXES) or "://" in p or os.path.isabs(p) for p in paths]
     relative = [p for p, kept in zip(paths, as_is) if not kept]
     if relative and relative_to is None:
         raise UsageError(
@@ -572,7 +572,7 @@ def _inputs(paths: list[str], skipped: list):
 
 def _unique_local(paths: list[str], update: Update) -> list[str]:
     """Absolute paths (so that the index means the same from any folder), each once, in order."""
-    out = list(dict.fromkeys(p if p.startswith(URL_PREFIXES) else os.path.abspath(p) for p in paths))
+    out = list(dict.fromkeys(p if p.startswith(REMOTE_PREFIXES) else os.path.abspath(p) for p in paths))
     if len(out) < len(paths):
         update.notes.append(f"{len(paths) - len(out)} inputs named an image already listed; each is indexed once")
     return out
@@ -595,7 +595,7 @@ def _stats_and_hashes(paths: list[str], workers: int) -> dict[str, tuple[int, in
     from ..embed.store import input_stat
 
     def one(path: str) -> tuple[int, int, str | None]:
-        if path.startswith(URL_PREFIXES):
+        if path.startswith(REMOTE_PREFIXES):
             return (-1, -1, None)
         size, mtime = input_stat(path)
         try:

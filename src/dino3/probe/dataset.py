@@ -24,7 +24,7 @@ import numpy as np
 
 from ..embed import OUTPUT_SUFFIXES, expand_inputs, is_embeddings, read_embeddings
 from ..errors import UsageError
-from ..fetch import URL_PREFIXES
+from ..fetch import REMOTE_PREFIXES
 
 SHOWN = 5  # how many offending items an error message lists
 
@@ -70,7 +70,7 @@ def read_dataset(dataset: str | os.PathLike, labels: str | os.PathLike | None = 
         return _read_image_folder(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         rows = read_labels_csv(path)
-        missing = [(line, p) for line, p, _ in rows if not p.startswith(URL_PREFIXES) and not Path(p).is_file()]
+        missing = [(line, p) for line, p, _ in rows if not p.startswith(REMOTE_PREFIXES) and not Path(p).is_file()]
         if missing:
             shown = ", ".join(f"{p} (line {line})" for line, p in missing[:SHOWN])
             more = f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
@@ -144,7 +144,7 @@ def read_labels_csv(path: Path) -> list[tuple[int, str, str]]:
         name, label = row[path_column].strip(), row[label_column].strip()
         if not name or not label:
             raise UsageError(f"{path}, line {number}: the {'path' if not name else 'label'} is empty")
-        if not name.startswith(URL_PREFIXES) and not os.path.isabs(os.path.expanduser(name)):
+        if not name.startswith(REMOTE_PREFIXES) and not os.path.isabs(os.path.expanduser(name)):
             name = str(path.parent / name)
         if name in seen:
             first_line, first_label = seen[name]
@@ -173,12 +173,12 @@ def _read_labelled_embeddings(path: Path, labels_file: Path) -> Dataset:
     where: dict[str, int] = {}
     for i, p in enumerate(data.paths):  # by the path as written, and as it resolves from here
         where.setdefault(p, i)
-        if not p.startswith(URL_PREFIXES):
+        if not p.startswith(REMOTE_PREFIXES):
             where.setdefault(os.path.normpath(os.path.abspath(p)), i)
     picked, labels, missing = [], [], []
     for line, p, label in rows:
         i = where.get(p)
-        if i is None and not p.startswith(URL_PREFIXES):
+        if i is None and not p.startswith(REMOTE_PREFIXES):
             i = where.get(os.path.normpath(os.path.abspath(p)))
         if i is None:
             missing.append((line, p))
