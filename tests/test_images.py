@@ -576,3 +576,26 @@ def test_a_memory_budget_wait_stops_when_cancelled():
     held.__exit__(None, None, None)
     waiting.join(5)
     assert outcome == ["cancelled"] and budget.used == 0
+
+
+@pytest.mark.parametrize("mode", ["P", "L"])
+def test_a_transparency_key_is_composited_on_white_like_an_alpha_channel(mode, tmp_path):
+    """A palette or grey PNG whose transparency is a colour key (no alpha band: PIL keeps it in
+    image.info) shows white where it is transparent, as an RGBA image does; alpha="drop" keeps the
+    hidden colour. Planted: only an "A" band counted as transparency (the key's hidden colour shown)."""
+    from PIL import Image
+
+    from dino3.images import load_image
+
+    image = Image.new(mode, (8, 4), 0)  # colour 0 (black) is the transparent one
+    image.paste(7 if mode == "P" else 100, (4, 0, 8, 4))  # the other half opaque
+    if mode == "P":
+        image.putpalette([0, 0, 0] + [10, 20, 30] * 255)
+    path = tmp_path / f"keyed-{mode}.png"
+    image.save(path, transparency=0)
+    assert "transparency" in Image.open(path).info and "A" not in Image.open(path).getbands()
+    pixels = load_image(str(path))  # (3, H, W) uint8
+    assert (pixels[:, :, :4] == 255).all()  # transparent: white
+    opaque = torch.tensor([10, 20, 30] if mode == "P" else [100, 100, 100], dtype=torch.uint8)
+    assert (pixels[:, :, 4:] == opaque.view(-1, 1, 1)).all()
+    assert (load_image(str(path), alpha="drop")[:, :, :4] == 0).all()

@@ -1851,16 +1851,17 @@ def test_an_interrupted_add_whose_images_changed_is_started_over(model_folder, p
 
 
 def test_dedup_groups_of_one_size_come_by_their_first_path(built, tmp_path):
-    """Equal-sized groups are ordered by their first path, not by where their images were indexed.
-    Planted: the sort by size alone (the groups then come in indexing order)."""
+    """Index.dedup lists the largest group first, and groups of one size by their first path, not by
+    where their images were indexed. Planted: the sort by size alone (equal groups then come in
+    indexing order); the sort by first path alone (the largest group not first)."""
     settings = dino3.index.open(built).settings
     rng = np.random.default_rng(41)
-    files = small_files(tmp_path / "m", 3) + small_files(tmp_path / "a", 3)  # m/... indexed first
-    centres = rng.standard_normal((2, 384))
-    vectors = np.repeat(centres, 3, axis=0) + 0.001 * rng.standard_normal((6, 384))
+    files = small_files(tmp_path / "m", 3) + small_files(tmp_path / "a", 3) + small_files(tmp_path / "z", 4)
+    centres = rng.standard_normal((3, 384))
+    vectors = np.repeat(centres, [3, 3, 4], axis=0) + 0.001 * rng.standard_normal((10, 384))
     dino3.index.build([str(embeddings_file(tmp_path / "e.npz", files, vectors, settings))], folder=tmp_path / "i")
     groups = dino3.index.open(tmp_path / "i").dedup(0.99, exact=True)["groups"]
-    assert [sorted(g["paths"]) for g in groups] == [sorted(files[3:]), sorted(files[:3])]
+    assert [sorted(g["paths"]) for g in groups] == [sorted(files[6:]), sorted(files[3:6]), sorted(files[:3])]
 
 
 def test_images_in_object_storage_are_indexed_by_their_uri_and_kept_by_an_add(model_folder, tmp_path, monkeypatch):

@@ -209,3 +209,31 @@ def test_an_empty_api_key_is_refused(capsys):
         main(["serve", "-m", "vits16", "--api-key", ""])
     assert refused.value.code == 2
     assert "--api-key is empty" in capsys.readouterr().err
+
+
+def test_the_body_deadline_is_for_the_whole_body_and_its_size_limit_is_exact():
+    """body_of: a body trickled in pieces, each within the timeout but all of them past it, is a 408
+    (a slow client cannot hold a request open piece by piece); a body of exactly the limit is taken,
+    one byte more is a 413. Planted: the timeout applied to each piece, `>` made `>=`."""
+    import asyncio
+
+    from dino3.serve.service import ApiError, body_of
+
+    class Trickle:
+        def __init__(self, pieces: list[bytes], gap: float):
+            self.pieces, self.gap = pieces, gap
+
+        async def stream(self):
+            for piece in self.pieces:
+                await asyncio.sleep(self.gap)
+                yield piece
+
+    slow = Trickle([b"x" * 10] * 6, gap=0.15)  # 0.9 s in all, 0.15 s a piece
+    with pytest.raises(ApiError) as late:
+        asyncio.run(body_of(slow, max_bytes=1000, timeout=0.5))
+    assert late.value.status == 408
+    assert asyncio.run(body_of(Trickle([b"ab", b"cd"], gap=0.01), max_bytes=1000, timeout=5)) == b"abcd"
+    assert asyncio.run(body_of(Trickle([b"x" * 60, b"x" * 40], gap=0), max_bytes=100, timeout=5)) == b"x" * 100
+    with pytest.raises(ApiError) as large:
+        asyncio.run(body_of(Trickle([b"x" * 60, b"x" * 41], gap=0), max_bytes=100, timeout=5))
+    assert large.value.status == 413
