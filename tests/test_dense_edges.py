@@ -330,3 +330,31 @@ def test_patch_centres_undo_a_plain_resize_a_centre_crop_and_no_resize():
     unresized = dino3.DINOv3ViTImageProcessor(do_resize=False)
     centres = dense.patch_centres((2, 3), (32, 48), unresized)
     assert centres[1, 2].tolist() == [39.5, 23.5] and centres[0, 0].tolist() == [7.5, 7.5]
+
+
+def test_match_lines_end_where_b_is_drawn_when_the_images_differ_in_height():
+    """match_picture scales each image to the picture's height by its own factor: a match into a
+    half-height B ends at twice B's coordinates, right of A and the gap. Planted: B's points scaled
+    by A's factor (the lines end in the wrong place)."""
+    from dino3.dense.render import GAP, match_picture
+
+    a = np.zeros((100, 60, 3), np.uint8)
+    b = np.zeros((50, 40, 3), np.uint8)  # drawn at 100 px: twice its size
+    picture = match_picture(a, b, torch.tensor([[10.0, 20.0]]), torch.tensor([[30.0, 10.0]]), height=100)
+    assert picture.shape == (100, 60 + GAP + 80, 3)
+    x, y = round(30.5 * 2 - 0.5) + 60 + GAP, round(10.5 * 2 - 0.5)  # B's point, scaled by 2, moved right
+    assert picture[y - 1 : y + 2, x - 1 : x + 2].any()
+    assert picture[19:22, 9:12].any()  # A's point, at scale 1
+    wrong_x, wrong_y = 30 + 60 + GAP, 10  # where B's point would be at A's scale
+    assert not picture[wrong_y - 3 : wrong_y - 1, wrong_x + 3 : wrong_x + 6].any()
+
+
+def test_tiles_side_by_side_are_allowed_and_a_stride_past_the_crop_is_not():
+    """Tiling: stride == crop (windows that touch, none overlapping) is valid; stride > crop (gaps
+    between windows) or 0 is refused. Planted: `stride < crop` (the touching windows refused)."""
+    from dino3.dense.highres import Tiling
+
+    assert Tiling(crop=32, stride=32).windows(100, 16) == [0, 32, 64]
+    for stride in (48, 0):
+        with pytest.raises(UsageError, match="0 < stride <= crop"):
+            Tiling(crop=32, stride=stride).windows(100, 16)
