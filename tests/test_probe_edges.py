@@ -116,6 +116,7 @@ def test_short_rows_and_empty_fields_name_their_line(tmp_path):
         ("path,label\na.png, \n", "line 2: the label is empty"),
         ("path,label\n ,cat\n", "line 2: the path is empty"),
         ("a.png\n", "line 1: expected two fields, path and label, got 1"),
+        ("a.png,cat,x\n", "line 1: expected two fields, path and label, got 3"),  # no header: no extra column
     ]:
         csv.write_text(text)
         with pytest.raises(UsageError, match=message):
