@@ -437,3 +437,17 @@ def test_each_mask_is_checked_against_its_own_grid():
         dense.match_patches(a, b, mask_b=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(UsageError, match=re.escape("mask_a: shape (3, 1) is not the patch grid's (1, 3)")):
         dense.match_patches(a, b, mask_a=torch.ones(3, 1, dtype=torch.bool))
+
+
+def test_a_pca_needs_one_patch_more_than_its_components():
+    """3 patches for 3 components are refused (saying whether the mask or the image is short), 4
+    are fitted, and 2 components fit on 3 patches. Planted: `count < components`; the mask's
+    wording for an image with no mask."""
+    g = torch.Generator().manual_seed(0)
+    three, four = torch.randn(1, 3, 5, generator=g), torch.randn(1, 4, 5, generator=g)
+    with pytest.raises(UsageError, match=re.escape("there are 3 patches; a 3-component PCA needs at least 4")):
+        dense.fit_pca(three)
+    with pytest.raises(UsageError, match=re.escape("the mask keeps 3 patches; a 3-component PCA needs at least 4")):
+        dense.fit_pca(four, torch.tensor([[True, True, False, True]]))
+    assert dense.fit_pca(four).components.shape == (3, 5)
+    assert dense.fit_pca(three, components=2).components.shape == (2, 5)
