@@ -358,3 +358,96 @@ def test_tiles_side_by_side_are_allowed_and_a_stride_past_the_crop_is_not():
     for stride in (48, 0):
         with pytest.raises(UsageError, match="0 < stride <= crop"):
             Tiling(crop=32, stride=stride).windows(100, 16)
+
+
+# -- conditions on their boundaries (issue 31, sixth sweep) ------------------------------------------------
+def test_quality_thresholds_are_strict_on_their_boundaries():
+    """Each weakness test on its boundary: a held-out AP exactly half-way from a guess to 1, a top
+    probability of exactly 0.5, masks finding (or marking) exactly half: none is weak; just past each,
+    that one is. Planted: `<=` for `<` (and `>=` for `>`) in each test of Quality.problems."""
+    assert dense.Quality(0.75, 0.5, 0.9, 0.02, 0.99).problems == []  # 0.5 + 0.5 * (1 - 0.5)
+    assert dense.Quality(0.5, 0.5, 0.5, 0.5, 0.5).problems[1:] == []  # only the AP: 0.5 < 0.75
+    assert dense.Quality(None, 0.5, 0.5, 0.5, 0.5).problems == []
+    assert dense.Quality(0.74, 0.5, 0.9, 0.02, 0.99).weak
+    assert "never reach 0.5" in dense.Quality(None, 0.5, 0.9, 0.02, 0.49).problems[0]
+    assert dense.Quality(None, 0.5, 0.49, 0.02, 0.99).problems == [
+        "on its own training images its masks find only 49% of the foreground"
+    ]
+    assert dense.Quality(None, 0.5, 0.9, 0.51, 0.99).problems == [
+        "on its own training images its masks mark 51% of the background"
+    ]
+
+
+def _runtime(backend, heads=2, grid=(4, 4), prefix=5):
+    """A stand-in runtime: `heads` heads, a fixed patch grid and `prefix` class and register tokens."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_attention_heads=heads, num_prefix_tokens=prefix, grid_size=lambda h, w: grid)
+    return SimpleNamespace(backend=backend, config=config)
+
+
+def test_attention_memory_counts_the_prefix_tokens_and_refuses_only_past_the_limit():
+    """Hand count: 2 heads x (4 x 4 patches + 5 prefix tokens)^2 x 4 bytes = 3528; ONNX Runtime holds
+    2.7 copies (9525 bytes), OpenVINO 0.1 (352). A limit of exactly that passes, one byte less is
+    refused; torch never is. Planted: `>=` for `>`; the prefix tokens left out of the count."""
+    from dino3.dense.highres import check_attention_memory
+
+    onnx, openvino = _runtime("onnxruntime"), _runtime("openvino")
+    assert dense.attention_bytes(onnx, 64, 64) == 2 * 21 * 21 * 4 == 3528
+    assert dense.attention_bytes(onnx, 64, 64, batch=3) == 3 * 3528
+    check_attention_memory(onnx, 64, 64, limit=9525)
+    with pytest.raises(dense.highres.BackendError, match=r"a 64x64 image is 21 tokens: onnxruntime .* or OpenVINO"):
+        check_attention_memory(onnx, 64, 64, limit=9524)
+    check_attention_memory(openvino, 64, 64, limit=352)
+    with pytest.raises(dense.highres.BackendError, match=r"21 tokens: openvino .*scores\), tiles"):
+        check_attention_memory(openvino, 64, 64, limit=351)
+    check_attention_memory(_runtime("torch"), 64, 64, limit=0)
+
+
+def _stub(features, centres):
+    """A DenseImage stand-in: (h, w, D) features and its patch centres (h, w, 2)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(features=features, patch_centres=lambda: centres)
+
+
+def test_a_match_to_patch_0_a_score_on_min_score_and_a_pair_near_in_one_image_only():
+    """A's patches i and B's i share a unit feature: every pair scores exactly 1, patch 0 included,
+    and min_score=1 keeps them all. With spacing 20: A's 1 is 10 px from A's 0 (near in A only, left
+    out) and A's 2 maps 3 px from B's 0 (near in B only, left out). Planted: `best_b > 0` (patch 0
+    unmatched); `score > min_score`; near in A alone or in B alone counted."""
+    eye = torch.eye(3).reshape(1, 3, 3)
+    a = _stub(eye, torch.tensor([[[0.0, 0.0], [10.0, 0.0], [100.0, 0.0]]], dtype=torch.float64))
+    b = _stub(eye, torch.tensor([[[0.0, 0.0], [100.0, 0.0], [3.0, 0.0]]], dtype=torch.float64))
+    found = dense.match_patches(a, b, min_score=1.0)
+    assert found.index_a.tolist() == [0, 1, 2] and found.index_b.tolist() == [0, 1, 2]
+    assert found.score.tolist() == [1.0, 1.0, 1.0]
+    assert dense.match_patches(a, b, spacing=20).index_a.tolist() == [0]
+    assert dense.match_patches(a, b, spacing=2).index_a.tolist() == [0, 1, 2]
+
+
+def test_each_mask_is_checked_against_its_own_grid():
+    """A (1, 3) grid and a (3, 1) one: mask_b of B's shape is taken, of A's refused naming mask_b.
+    Planted: both masks checked against A's grid."""
+    a = _stub(torch.eye(3).reshape(1, 3, 3), torch.zeros(1, 3, 2, dtype=torch.float64))
+    b = _stub(torch.eye(3).reshape(3, 1, 3), torch.zeros(3, 1, 2, dtype=torch.float64))
+    found = dense.match_patches(a, b, mask_b=torch.tensor([[True], [False], [True]]), min_score=0.5)
+    assert found.index_a.tolist() == [0, 2] and found.index_b.tolist() == [0, 2]  # A's 1 scores 0 elsewhere
+    with pytest.raises(UsageError, match=re.escape("mask_b: shape (1, 3) is not the patch grid's (3, 1)")):
+        dense.match_patches(a, b, mask_b=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(UsageError, match=re.escape("mask_a: shape (3, 1) is not the patch grid's (1, 3)")):
+        dense.match_patches(a, b, mask_a=torch.ones(3, 1, dtype=torch.bool))
+
+
+def test_a_pca_needs_one_patch_more_than_its_components():
+    """3 patches for 3 components are refused (saying whether the mask or the image is short), 4
+    are fitted, and 2 components fit on 3 patches. Planted: `count < components`; the mask's
+    wording for an image with no mask."""
+    g = torch.Generator().manual_seed(0)
+    three, four = torch.randn(1, 3, 5, generator=g), torch.randn(1, 4, 5, generator=g)
+    with pytest.raises(UsageError, match=re.escape("there are 3 patches; a 3-component PCA needs at least 4")):
+        dense.fit_pca(three)
+    with pytest.raises(UsageError, match=re.escape("the mask keeps 3 patches; a 3-component PCA needs at least 4")):
+        dense.fit_pca(four, torch.tensor([[True, True, False, True]]))
+    assert dense.fit_pca(four).components.shape == (3, 5)
+    assert dense.fit_pca(three, components=2).components.shape == (2, 5)

@@ -738,3 +738,20 @@ def test_the_confusion_picture_colours_each_cell_by_its_share_of_the_row(tmp_pat
     assert abs(x_01 - x_00 - 40) < 3 and abs(y_01 - y_00) < 3  # (0, 1) right of (0, 0)
     assert abs(y_10 - y_00 - 40) < 3 and abs(x_10 - x_00) < 3  # (1, 0) below (0, 0)
     assert len(cell(0.5)[0]) < 100  # no cell coloured by its column's share
+
+
+def test_a_class_name_of_24_characters_is_drawn_whole_and_a_longer_one_cut_to_24(tmp_path):
+    """The confusion picture keeps names of up to 24 characters and cuts longer ones to 23 and "…":
+    its margin is the widest name as drawn, so the picture's width tells which text was drawn
+    (2 classes: 40 px cells; width = 8 + name + 8 + 14 + 2 x 40 + 8). Planted: `< 24`, `<= 25`."""
+    from PIL import ImageDraw, ImageFont
+
+    font, canvas = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(name: str) -> int:
+        with Image.open(draw_confusion(np.eye(2, dtype=np.int64), [name, "b"], tmp_path / "c.png")) as image:
+            return image.width
+
+    for name, drawn in (("x" * 24, "x" * 24), ("x" * 25, "x" * 23 + "…"), ("x" * 40, "x" * 23 + "…")):
+        assert width(name) == 8 + canvas.textbbox((0, 0), drawn, font=font)[2] + 8 + 14 + 80 + 8, name
+    assert width("x" * 24) != width("x" * 25)  # this font tells the two apart

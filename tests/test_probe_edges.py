@@ -116,6 +116,7 @@ def test_short_rows_and_empty_fields_name_their_line(tmp_path):
         ("path,label\na.png, \n", "line 2: the label is empty"),
         ("path,label\n ,cat\n", "line 2: the path is empty"),
         ("a.png\n", "line 1: expected two fields, path and label, got 1"),
+        ("a.png,cat,x\n", "line 1: expected two fields, path and label, got 3"),  # no header: no extra column
     ]:
         csv.write_text(text)
         with pytest.raises(UsageError, match=message):
@@ -517,3 +518,51 @@ def test_a_labels_csv_may_name_images_in_object_storage_and_on_the_web(tmp_path)
     found = read_dataset(csv)
     assert found.paths == ["s3://bucket/cats/1.jpg", "gs://bucket/dogs/2.jpg", "https://example.org/3.jpg"]
     assert found.labels == ["cat", "dog", "dog"]
+
+
+# -- conditions on their boundaries (issue 31, sixth sweep) ------------------------------------------------
+def test_settings_on_each_side_of_their_bounds():
+    """feature_dim 1 (with one-column weights) and k 1 are taken, 0 and True refused; C and the
+    temperature True refused (a bool is no number); classes as one string refused, even one whose
+    letters are two distinct names; a logistic probe built without C is taken (C is checked only when
+    given). Planted, one at a time: `dim >= 0`, `dim > 1`, the bool test of feature_dim, of number(),
+    the list test of classes, `"C" in settings` dropped."""
+    base = logreg_probe()
+    g = torch.Generator().manual_seed(0)
+    narrow = {"weight": torch.randn(3, 1, generator=g, dtype=torch.float64), "bias": base.tensors["bias"]}
+    one = Probe("logreg", CLASSES, narrow, {**base.settings, "feature_dim": 1})
+    assert one.probabilities(np.array([[2.0]])).shape == (1, 3)
+    for dim in (0, True):
+        with pytest.raises(UsageError, match=re.escape(f"'feature_dim' is {dim!r}; it must be a whole number >= 1")):
+            Probe("logreg", CLASSES, narrow, {**base.settings, "feature_dim": dim})
+    with pytest.raises(UsageError, match="'C' is True; it must be a finite number > 0"):
+        Probe("logreg", CLASSES, base.tensors, {**base.settings, "C": True})
+    with pytest.raises(UsageError, match="'classes' is 'ab'; it must be a list of two class names"):
+        Probe("logreg", "ab", {k: v[:2] for k, v in base.tensors.items()}, base.settings)
+    settings = {k: v for k, v in base.settings.items() if k != "C"}
+    assert repr(Probe("logreg", CLASSES, base.tensors, settings)).startswith("Probe(logreg, 3 classes, C=None")
+    knn_tensors = {"features": torch.eye(4)[:3], "labels": torch.tensor([0, 1, 2])}
+    knn_settings = {**base.settings, "k": 1, "temperature": 0.07}
+    Probe("knn", CLASSES, knn_tensors, knn_settings)
+    for key, value in (("k", 0), ("k", True), ("temperature", True)):
+        with pytest.raises(UsageError, match=re.escape(f"'{key}' is {value!r}")):
+            Probe("knn", CLASSES, knn_tensors, {**knn_settings, key: value})
+
+
+def test_a_folder_with_only_weights_or_only_embeddings_is_an_incomplete_probe(tmp_path):
+    """No probe.json: a folder holding the weights alone, or embeddings alone, is an incomplete
+    probe; one holding neither is no probe; a format_version of True is refused, not read as 1.
+    Planted: either operand of `weights or embeddings` dropped; the bool test of format_version."""
+    for name, files in (("weights", [WEIGHTS_FILE]), ("embeddings", ["embeddings.npz"]), ("other", ["notes.txt"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in files:
+            (folder / file).write_bytes(b"")
+        message = "is not a probe folder" if name == "other" else "is an incomplete probe: it has no probe.json"
+        with pytest.raises(UsageError, match=message):
+            Probe.load(folder)
+    logreg_probe().save(tmp_path / "p")
+    settings_file = tmp_path / "p" / SETTINGS_FILE
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "format_version": True}))
+    with pytest.raises(UsageError, match="'format_version' is True, not a whole number"):
+        Probe.load(tmp_path / "p")
