@@ -152,6 +152,25 @@ def test_a_folder_that_cannot_be_searched_is_skipped(tmp_path):
     assert found.skipped == [(str(tmp_path / "locked"), "cannot be searched (Permission denied)")]
 
 
+def test_a_dangling_link_given_by_name_is_skipped_not_refused(tmp_path):
+    """A link to nothing named as an input is there (as a link): skipped with its reason, not
+    refused as a missing file."""
+    link = tmp_path / "gone-link.png"
+    os.symlink(tmp_path / "gone.png", link)
+    found = expand_inputs([str(link)])
+    assert found.paths == []
+    assert found.skipped == [(str(link), "a symbolic link to nothing (dangling)")]
+
+
+def test_a_link_to_a_file_without_an_image_suffix_is_ignored_not_dangling(tmp_path):
+    """In a folder, a link that resolves (to a file without an image suffix) is counted as ignored;
+    only a link to nothing is skipped as dangling."""
+    touch(tmp_path / "f" / "notes.txt")
+    os.symlink(tmp_path / "f" / "notes.txt", tmp_path / "f" / "link")
+    found = expand_inputs([str(tmp_path / "f")])
+    assert (found.paths, found.skipped, found.ignored) == ([], [], 2)
+
+
 def test_a_list_file_relative_paths_comments_blank_lines_and_urls(tmp_path):
     """List files: paths relative to the list's folder, comments and blank lines left out, URLs kept,
     any of its suffixes in any case (.TXT, .lst, .list)."""
