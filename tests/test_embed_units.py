@@ -997,6 +997,10 @@ def test_ray_engine_resume_skips_the_shards_done_and_overwrite_redoes_them(stand
     )
     assert run().count == 3 and stand_in_ray == [paths[:2], paths[2:]]
     manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    assert [(s["first"], s["last"], s["rows"]) for s in manifest["shards"].values()] == [
+        (paths[0], paths[1], 2),
+        (paths[2], paths[2], 1),
+    ]
     del manifest["shards"]["1"]
     (tmp_path / "out.manifest.json").write_text(json.dumps(manifest))
     stand_in_ray.clear()
@@ -1063,6 +1067,7 @@ def test_videos_are_inputs_only_with_a_sampling(tmp_path, monkeypatch):
     plain = expand_inputs([str(tmp_path / "v")])
     assert plain.paths == [a] and plain.ignored == 2 and plain.skipped == []
     assert expand_inputs([clip]).paths == [clip]  # named, without a sampling: a file as it is
+    assert expand_inputs([str(tmp_path / "list.txt")]).paths == [clip, "https://h/remote.mp4"]  # listed: the same
 
 
 def test_embedder_a_failed_forward_fails_only_its_group(checkpoint, monkeypatch):

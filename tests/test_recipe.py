@@ -25,9 +25,11 @@ PHOTO = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "chels
         ({"pool": "max"}, "pool must be one of"),
         ({"dtype": "float16"}, "float16 is refused"),
         ({"backend": "openvino", "dtype": "bfloat16"}, "choose the precision"),
+        ({"backend": "onnxruntime", "quantize": "int8"}, "choose the precision"),  # float32 dtype: quantize alone
         ({"backend": "onnxruntime", "layers": 2}, "layers need the torch backend"),
         ({"backend": "onnxruntime", "precision": "bf16"}, "onnxruntime runs precision"),
         ({"target": 448}, "target and fit apply with keep_aspect"),
+        ({"fit": "crop"}, "target and fit apply with keep_aspect"),  # fit alone, without a target
         ({"quantize": "int3"}, "unknown quantization mode"),
         ({"size": 8}, "smaller than one 16px patch"),
         ({"calibration": ["a.jpg"]}, "calibration images are for"),
