@@ -66,6 +66,40 @@ def test_an_object_store_uri_is_listed(monkeypatch):
     assert seen == [("s3://bucket/photos/", inputs_mod.IMAGE_SUFFIXES)]
 
 
+def test_list_uri_an_object_a_prefix_and_nothing(monkeypatch):
+    """_list_uri: an object is itself; a prefix its files with an image suffix (any case; not a
+    folder named like one), sorted, under the URI's scheme; nothing there is refused."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    listing = {  # as a store lists them: in no particular order
+        "bucket/photos": [
+            pafs.FileInfo("bucket/photos/z.png", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/notes.txt", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/d.png", pafs.FileType.Directory),
+            pafs.FileInfo("bucket/photos/d.png/b.JPG", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/a.png", pafs.FileType.File),
+        ]
+    }
+
+    class Store:
+        def get_file_info(self, what):
+            if isinstance(what, pafs.FileSelector):
+                assert what.recursive
+                return listing[what.base_dir]
+            kind = pafs.FileType.Directory if what in listing else pafs.FileType.NotFound
+            return pafs.FileInfo(what, pafs.FileType.File if what.endswith(".png") else kind)
+
+    monkeypatch.setattr(inputs_mod, "object_store", lambda uri, error: (pafs, Store(), uri.split("://", 1)[1]))
+    suffixes = inputs_mod.IMAGE_SUFFIXES
+    assert inputs_mod._list_uri("gs://bucket/photos", suffixes) == [
+        "gs://bucket/photos/a.png",
+        "gs://bucket/photos/d.png/b.JPG",
+        "gs://bucket/photos/z.png",
+    ]
+    assert inputs_mod._list_uri("s3://bucket/one.png", suffixes) == ["s3://bucket/one.png"]
+    with pytest.raises(UsageError, match=r"s3://bucket/none: no such object or prefix"):
+        inputs_mod._list_uri("s3://bucket/none", suffixes)
+
+
 def test_a_folder_with_upper_case_suffixes_and_others_ignored(tmp_path):
     """Folders: image suffixes in any case are inputs, sorted; other files are counted as ignored."""
     names = ["b.JPG", "a.png", "c.Jpeg", "notes.txt", "d.tiff", "e.raw"]
