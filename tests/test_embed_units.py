@@ -824,6 +824,21 @@ def test_parse_shard_accepts_the_bounds():
     assert parse_shard(None) is None
 
 
+def test_the_skipped_inputs_are_reported_by_the_first_shard_only(checkpoint, tmp_path):
+    """A sharded job lists its inputs in every shard; what the lister skipped is reported once, by
+    shard 0, so that the shards' failure lists add up to the job's."""
+    import dino3
+
+    image(tmp_path / "in" / "a.png")
+    image(tmp_path / "in" / "b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "in" / "c.png")
+    common = dict(model=str(checkpoint), size=32, workers=0, progress=False)
+    first = dino3.embed.run([str(tmp_path / "in")], output=tmp_path / "0.npz", shard="0/2", **common)
+    second = dino3.embed.run([str(tmp_path / "in")], output=tmp_path / "1.npz", shard="1/2", **common)
+    assert first.failures == [(str(tmp_path / "in" / "c.png"), "a symbolic link to nothing (dangling)")]
+    assert second.failures == [] and (first.count, second.count) == (1, 1)
+
+
 def test_a_shard_with_no_image_is_refused(checkpoint, tmp_path):
     """More shards than images: an empty shard says how many images there are."""
     import dino3
@@ -942,6 +957,14 @@ def test_chunks_are_whole_batches_of_about_checkpoint_every(checkpoint, tmp_path
     sizes.clear()
     dino3.embed.run(paths, output=tmp_path / "b.npz", checkpoint_every=1, **common)
     assert sizes == [2, 2, 1]
+    # images that fail count toward a chunk too: 2 failures + 2 images make the first chunk of 4
+    broken = [touch(tmp_path / "in" / f"broken{i}.png", b"not an image") for i in range(2)]
+    counted = []
+    monkeypatch.setattr(
+        store.Store, "save", lambda self, chunk: counted.append((len(chunk.indices), len(chunk.failures)))
+    )
+    dino3.embed.run(broken + paths, output=tmp_path / "c.npz", checkpoint_every=4, **common)
+    assert counted == [(2, 2), (3, 0)]
 
 
 def test_an_existing_output_or_interrupted_run_needs_a_choice(checkpoint, tmp_path):
@@ -1010,6 +1033,11 @@ def test_ray_engine_refusals(stand_in_ray, checkpoint, tmp_path):
         run(tmp_path / "file")
     with pytest.raises(UsageError, match="patch grids of kept aspect ratios .* need the local engine"):
         run(tmp_path / "o", pool="patches", keep_aspect="shorter", target=64)
+    from dino3.video import Sampling
+
+    for local in ({"shard": "0/2"}, {"device": "cpu"}, {"video": Sampling()}):
+        with pytest.raises(UsageError, match="shard, device and video sampling are for the local engine"):
+            run(tmp_path / "o", **local)
     for bad in (0, 1.5):
         with pytest.raises(UsageError, match=rf"shard_size must be an integer >= 1, got {bad}"):
             run(tmp_path / "o", ray=RayOptions(shard_size=bad))

@@ -145,3 +145,11 @@ def test_a_model_given_by_a_relative_path_is_recorded_by_its_absolute_path(check
     assert recorded["model"] == str(tmp_path / "models" / "mine")
     monkeypatch.chdir(tmp_path / "models")  # elsewhere: the record still names the model
     assert Recipe.from_meta(recorded).load().describe()["model_fingerprint"] == recorded["model_fingerprint"]
+
+
+def test_ragged_means_patch_grids_of_kept_aspect_ratios_only():
+    """Features of different shapes come only from pool patches with keep_aspect; either alone gives
+    one shape for every image."""
+    assert Recipe("no/such-model", pool="patches", keep_aspect="shorter", target=64).ragged
+    assert not Recipe("no/such-model", pool="patches").ragged
+    assert not Recipe("no/such-model", pool="cls", keep_aspect="shorter", target=64).ragged
