@@ -153,3 +153,50 @@ def test_ragged_means_patch_grids_of_kept_aspect_ratios_only():
     assert Recipe("no/such-model", pool="patches", keep_aspect="shorter", target=64).ragged
     assert not Recipe("no/such-model", pool="patches").ragged
     assert not Recipe("no/such-model", pool="cls", keep_aspect="shorter", target=64).ragged
+
+
+def test_differences_count_weights_by_numbers_only_where_both_sides_have_a_fingerprint():
+    """Hand-made metadata: one side without a fingerprint (an output of an older dino3) is compared by
+    its weight files, the same files then being the same model; with both fingerprints, the files
+    are left out and the numbers decide."""
+    identity = {"config": {"hidden_size": 8}, "weight_files": [["/m/model.safetensors", 10, 1]]}
+    moved = {**identity, "weight_files": [["/n/model.safetensors", 10, 2]]}
+    recorded = {"model_identity": identity, "model_fingerprint": [1.0, 0.0]}
+    assert differences(recorded, {"model_identity": identity}) == []
+    assert differences({"model_identity": identity}, recorded) == []
+    assert differences(recorded, {"model_identity": moved})[0].startswith("model_identity.weight_files")
+    assert differences(recorded, {"model_identity": moved, "model_fingerprint": [1.0, 0.0]}) == []
+    other = differences(recorded, {"model_identity": moved, "model_fingerprint": [0.0, 1.0]})
+    assert other == ["weights: they compute other numbers (other weights)"]
+    # left out of `keys`, the identity is not compared at all, but the numbers still are
+    assert differences(recorded, {"model_identity": moved, "model_fingerprint": [0.0, 1.0]}, keys=("pool",)) == [
+        "weights: they compute other numbers (other weights)"
+    ]
+    # another architecture says so in its identity; no second line about the numbers
+    wider = {**identity, "config": {"hidden_size": 16}}
+    assert differences(recorded, {"model_identity": wider, "model_fingerprint": [0.0, 1.0]}) == [
+        "model_identity.config.hidden_size: 8 -> 16"
+    ]
+
+
+def test_replay_looks_for_a_missing_model_only_where_it_was_a_local_path(tmp_path):
+    """A recorded preset or hub id is loaded as it is (here: a stand-in load that says it was called);
+    a recorded absolute path that is gone is refused, naming it, before any load."""
+    from dino3.recipe import replay
+
+    class Loaded(Exception):
+        pass
+
+    def load(name, **options):
+        raise Loaded(name)
+
+    meta = {"model": "vits16", "pool": "cls", "processor": {"size": {"height": 224, "width": 224}}}
+    with pytest.raises(Loaded, match="vits16"):
+        replay(meta, "the index", load=load)
+    gone = str(tmp_path / "gone")
+    with pytest.raises(UsageError, match="the index's model .*gone is not there any more"):
+        replay({**meta, "model": gone}, "the index", load=load)
+    with pytest.raises(Loaded, match="elsewhere"):
+        replay({**meta, "model": gone}, "the index", model="elsewhere", load=load)
+    with pytest.raises(Loaded, match=str(tmp_path)):  # an absolute path that is there: loaded
+        replay({**meta, "model": str(tmp_path)}, "the index", load=load)
