@@ -200,3 +200,23 @@ def test_replay_looks_for_a_missing_model_only_where_it_was_a_local_path(tmp_pat
         replay({**meta, "model": gone}, "the index", model="elsewhere", load=load)
     with pytest.raises(Loaded, match=str(tmp_path)):  # an absolute path that is there: loaded
         replay({**meta, "model": str(tmp_path)}, "the index", load=load)
+
+
+def test_model_name_of_a_local_model_is_its_real_absolute_path(tmp_path, monkeypatch):
+    """A local model by a relative path through a link and '..': recorded as the real folder; a name
+    that is no local path (a preset, a hub id) as given."""
+    from dino3.recipe import model_name
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert model_name("../link") == str((tmp_path / "real").resolve())
+    assert model_name("facebook/dinov3-vits16-pretrain-lvd1689m") == "facebook/dinov3-vits16-pretrain-lvd1689m"
+
+
+def test_differences_show_values_of_100_characters_whole():
+    """A changed value is shown whole up to 100 characters (its JSON), cut to 97 and '...' past that."""
+    exact, longer = "x" * 98, "y" * 99  # JSON: 100 and 101 characters
+    assert differences({"pool": exact}, {"pool": longer}, keys=("pool",)) == [f'pool: "{exact}" -> "{"y" * 96}...']
