@@ -220,3 +220,10 @@ def test_differences_show_values_of_100_characters_whole():
     """A changed value is shown whole up to 100 characters (its JSON), cut to 97 and '...' past that."""
     exact, longer = "x" * 98, "y" * 99  # JSON: 100 and 101 characters
     assert differences({"pool": exact}, {"pool": longer}, keys=("pool",)) == [f'pool: "{exact}" -> "{"y" * 96}...']
+
+
+def test_differences_name_a_setting_present_on_one_side_only():
+    """A nested setting that only one side records (either side) is a difference, named by its path."""
+    old, new = {"processor": {"size": 224}}, {"processor": {"size": 224, "fit": "crop"}}
+    assert differences(old, new, keys=("processor",)) == ['processor.fit: null -> "crop"']
+    assert differences(new, old, keys=("processor",)) == ['processor.fit: "crop" -> null']
