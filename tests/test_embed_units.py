@@ -929,6 +929,7 @@ def test_check_reachable_refuses_an_address_nobody_listens_at():
         server.bind(("127.0.0.1", 0))
         server.listen()
         plan._check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}", timeout=1)  # someone there: no error
+        plan._check_reachable(f":{server.getsockname()[1]}", timeout=1)  # no host: this machine's
 
 
 def test_require_without_ray_names_the_extra(monkeypatch):
@@ -1177,6 +1178,8 @@ def test_plan_refusals_before_ray_runs_anything(checkpoint):
         plan.embed(["a.png"], Recipe(str(checkpoint)), pool="mean", size=64)
     with pytest.raises(UsageError, match="no inputs to embed"):
         plan.embed([], str(checkpoint), check_hash=False)
+    with pytest.raises(UsageError, match="no inputs to embed"):  # options beside a model name: its recipe's
+        plan.embed([], str(checkpoint), pool="mean", check_hash=False)
 
 
 def test_run_lock_takes_the_file_again_when_it_was_replaced_meanwhile(tmp_path, monkeypatch):
