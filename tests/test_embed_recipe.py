@@ -68,6 +68,17 @@ def test_from_meta_refuses_an_unnamed_calibration():
         Recipe.from_meta({**older_meta(), "calibration": "abc123"})
 
 
+def test_from_meta_of_a_calibration_it_names_makes_it_again():
+    """A calibration digest with its images named (an older output's calibration_paths, or the
+    recipe's) is read back into the recipe, not refused."""
+    runtime = {"backend": "openvino", "precision": "int8", "calibration": "abc123"}
+    older = Recipe.from_meta({**older_meta(), **runtime, "calibration_paths": ["/cal/a.png"]})
+    assert (older.backend, older.precision, older.calibration) == ("openvino", "int8", ("/cal/a.png",))
+    recipe = Recipe("vits16", backend="openvino", precision="int8", calibration=["/cal/b.png"])
+    again = Recipe.from_meta({"model": "vits16", **runtime, "recipe": recipe.options()})
+    assert again == recipe
+
+
 @pytest.mark.parametrize("size", [{"height": 224, "width": 160}, {}, {"width": 224}])
 def test_from_meta_refuses_a_preprocessing_it_cannot_make_again(size):
     """A recorded size that is not a square (or not there) cannot be a recipe's `size`."""

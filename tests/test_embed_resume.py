@@ -42,7 +42,7 @@ def counting_load(counts: list[int], stop_after: int | None = None):
     return load
 
 
-def test_resume_embeds_only_the_images_the_interrupted_run_left(checkpoint, tmp_path):
+def test_resume_embeds_only_the_images_the_interrupted_run_left(checkpoint, tmp_path, monkeypatch):
     """Bug planted: the job's resume ignoring the chunks it loaded (every image embedded again): the
     output was still right, but the count at the model was 12, not 8."""
     inputs = tmp_path / "in"
@@ -58,9 +58,15 @@ def test_resume_embeds_only_the_images_the_interrupted_run_left(checkpoint, tmp_
     assert first == [4] and not out.exists()
     assert len(list((tmp_path / "out.npz.partial").glob("chunk-*"))) == 2  # 4 images saved, in 2 chunks
 
+    from dino3.embed import job
+
+    bars = []
+    real_bar = job.progress_bar
+    monkeypatch.setattr(job, "progress_bar", lambda *a, **kw: bars.append((a[0], kw["initial"])) or real_bar(*a, **kw))
     resumed = [0]
     result = dino3.embed.run([str(inputs)], str(checkpoint), out, resume=True, load=counting_load(resumed), **common)
     assert resumed == [8] and result.computed == 8 and result.count == 12
+    assert bars == [(12, 4)]  # the progress bar starts at the images the interrupted run saved
 
     whole = tmp_path / "whole.npz"
     dino3.embed.run([str(inputs)], str(checkpoint), whole, **common)

@@ -66,6 +66,40 @@ def test_an_object_store_uri_is_listed(monkeypatch):
     assert seen == [("s3://bucket/photos/", inputs_mod.IMAGE_SUFFIXES)]
 
 
+def test_list_uri_an_object_a_prefix_and_nothing(monkeypatch):
+    """_list_uri: an object is itself; a prefix its files with an image suffix (any case; not a
+    folder named like one), sorted, under the URI's scheme; nothing there is refused."""
+    pafs = pytest.importorskip("pyarrow.fs")
+    listing = {  # as a store lists them: in no particular order
+        "bucket/photos": [
+            pafs.FileInfo("bucket/photos/z.png", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/notes.txt", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/d.png", pafs.FileType.Directory),
+            pafs.FileInfo("bucket/photos/d.png/b.JPG", pafs.FileType.File),
+            pafs.FileInfo("bucket/photos/a.png", pafs.FileType.File),
+        ]
+    }
+
+    class Store:
+        def get_file_info(self, what):
+            if isinstance(what, pafs.FileSelector):
+                assert what.recursive
+                return listing[what.base_dir]
+            kind = pafs.FileType.Directory if what in listing else pafs.FileType.NotFound
+            return pafs.FileInfo(what, pafs.FileType.File if what.endswith(".png") else kind)
+
+    monkeypatch.setattr(inputs_mod, "object_store", lambda uri, error: (pafs, Store(), uri.split("://", 1)[1]))
+    suffixes = inputs_mod.IMAGE_SUFFIXES
+    assert inputs_mod._list_uri("gs://bucket/photos", suffixes) == [
+        "gs://bucket/photos/a.png",
+        "gs://bucket/photos/d.png/b.JPG",
+        "gs://bucket/photos/z.png",
+    ]
+    assert inputs_mod._list_uri("s3://bucket/one.png", suffixes) == ["s3://bucket/one.png"]
+    with pytest.raises(UsageError, match=r"s3://bucket/none: no such object or prefix"):
+        inputs_mod._list_uri("s3://bucket/none", suffixes)
+
+
 def test_a_folder_with_upper_case_suffixes_and_others_ignored(tmp_path):
     """Folders: image suffixes in any case are inputs, sorted; other files are counted as ignored."""
     names = ["b.JPG", "a.png", "c.Jpeg", "notes.txt", "d.tiff", "e.raw"]
@@ -150,6 +184,25 @@ def test_a_folder_that_cannot_be_searched_is_skipped(tmp_path):
     found = Inputs()
     inputs_mod._walk_error(PermissionError(13, "Permission denied", str(tmp_path / "locked")), found)
     assert found.skipped == [(str(tmp_path / "locked"), "cannot be searched (Permission denied)")]
+
+
+def test_a_dangling_link_given_by_name_is_skipped_not_refused(tmp_path):
+    """A link to nothing named as an input is there (as a link): skipped with its reason, not
+    refused as a missing file."""
+    link = tmp_path / "gone-link.png"
+    os.symlink(tmp_path / "gone.png", link)
+    found = expand_inputs([str(link)])
+    assert found.paths == []
+    assert found.skipped == [(str(link), "a symbolic link to nothing (dangling)")]
+
+
+def test_a_link_to_a_file_without_an_image_suffix_is_ignored_not_dangling(tmp_path):
+    """In a folder, a link that resolves (to a file without an image suffix) is counted as ignored;
+    only a link to nothing is skipped as dangling."""
+    touch(tmp_path / "f" / "notes.txt")
+    os.symlink(tmp_path / "f" / "notes.txt", tmp_path / "f" / "link")
+    found = expand_inputs([str(tmp_path / "f")])
+    assert (found.paths, found.skipped, found.ignored) == ([], [], 2)
 
 
 def test_a_list_file_relative_paths_comments_blank_lines_and_urls(tmp_path):
@@ -771,6 +824,21 @@ def test_parse_shard_accepts_the_bounds():
     assert parse_shard(None) is None
 
 
+def test_the_skipped_inputs_are_reported_by_the_first_shard_only(checkpoint, tmp_path):
+    """A sharded job lists its inputs in every shard; what the lister skipped is reported once, by
+    shard 0, so that the shards' failure lists add up to the job's."""
+    import dino3
+
+    image(tmp_path / "in" / "a.png")
+    image(tmp_path / "in" / "b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "in" / "c.png")
+    common = dict(model=str(checkpoint), size=32, workers=0, progress=False)
+    first = dino3.embed.run([str(tmp_path / "in")], output=tmp_path / "0.npz", shard="0/2", **common)
+    second = dino3.embed.run([str(tmp_path / "in")], output=tmp_path / "1.npz", shard="1/2", **common)
+    assert first.failures == [(str(tmp_path / "in" / "c.png"), "a symbolic link to nothing (dangling)")]
+    assert second.failures == [] and (first.count, second.count) == (1, 1)
+
+
 def test_a_shard_with_no_image_is_refused(checkpoint, tmp_path):
     """More shards than images: an empty shard says how many images there are."""
     import dino3
@@ -861,6 +929,7 @@ def test_check_reachable_refuses_an_address_nobody_listens_at():
         server.bind(("127.0.0.1", 0))
         server.listen()
         plan._check_reachable(f"ray://127.0.0.1:{server.getsockname()[1]}", timeout=1)  # someone there: no error
+        plan._check_reachable(f":{server.getsockname()[1]}", timeout=1)  # no host: this machine's
 
 
 def test_require_without_ray_names_the_extra(monkeypatch):
@@ -889,6 +958,14 @@ def test_chunks_are_whole_batches_of_about_checkpoint_every(checkpoint, tmp_path
     sizes.clear()
     dino3.embed.run(paths, output=tmp_path / "b.npz", checkpoint_every=1, **common)
     assert sizes == [2, 2, 1]
+    # images that fail count toward a chunk too: 2 failures + 2 images make the first chunk of 4
+    broken = [touch(tmp_path / "in" / f"broken{i}.png", b"not an image") for i in range(2)]
+    counted = []
+    monkeypatch.setattr(
+        store.Store, "save", lambda self, chunk: counted.append((len(chunk.indices), len(chunk.failures)))
+    )
+    dino3.embed.run(broken + paths, output=tmp_path / "c.npz", checkpoint_every=4, **common)
+    assert counted == [(2, 2), (3, 0)]
 
 
 def test_an_existing_output_or_interrupted_run_needs_a_choice(checkpoint, tmp_path):
@@ -957,6 +1034,11 @@ def test_ray_engine_refusals(stand_in_ray, checkpoint, tmp_path):
         run(tmp_path / "file")
     with pytest.raises(UsageError, match="patch grids of kept aspect ratios .* need the local engine"):
         run(tmp_path / "o", pool="patches", keep_aspect="shorter", target=64)
+    from dino3.video import Sampling
+
+    for local in ({"shard": "0/2"}, {"device": "cpu"}, {"video": Sampling()}):
+        with pytest.raises(UsageError, match="shard, device and video sampling are for the local engine"):
+            run(tmp_path / "o", **local)
     for bad in (0, 1.5):
         with pytest.raises(UsageError, match=rf"shard_size must be an integer >= 1, got {bad}"):
             run(tmp_path / "o", ray=RayOptions(shard_size=bad))
@@ -978,6 +1060,10 @@ def test_ray_engine_resume_skips_the_shards_done_and_overwrite_redoes_them(stand
     )
     assert run().count == 3 and stand_in_ray == [paths[:2], paths[2:]]
     manifest = json.loads((tmp_path / "out.manifest.json").read_text())
+    assert [(s["first"], s["last"], s["rows"]) for s in manifest["shards"].values()] == [
+        (paths[0], paths[1], 2),
+        (paths[2], paths[2], 1),
+    ]
     del manifest["shards"]["1"]
     (tmp_path / "out.manifest.json").write_text(json.dumps(manifest))
     stand_in_ray.clear()
@@ -1044,6 +1130,7 @@ def test_videos_are_inputs_only_with_a_sampling(tmp_path, monkeypatch):
     plain = expand_inputs([str(tmp_path / "v")])
     assert plain.paths == [a] and plain.ignored == 2 and plain.skipped == []
     assert expand_inputs([clip]).paths == [clip]  # named, without a sampling: a file as it is
+    assert expand_inputs([str(tmp_path / "list.txt")]).paths == [clip, "https://h/remote.mp4"]  # listed: the same
 
 
 def test_embedder_a_failed_forward_fails_only_its_group(checkpoint, monkeypatch):
@@ -1091,6 +1178,8 @@ def test_plan_refusals_before_ray_runs_anything(checkpoint):
         plan.embed(["a.png"], Recipe(str(checkpoint)), pool="mean", size=64)
     with pytest.raises(UsageError, match="no inputs to embed"):
         plan.embed([], str(checkpoint), check_hash=False)
+    with pytest.raises(UsageError, match="no inputs to embed"):  # options beside a model name: its recipe's
+        plan.embed([], str(checkpoint), pool="mean", check_hash=False)
 
 
 def test_run_lock_takes_the_file_again_when_it_was_replaced_meanwhile(tmp_path, monkeypatch):

@@ -127,3 +127,19 @@ def test_resume_on_a_folder_with_no_job_is_refused(stand_in_plan, checkpoint, tm
     with pytest.raises(dino3.UsageError, match="holds no interrupted job to resume"):
         dino3.embed.run(paths, model=str(checkpoint), output=out, engine="ray", resume=True, progress=False)
     assert not out.exists()
+
+
+def test_inputs_skipped_while_listing_follow_the_failures(stand_in_plan, checkpoint, tmp_path):
+    """What the lister skipped (a dangling link in the folder) is reported, after the images that
+    failed in the plan, in the result and in OUT.failures.tsv; the rows hold only the good images."""
+    import os
+
+    paths = inputs(tmp_path / "photos", ["a.png", "b-broken.png"])
+    os.symlink(tmp_path / "gone.png", tmp_path / "photos" / "c.png")
+    result = dino3.embed.run(
+        [str(tmp_path / "photos")], model=str(checkpoint), output=tmp_path / "out", engine="ray", progress=False
+    )
+    dangling = (str(tmp_path / "photos" / "c.png"), "a symbolic link to nothing (dangling)")
+    assert result.count == 1 and result.failures == [(paths[1], "cannot decode"), dangling]
+    listed = [line.split("\t") for line in (tmp_path / "out.failures.tsv").read_text().splitlines()]
+    assert listed == [[paths[1], "cannot decode"], list(dangling)]

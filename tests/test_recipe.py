@@ -25,9 +25,11 @@ PHOTO = str(Path(__file__).resolve().parents[1] / "examples" / "images" / "chels
         ({"pool": "max"}, "pool must be one of"),
         ({"dtype": "float16"}, "float16 is refused"),
         ({"backend": "openvino", "dtype": "bfloat16"}, "choose the precision"),
+        ({"backend": "onnxruntime", "quantize": "int8"}, "choose the precision"),  # float32 dtype: quantize alone
         ({"backend": "onnxruntime", "layers": 2}, "layers need the torch backend"),
         ({"backend": "onnxruntime", "precision": "bf16"}, "onnxruntime runs precision"),
         ({"target": 448}, "target and fit apply with keep_aspect"),
+        ({"fit": "crop"}, "target and fit apply with keep_aspect"),  # fit alone, without a target
         ({"quantize": "int3"}, "unknown quantization mode"),
         ({"size": 8}, "smaller than one 16px patch"),
         ({"calibration": ["a.jpg"]}, "calibration images are for"),
@@ -143,3 +145,85 @@ def test_a_model_given_by_a_relative_path_is_recorded_by_its_absolute_path(check
     assert recorded["model"] == str(tmp_path / "models" / "mine")
     monkeypatch.chdir(tmp_path / "models")  # elsewhere: the record still names the model
     assert Recipe.from_meta(recorded).load().describe()["model_fingerprint"] == recorded["model_fingerprint"]
+
+
+def test_ragged_means_patch_grids_of_kept_aspect_ratios_only():
+    """Features of different shapes come only from pool patches with keep_aspect; either alone gives
+    one shape for every image."""
+    assert Recipe("no/such-model", pool="patches", keep_aspect="shorter", target=64).ragged
+    assert not Recipe("no/such-model", pool="patches").ragged
+    assert not Recipe("no/such-model", pool="cls", keep_aspect="shorter", target=64).ragged
+
+
+def test_differences_count_weights_by_numbers_only_where_both_sides_have_a_fingerprint():
+    """Hand-made metadata: one side without a fingerprint (an output of an older dino3) is compared by
+    its weight files, the same files then being the same model; with both fingerprints, the files
+    are left out and the numbers decide."""
+    identity = {"config": {"hidden_size": 8}, "weight_files": [["/m/model.safetensors", 10, 1]]}
+    moved = {**identity, "weight_files": [["/n/model.safetensors", 10, 2]]}
+    recorded = {"model_identity": identity, "model_fingerprint": [1.0, 0.0]}
+    assert differences(recorded, {"model_identity": identity}) == []
+    assert differences({"model_identity": identity}, recorded) == []
+    assert differences(recorded, {"model_identity": moved})[0].startswith("model_identity.weight_files")
+    assert differences(recorded, {"model_identity": moved, "model_fingerprint": [1.0, 0.0]}) == []
+    other = differences(recorded, {"model_identity": moved, "model_fingerprint": [0.0, 1.0]})
+    assert other == ["weights: they compute other numbers (other weights)"]
+    # left out of `keys`, the identity is not compared at all, but the numbers still are
+    assert differences(recorded, {"model_identity": moved, "model_fingerprint": [0.0, 1.0]}, keys=("pool",)) == [
+        "weights: they compute other numbers (other weights)"
+    ]
+    # another architecture says so in its identity; no second line about the numbers
+    wider = {**identity, "config": {"hidden_size": 16}}
+    assert differences(recorded, {"model_identity": wider, "model_fingerprint": [0.0, 1.0]}) == [
+        "model_identity.config.hidden_size: 8 -> 16"
+    ]
+
+
+def test_replay_looks_for_a_missing_model_only_where_it_was_a_local_path(tmp_path):
+    """A recorded preset or hub id is loaded as it is (here: a stand-in load that says it was called);
+    a recorded absolute path that is gone is refused, naming it, before any load."""
+    from dino3.recipe import replay
+
+    class Loaded(Exception):
+        pass
+
+    def load(name, **options):
+        raise Loaded(name)
+
+    meta = {"model": "vits16", "pool": "cls", "processor": {"size": {"height": 224, "width": 224}}}
+    with pytest.raises(Loaded, match="vits16"):
+        replay(meta, "the index", load=load)
+    gone = str(tmp_path / "gone")
+    with pytest.raises(UsageError, match="the index's model .*gone is not there any more"):
+        replay({**meta, "model": gone}, "the index", load=load)
+    with pytest.raises(Loaded, match="elsewhere"):
+        replay({**meta, "model": gone}, "the index", model="elsewhere", load=load)
+    with pytest.raises(Loaded, match=str(tmp_path)):  # an absolute path that is there: loaded
+        replay({**meta, "model": str(tmp_path)}, "the index", load=load)
+
+
+def test_model_name_of_a_local_model_is_its_real_absolute_path(tmp_path, monkeypatch):
+    """A local model by a relative path through a link and '..': recorded as the real folder; a name
+    that is no local path (a preset, a hub id) as given."""
+    from dino3.recipe import model_name
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "sub")
+    assert model_name("../link") == str((tmp_path / "real").resolve())
+    assert model_name("facebook/dinov3-vits16-pretrain-lvd1689m") == "facebook/dinov3-vits16-pretrain-lvd1689m"
+
+
+def test_differences_show_values_of_100_characters_whole():
+    """A changed value is shown whole up to 100 characters (its JSON), cut to 97 and '...' past that."""
+    exact, longer = "x" * 98, "y" * 99  # JSON: 100 and 101 characters
+    assert differences({"pool": exact}, {"pool": longer}, keys=("pool",)) == [f'pool: "{exact}" -> "{"y" * 96}...']
+
+
+def test_differences_name_a_setting_present_on_one_side_only():
+    """A nested setting that only one side records (either side) is a difference, named by its path."""
+    old, new = {"processor": {"size": 224}}, {"processor": {"size": 224, "fit": "crop"}}
+    assert differences(old, new, keys=("processor",)) == ['processor.fit: null -> "crop"']
+    assert differences(new, old, keys=("processor",)) == ['processor.fit: "crop" -> null']
