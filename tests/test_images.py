@@ -599,3 +599,14 @@ def test_a_transparency_key_is_composited_on_white_like_an_alpha_channel(mode, t
     opaque = torch.tensor([10, 20, 30] if mode == "P" else [100, 100, 100], dtype=torch.uint8)
     assert (pixels[:, :, 4:] == opaque.view(-1, 1, 1)).all()
     assert (load_image(str(path), alpha="drop")[:, :, :4] == 0).all()
+
+
+def test_a_jpeg_draft_covers_the_larger_side_of_a_non_square_target_and_never_grows():
+    """A 800x600 JPEG asked for (height 100, width 300): PIL's draft scales by 1/2, 1/4 or 1/8, and
+    the smallest reduced size still covering 300 on both sides is 1/2 (400x300; 1/4 gives 200x150),
+    worked out by hand. A target larger than the image decodes it whole. Planted: the target's
+    smaller side asked for (1/4 then: 200 wide, under the 300 asked)."""
+    data = encode(Image.fromarray(rgb_array(600, 800)), "JPEG")
+    assert load_image(data, draft_size=(100, 300)).shape == (3, 300, 400)
+    assert load_image(data, draft_size=(300, 100)).shape == (3, 300, 400)
+    assert load_image(data, draft_size=(1000, 2000)).shape == (3, 600, 800)
