@@ -1628,6 +1628,22 @@ def test_all_pairs_and_nearest_scores_equal_brute_force(monkeypatch, tile):
     assert np.isneginf(exact.pairs_above(vectors[:1], 0.5)[3]).all()  # one vector: no neighbour
 
 
+def test_a_pair_whose_cosine_is_exactly_the_threshold_is_kept():
+    """pairs_above keeps a pair whose cosine is exactly the threshold: [1, 0] with itself scores 1.0,
+    [0.6, 0.8] with [1, 0] float32's 0.6, exactly (checked with numpy first); the pairs and nearest
+    scores worked out by hand. Planted: `tile > threshold` (the pairs on the threshold dropped)."""
+    from dino3.index import exact
+
+    vectors = np.array([[1, 0], [1, 0], [0.6, 0.8], [0, 1]], np.float32)
+    full = vectors @ vectors.T
+    assert full[0, 1] == 1.0 and full[0, 2] == np.float32(0.6)
+    first, second, scores, nearest = exact.pairs_above(vectors, 1.0)
+    assert (first.tolist(), second.tolist(), scores.tolist()) == ([0], [1], [1.0])
+    first, second, _, _ = exact.pairs_above(vectors, float(np.float32(0.6)))
+    assert sorted(zip(first.tolist(), second.tolist())) == [(0, 1), (0, 2), (1, 2), (2, 3)]  # 2~3: 0.8
+    np.testing.assert_array_equal(nearest, np.array([1.0, 1.0, 0.8, 0.8], np.float32))
+
+
 def test_dedup_groups_put_the_most_central_image_first_and_the_largest_group_first():
     """groups(): connected components of the pairs (a~b, b~c: one group), the member closest to the
     group's mean first with score 1.0, the others by their cosine to it (ties by id), the largest
