@@ -1668,6 +1668,23 @@ def test_dedup_groups_put_the_most_central_image_first_and_the_largest_group_fir
     assert dedup.groups(vectors, ids, np.zeros(0, np.int64), np.zeros(0, np.int64)) == []
 
 
+def test_dedup_groups_score_the_central_image_1_and_break_ties_by_id_not_by_row():
+    """groups(): the central image's score is 1.0 even where float32 makes its own cosine 0.99999994
+    (unit [1, 1, 1], checked first); members of equal scores come by id, not by row (ids here fall
+    as the rows rise). Planted: the central image's score left as computed; ties left in row order."""
+    from dino3.index import dedup
+
+    base = unit_rows(np.array([[1, 1, 1], [1, 1, 1.02], [1, 1, 0.98]], np.float32)).astype(np.float32)
+    assert (base @ base[0])[0] != 1.0
+    first, second = np.array([0, 0]), np.array([1, 2])
+    found = dedup.groups(base, np.array([5, 6, 7]), first, second)
+    assert found[0].ids[0] == 5 and found[0].scores[0] == 1.0 and max(found[0].scores[1:]) < 1.0
+    same = np.array([[1, 0, 0]] * 3 + [[0, 1, 0]] * 2, np.float32)  # two groups, every score 1.0 exactly
+    found = dedup.groups(same, np.array([30, 20, 10, 50, 40]), np.array([0, 1, 3]), np.array([1, 2, 4]))
+    assert [g.ids for g in found] == [[10, 20, 30], [40, 50]]
+    assert [g.scores for g in found] == [[1.0, 1.0, 1.0], [1.0, 1.0]]
+
+
 def test_the_histogram_text_marks_the_bins_at_or_above_the_threshold():
     """format_histogram: one line a bin, bars scaled to the largest count, '<- duplicates' on the bins
     from the threshold up. Planted: `low > threshold` (the bin starting at it unmarked)."""
