@@ -1685,6 +1685,53 @@ def test_dedup_groups_score_the_central_image_1_and_break_ties_by_id_not_by_row(
     assert [g.scores for g in found] == [[1.0, 1.0, 1.0], [1.0, 1.0]]
 
 
+class ExactNeighbours:
+    """An `ann` for dedup.approximate_pairs that answers exactly (ties by the lower id), so that its
+    pairs must equal exact.pairs_above's."""
+
+    def __init__(self, vectors, ids):
+        self.vectors, self.ids = vectors, ids
+
+    def search(self, queries, k, ef=None):
+        from dino3.index import exact
+
+        return exact.top_k(queries, [(self.vectors, self.ids, None)], k)
+
+
+@pytest.mark.parametrize("case", ["identical", "near", "small"])
+def test_approximate_dedup_pairs_equal_the_exact_pairs_for_groups_larger_than_k(case):
+    """approximate_pairs with exact neighbours finds every pair pairs_above finds, scores and nearest
+    scores too: 20 identical vectors at threshold 1.0 (a group larger than K = 16: its rows' K-th
+    neighbour still scores 1.0, exactly the threshold), 20 near-identical ones whose 16 nearest
+    miss some pairs of the group (checked), and 6 vectors with one pair exactly on the threshold.
+    The ids fall as the rows rise. Planted: rows whose K-th neighbour is exactly the threshold not
+    scanned (`> threshold`), a row counted full only with K+1 others (`>= k`), a pair exactly at
+    the threshold dropped (`found_scores > threshold`)."""
+    from dino3.index import dedup, exact
+
+    rng = np.random.default_rng(43)
+    if case == "identical":
+        vectors, threshold = np.tile(np.eye(4, dtype=np.float32)[:1], (20, 1)), 1.0
+    elif case == "near":
+        vectors = unit_rows(1.0 + 0.01 * rng.standard_normal((20, 8))).astype(np.float32)
+        threshold = 0.99
+        full = vectors @ vectors.T
+        np.fill_diagonal(full, -np.inf)
+        top = np.argsort(-full, axis=1)[:, : dedup.NEIGHBOURS]
+        known = {(min(i, j), max(i, j)) for i in range(20) for j in top[i]}
+        assert len(known) < 190 and full[np.isfinite(full)].min() > threshold  # the 16 nearest miss some pairs
+    else:
+        vectors = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.6, 0.8], [0, 0, 1], [-1, 0, 0]], np.float32)
+        threshold = 1.0
+    ids = np.arange(len(vectors))[::-1].copy() * 3 + 100  # falling, not the rows
+    low, high, scores, nearest = dedup.approximate_pairs(ExactNeighbours(vectors, ids), vectors, ids, threshold)
+    first, second, want_scores, want_nearest = exact.pairs_above(vectors, threshold)
+    got = sorted(zip(low.tolist(), high.tolist(), scores.tolist()))
+    assert got == sorted(zip(first.tolist(), second.tolist(), want_scores.tolist()))
+    assert len(got) == {"identical": 190, "near": 190, "small": 1}[case]
+    np.testing.assert_allclose(nearest, want_nearest, atol=1e-6)
+
+
 def test_the_histogram_text_marks_the_bins_at_or_above_the_threshold():
     """format_histogram: one line a bin, bars scaled to the largest count, '<- duplicates' on the bins
     from the threshold up. Planted: `low > threshold` (the bin starting at it unmarked)."""
