@@ -1996,6 +1996,19 @@ def test_dedup_groups_of_one_size_come_by_their_first_path(built, tmp_path):
     assert [sorted(g["paths"]) for g in groups] == [sorted(files[6:]), sorted(files[3:6]), sorted(files[:3])]
 
 
+def test_dedup_is_exact_up_to_its_limit_and_approximate_one_past_it(built, tmp_path, monkeypatch):
+    """An index of 30 images dedups exactly with DEDUP_EXACT_LIMIT at 30, approximately at 29; both
+    find the one group of 3 near-copies. Planted: `state.count < DEDUP_EXACT_LIMIT`."""
+    settings = dino3.index.open(built).settings
+    settings = {**settings, "model_identity": {**settings["model_identity"], "config": {"hidden_size": 64}}}
+    dino3.index.build([str(synthetic(tmp_path / "a", 30, 64, settings, seed=7, copies=2))], folder=tmp_path / "i")
+    index = dino3.index.open(tmp_path / "i")
+    for limit, exact in ((30, True), (29, False)):
+        monkeypatch.setattr(index_module, "DEDUP_EXACT_LIMIT", limit)
+        found = index.dedup(0.99)
+        assert found["exact"] is exact and [len(g["paths"]) for g in found["groups"]] == [3]
+
+
 def test_images_in_object_storage_are_indexed_by_their_uri_and_kept_by_an_add(model_folder, tmp_path, monkeypatch):
     """An s3:// prefix is indexed under its objects' URIs (not made into local paths of the working
     folder), found by a search, and an add keeps them (never 'gone' from this disk) without embedding
