@@ -178,6 +178,9 @@ def test_decompression_bomb(monkeypatch):
         (np.zeros((4, 4, 3), np.int64), "dtype torch.int64: use uint8"),
         (np.full((4, 4, 3), 255.0, np.float32), r"float pixels must lie in \[0, 1\], found \[255, 255\]"),
         (np.zeros((0, 4, 3), np.uint8), "the image is empty"),
+        (np.zeros((4, 0, 3), np.uint8), r"array of shape \(3, 4, 0\): the image is empty"),  # no width
+        (torch.zeros(3, 4, 0), r"tensor of shape \(3, 4, 0\): the image is empty"),
+        (np.full((2, 2, 3), 0.5, np.float32) * np.array([1, 1, np.nan], np.float32), r"found \[nan, nan\]"),
         (torch.zeros(5, 4, 3), r"tensor of shape \(5, 4, 3\): expected \(C, H, W\)"),
     ],
 )
