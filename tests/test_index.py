@@ -1800,6 +1800,18 @@ def test_the_histogram_text_marks_the_bins_at_or_above_the_threshold():
     assert lines[0].split() == ["below", "0.500", "0"]
 
 
+def test_the_histogram_bars_are_rounded_to_the_nearest_mark():
+    """Bars of 40 * count / top marks, rounded: counts 2 and 1 of 3 make 26.7 -> 27 and 13.3 -> 13
+    marks; no images, no marks (and no division by 0). Planted: the bar length truncated (26)."""
+    from dino3.index import dedup
+
+    counts = [0] * (len(dedup.HISTOGRAM_EDGES) - 1)
+    counts[0], counts[1], counts[2] = 3, 2, 1
+    lines = dedup.format_histogram(counts, 0.9).splitlines()[1:]
+    assert [line.count("#") for line in lines[:4]] == [40, 27, 13, 0]
+    assert "#" not in dedup.format_histogram([0] * len(counts), 0.9)
+
+
 def test_the_graph_maps_positions_to_ids_filters_removed_items_and_merges_recent_ones():
     """HNSW: every vector in the graph once (the calibration sample added after), searches answer item
     ids (not positions), removed items are never found, and Approximate merges the vectors added
