@@ -613,3 +613,20 @@ def test_a_jpeg_draft_covers_the_larger_side_of_a_non_square_target_and_never_gr
     assert load_image(data, draft_size=(100, 300)).shape == (3, 300, 400)
     assert load_image(data, draft_size=(300, 100)).shape == (3, 300, 400)
     assert load_image(data, draft_size=(1000, 2000)).shape == (3, 600, 800)
+
+
+def test_brightness_ranges_are_closed_at_both_ends_and_negative_values_refused():
+    """Float arrays, tensors and F images holding exactly 0.0 and 1.0 are taken as they are; a negative
+    value is refused in an F image and in an I image (whose maximum would pass the 8- or 16-bit test
+    alone). Planted: `high < 1.0` and `low > 0.0` for arrays, `high < 1.0` and the `low >= 0` operand
+    dropped for F images, each `low >= 0` operand dropped for I images."""
+    ends = np.array([[0.0, 0.25, 1.0]], np.float32)
+    want = torch.tensor([[0.0, 0.25, 1.0]] * 3)
+    assert torch.equal(load_image(np.repeat(ends[..., None], 3, axis=2))[:, 0], want)
+    assert torch.equal(load_image(torch.from_numpy(ends))[:, 0], want)
+    assert torch.equal(load_image(Image.fromarray(ends, "F"))[:, 0], want)
+    with pytest.raises(ImageError, match=r"a 32-bit float image with values in \[-0.5, 1\]"):
+        load_image(Image.fromarray(np.array([[-0.5, 1.0]], np.float32), "F"))
+    for high in (200, 60000):
+        with pytest.raises(ImageError, match=rf"32-bit integer pixels in \[-5, {high}\]"):
+            load_image(Image.fromarray(np.array([[-5, high]], dtype=np.int32)))
