@@ -278,3 +278,20 @@ def test_first_line_of_an_error():
     assert fetch.first_line(ValueError("  \n")) == "no details"
     assert fetch.first_line(ValueError("one\ntwo")) == "one"
     assert fetch.first_line(ValueError("x" * 300)) == "x" * 200
+
+
+def test_the_port_checked_is_the_schemes_default_or_the_one_given(monkeypatch):
+    """A public-only download resolves the host on 443 for https, 80 for http, or the port the URL
+    names (whatever the scheme's case). Planted: the default port 80 for https too."""
+    asked = []
+
+    def refuse(host, port, name):
+        asked.append((host, port))
+        raise ImageError(f"{name}: stopped here")
+
+    monkeypatch.setattr(fetch, "public_addresses", refuse)
+    for url in ("https://example.com/a.png", "HTTPS://example.com/a.png", "http://example.com/a.png",
+                "https://example.com:8443/a.png"):  # fmt: skip
+        with pytest.raises(ImageError, match="stopped here"):
+            fetch.fetch_bytes(url, public_only=True)
+    assert asked == [("example.com", 443), ("example.com", 443), ("example.com", 80), ("example.com", 8443)]
