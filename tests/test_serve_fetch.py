@@ -295,3 +295,10 @@ def test_the_port_checked_is_the_schemes_default_or_the_one_given(monkeypatch):
         with pytest.raises(ImageError, match="stopped here"):
             fetch.fetch_bytes(url, public_only=True)
     assert asked == [("example.com", 443), ("example.com", 443), ("example.com", 80), ("example.com", 8443)]
+
+
+def test_a_redirect_status_without_a_location_is_an_answer_not_a_hop(public):
+    """A public-only download reads a 302 (or a 399) that names no Location as the answer: its body.
+    Planted: the redirect followed without a Location (back to the same URL until the hop limit)."""
+    for status in (302, 399):
+        assert fetch.fetch_bytes(f"{public}/status/{status}", public_only=True) == b"oops"
