@@ -630,3 +630,17 @@ def test_brightness_ranges_are_closed_at_both_ends_and_negative_values_refused()
     for high in (200, 60000):
         with pytest.raises(ImageError, match=rf"32-bit integer pixels in \[-5, {high}\]"):
             load_image(Image.fromarray(np.array([[-5, high]], dtype=np.int32)))
+
+
+def test_a_float_rgba_array_is_composited_on_white_in_0_1_and_float_thumbnails_are_rounded():
+    """A float RGBA array: rgb 0.2 at alpha 0.5 over white is 0.2 * 0.5 + 0.5 = 0.6 (by hand), alpha
+    0 is white, alpha 1 the colour. A float picture's thumbnail is the one of its values rounded to
+    8 bits (0.5 -> 127.5 -> 128, not 127). Planted: the composite at the 0..255 scale for floats; the
+    thumbnail's values truncated."""
+    rgba = np.zeros((2, 3, 4), np.float32)
+    rgba[..., :3], rgba[..., 3] = 0.2, np.array([0.5, 0.0, 1.0], np.float32)
+    got = load_image(rgba)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:, 0], torch.tensor([[0.6, 1.0, 0.2]] * 3), atol=1e-6, rtol=0)
+    grey = np.full((16, 16, 3), 0.5, np.float32)
+    assert images.make_thumbnail(grey, 64) == images.make_thumbnail(np.full((16, 16, 3), 128, np.uint8), 64)
