@@ -23,7 +23,8 @@ PUBLIC = "93.184.216.34"  # a public address; dialled to the local server instea
 
 class Answers(http.server.BaseHTTPRequestHandler):
     """/loop/N: a 302 to /loop/N-1, /loop/0 the cat; /status/N: that status; /to?URL: a 302 to URL;
-    /stall: nothing for 3 s; /slow: the cat in ten pieces 0.25 s apart; anything else: the cat."""
+    /stall: nothing for 3 s; /slow: the cat in ten pieces 0.25 s apart; /badlength: the cat with a
+    Content-Length that is no number; anything else: the cat."""
 
     def do_GET(self):  # noqa: N802
         path = self.path
@@ -40,6 +41,12 @@ class Answers(http.server.BaseHTTPRequestHandler):
         if path == "/stall":
             time.sleep(3)
         body = CAT.read_bytes()
+        if path == "/badlength":  # a length that is no number: the body runs to the connection's end
+            self.send_response(200)
+            self.send_header("Content-Length", "soon")
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -302,3 +309,10 @@ def test_a_redirect_status_without_a_location_is_an_answer_not_a_hop(public):
     Planted: the redirect followed without a Location (back to the same URL until the hop limit)."""
     for status in (302, 399):
         assert fetch.fetch_bytes(f"{public}/status/{status}", public_only=True) == b"oops"
+
+
+def test_a_content_length_that_is_no_number_is_ignored_not_an_error(local, public):
+    """ "Content-Length: soon" is no announced size: the body is read (within the limit) as http.client
+    reads it, to the end of the connection. Planted: the length's isdigit() check dropped (int("soon"))."""
+    for url, guarded in ((f"{public}/badlength", True), (f"{local}/badlength", False)):
+        assert fetch.fetch_bytes(url, public_only=guarded) == CAT.read_bytes()
