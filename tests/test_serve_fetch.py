@@ -252,7 +252,8 @@ def test_object_storage_without_pyarrow_or_unreachable_says_what_to_do(monkeypat
 
 def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_named(monkeypatch):
     """A store that gives no size in its listing: the stream is still held to max_bytes (exactly the
-    limit read, one byte over refused); a store error while reading is an ImageError naming the URI."""
+    limit read, one byte over refused); a store error while reading is an ImageError naming the URI;
+    a listed size of exactly the limit is read. Planted: `info.size >= max_bytes`."""
     pafs = pytest.importorskip("pyarrow.fs")
     import io
     from types import SimpleNamespace
@@ -263,7 +264,7 @@ def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_name
 
     class Store:
         def get_file_info(self, inner):
-            return SimpleNamespace(type=pafs.FileType.File, size=None)
+            return SimpleNamespace(type=pafs.FileType.File, size=len(body) if inner == "sized" else None)
 
         def open_input_stream(self, inner):
             if inner == "broken":
@@ -279,6 +280,9 @@ def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_name
         fetch.fetch_bytes("s3://b/ok", max_bytes=len(body) - 1)
     with pytest.raises(ImageError, match=r"^s3://b/broken: cannot be read \(OSError: bucket gone\)$"):
         fetch.fetch_bytes("s3://b/broken")
+    assert fetch.fetch_bytes("s3://b/sized", max_bytes=len(body)) == body  # a listed size of exactly the limit
+    with pytest.raises(ImageTooLargeError, match=r"^s3://b/sized: larger than 2 MiB"):
+        fetch.fetch_bytes("s3://b/sized", max_bytes=len(body) - 1)
 
 
 def test_first_line_of_an_error():
