@@ -178,6 +178,9 @@ def test_decompression_bomb(monkeypatch):
         (np.zeros((4, 4, 3), np.int64), "dtype torch.int64: use uint8"),
         (np.full((4, 4, 3), 255.0, np.float32), r"float pixels must lie in \[0, 1\], found \[255, 255\]"),
         (np.zeros((0, 4, 3), np.uint8), "the image is empty"),
+        (np.zeros((4, 0, 3), np.uint8), r"array of shape \(3, 4, 0\): the image is empty"),  # no width
+        (torch.zeros(3, 4, 0), r"tensor of shape \(3, 4, 0\): the image is empty"),
+        (np.full((2, 2, 3), 0.5, np.float32) * np.array([1, 1, np.nan], np.float32), r"found \[nan, nan\]"),
         (torch.zeros(5, 4, 3), r"tensor of shape \(5, 4, 3\): expected \(C, H, W\)"),
     ],
 )
@@ -599,3 +602,45 @@ def test_a_transparency_key_is_composited_on_white_like_an_alpha_channel(mode, t
     opaque = torch.tensor([10, 20, 30] if mode == "P" else [100, 100, 100], dtype=torch.uint8)
     assert (pixels[:, :, 4:] == opaque.view(-1, 1, 1)).all()
     assert (load_image(str(path), alpha="drop")[:, :, :4] == 0).all()
+
+
+def test_a_jpeg_draft_covers_the_larger_side_of_a_non_square_target_and_never_grows():
+    """A 800x600 JPEG asked for (height 100, width 300): PIL's draft scales by 1/2, 1/4 or 1/8, and
+    the smallest reduced size still covering 300 on both sides is 1/2 (400x300; 1/4 gives 200x150),
+    worked out by hand. A target larger than the image decodes it whole. Planted: the target's
+    smaller side asked for (1/4 then: 200 wide, under the 300 asked)."""
+    data = encode(Image.fromarray(rgb_array(600, 800)), "JPEG")
+    assert load_image(data, draft_size=(100, 300)).shape == (3, 300, 400)
+    assert load_image(data, draft_size=(300, 100)).shape == (3, 300, 400)
+    assert load_image(data, draft_size=(1000, 2000)).shape == (3, 600, 800)
+
+
+def test_brightness_ranges_are_closed_at_both_ends_and_negative_values_refused():
+    """Float arrays, tensors and F images holding exactly 0.0 and 1.0 are taken as they are; a negative
+    value is refused in an F image and in an I image (whose maximum would pass the 8- or 16-bit test
+    alone). Planted: `high < 1.0` and `low > 0.0` for arrays, `high < 1.0` and the `low >= 0` operand
+    dropped for F images, each `low >= 0` operand dropped for I images."""
+    ends = np.array([[0.0, 0.25, 1.0]], np.float32)
+    want = torch.tensor([[0.0, 0.25, 1.0]] * 3)
+    assert torch.equal(load_image(np.repeat(ends[..., None], 3, axis=2))[:, 0], want)
+    assert torch.equal(load_image(torch.from_numpy(ends))[:, 0], want)
+    assert torch.equal(load_image(Image.fromarray(ends, "F"))[:, 0], want)
+    with pytest.raises(ImageError, match=r"a 32-bit float image with values in \[-0.5, 1\]"):
+        load_image(Image.fromarray(np.array([[-0.5, 1.0]], np.float32), "F"))
+    for high in (200, 60000):
+        with pytest.raises(ImageError, match=rf"32-bit integer pixels in \[-5, {high}\]"):
+            load_image(Image.fromarray(np.array([[-5, high]], dtype=np.int32)))
+
+
+def test_a_float_rgba_array_is_composited_on_white_in_0_1_and_float_thumbnails_are_rounded():
+    """A float RGBA array: rgb 0.2 at alpha 0.5 over white is 0.2 * 0.5 + 0.5 = 0.6 (by hand), alpha
+    0 is white, alpha 1 the colour. A float picture's thumbnail is the one of its values rounded to
+    8 bits (0.5 -> 127.5 -> 128, not 127). Planted: the composite at the 0..255 scale for floats; the
+    thumbnail's values truncated."""
+    rgba = np.zeros((2, 3, 4), np.float32)
+    rgba[..., :3], rgba[..., 3] = 0.2, np.array([0.5, 0.0, 1.0], np.float32)
+    got = load_image(rgba)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:, 0], torch.tensor([[0.6, 1.0, 0.2]] * 3), atol=1e-6, rtol=0)
+    grey = np.full((16, 16, 3), 0.5, np.float32)
+    assert images.make_thumbnail(grey, 64) == images.make_thumbnail(np.full((16, 16, 3), 128, np.uint8), 64)

@@ -23,7 +23,8 @@ PUBLIC = "93.184.216.34"  # a public address; dialled to the local server instea
 
 class Answers(http.server.BaseHTTPRequestHandler):
     """/loop/N: a 302 to /loop/N-1, /loop/0 the cat; /status/N: that status; /to?URL: a 302 to URL;
-    /stall: nothing for 3 s; /slow: the cat in ten pieces 0.25 s apart; anything else: the cat."""
+    /stall: nothing for 3 s; /slow: the cat in ten pieces 0.25 s apart; /badlength: the cat with a
+    Content-Length that is no number; anything else: the cat."""
 
     def do_GET(self):  # noqa: N802
         path = self.path
@@ -40,6 +41,12 @@ class Answers(http.server.BaseHTTPRequestHandler):
         if path == "/stall":
             time.sleep(3)
         body = CAT.read_bytes()
+        if path == "/badlength":  # a length that is no number: the body runs to the connection's end
+            self.send_response(200)
+            self.send_header("Content-Length", "soon")
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -245,7 +252,8 @@ def test_object_storage_without_pyarrow_or_unreachable_says_what_to_do(monkeypat
 
 def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_named(monkeypatch):
     """A store that gives no size in its listing: the stream is still held to max_bytes (exactly the
-    limit read, one byte over refused); a store error while reading is an ImageError naming the URI."""
+    limit read, one byte over refused); a store error while reading is an ImageError naming the URI;
+    a listed size of exactly the limit is read. Planted: `info.size >= max_bytes`."""
     pafs = pytest.importorskip("pyarrow.fs")
     import io
     from types import SimpleNamespace
@@ -256,7 +264,7 @@ def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_name
 
     class Store:
         def get_file_info(self, inner):
-            return SimpleNamespace(type=pafs.FileType.File, size=None)
+            return SimpleNamespace(type=pafs.FileType.File, size=len(body) if inner == "sized" else None)
 
         def open_input_stream(self, inner):
             if inner == "broken":
@@ -272,9 +280,43 @@ def test_an_object_of_unknown_size_is_held_to_the_limit_and_read_errors_are_name
         fetch.fetch_bytes("s3://b/ok", max_bytes=len(body) - 1)
     with pytest.raises(ImageError, match=r"^s3://b/broken: cannot be read \(OSError: bucket gone\)$"):
         fetch.fetch_bytes("s3://b/broken")
+    assert fetch.fetch_bytes("s3://b/sized", max_bytes=len(body)) == body  # a listed size of exactly the limit
+    with pytest.raises(ImageTooLargeError, match=r"^s3://b/sized: larger than 2 MiB"):
+        fetch.fetch_bytes("s3://b/sized", max_bytes=len(body) - 1)
 
 
 def test_first_line_of_an_error():
     assert fetch.first_line(ValueError("  \n")) == "no details"
     assert fetch.first_line(ValueError("one\ntwo")) == "one"
     assert fetch.first_line(ValueError("x" * 300)) == "x" * 200
+
+
+def test_the_port_checked_is_the_schemes_default_or_the_one_given(monkeypatch):
+    """A public-only download resolves the host on 443 for https, 80 for http, or the port the URL
+    names (whatever the scheme's case). Planted: the default port 80 for https too."""
+    asked = []
+
+    def refuse(host, port, name):
+        asked.append((host, port))
+        raise ImageError(f"{name}: stopped here")
+
+    monkeypatch.setattr(fetch, "public_addresses", refuse)
+    for url in ("https://example.com/a.png", "HTTPS://example.com/a.png", "http://example.com/a.png",
+                "https://example.com:8443/a.png"):  # fmt: skip
+        with pytest.raises(ImageError, match="stopped here"):
+            fetch.fetch_bytes(url, public_only=True)
+    assert asked == [("example.com", 443), ("example.com", 443), ("example.com", 80), ("example.com", 8443)]
+
+
+def test_a_redirect_status_without_a_location_is_an_answer_not_a_hop(public):
+    """A public-only download reads a 302 (or a 399) that names no Location as the answer: its body.
+    Planted: the redirect followed without a Location (back to the same URL until the hop limit)."""
+    for status in (302, 399):
+        assert fetch.fetch_bytes(f"{public}/status/{status}", public_only=True) == b"oops"
+
+
+def test_a_content_length_that_is_no_number_is_ignored_not_an_error(local, public):
+    """ "Content-Length: soon" is no announced size: the body is read (within the limit) as http.client
+    reads it, to the end of the connection. Planted: the length's isdigit() check dropped (int("soon"))."""
+    for url, guarded in ((f"{public}/badlength", True), (f"{local}/badlength", False)):
+        assert fetch.fetch_bytes(url, public_only=guarded) == CAT.read_bytes()

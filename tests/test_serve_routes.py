@@ -192,3 +192,33 @@ def test_serve_runs_uvicorn_with_the_limit_raised_and_sigterm_quiet(monkeypatch,
         app.state.service.close()
     assert ran[0] == "limit" and ran[1].host == "127.0.0.1" and ran[1].port == 0
     assert set(handlers) == {signal.SIGTERM} and handlers[signal.SIGTERM]() is None
+
+
+def test_error_kinds_and_reasons_without_the_anonymous_name():
+    """ApiError.kind: a 4xx is the client's (invalid_request_error, but 401, 413 and 429 by name), 500
+    and up the server's; _reason drops only a "<N bytes>: " name, and keeps every later ": " of the
+    reason. Planted: `status <= 500` (a 500 the client's); the reason split at every ": "; the name
+    dropped from messages that do not start with "<"."""
+    from dino3.serve.service import _reason
+
+    kinds = {s: ApiError(s, "m").kind for s in (400, 401, 404, 413, 429, 499, 500, 503)}
+    assert kinds == {
+        400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+        413: "request_too_large", 429: "rate_limit_error", 499: "invalid_request_error",
+        500: "server_error", 503: "server_error",
+    }  # fmt: skip
+    assert _reason(ValueError("<12 bytes>: truncated (OSError: image file is truncated)")) == (
+        "truncated (OSError: image file is truncated)"
+    )
+    assert _reason(ValueError("cat.png: not an image")) == "cat.png: not an image"
+    assert _reason(ValueError("<12 bytes> without a reason")) == "<12 bytes> without a reason"
+
+
+def test_a_request_of_exactly_max_images_is_taken(client):
+    """max_images is 4 here: 4 images are embedded, 5 are a 413 naming the limit. Planted: `count >=
+    max_images` refused."""
+    response = client.post("/v1/embeddings", json={"input": [IMAGE] * 4})
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["data"]) == 4
+    message = error(client.post("/v1/embeddings", json={"input": [IMAGE] * 5}), 413, "input")
+    assert message == "5 inputs in one request; this server takes at most 4"
