@@ -2054,3 +2054,17 @@ def test_images_in_object_storage_are_indexed_by_their_uri_and_kept_by_an_add(mo
     again = index.add(["s3://bucket/photos"], progress=False)
     assert (again.dropped, again.embedded, again.unchanged) == (0, 0, 2)
     assert dino3.index.open(index_dir).add([], progress=False).dropped == 0
+
+
+def test_images_and_embeddings_files_together_are_refused(built, photos, tmp_path):
+    """build and add take images or `dino3 embed` outputs, not both (the images would be left out
+    without a word). Planted: the check dropped (J-I6, issue 31's sixth mutation pass)."""
+    settings = dino3.index.open(built).settings
+    data = embeddings_file(tmp_path / "e.npz", small_files(tmp_path / "f", 1), np.ones((1, 384)), settings)
+    for run in (
+        lambda: dino3.index.build([str(data), str(photos / "coins.png")], folder=tmp_path / "i", progress=False),
+        lambda: dino3.index.open(built).add([str(photos / "coins.png"), str(data)], progress=False),
+    ):
+        with pytest.raises(UsageError, match="give either images or `dino3 embed` outputs .*not both"):
+            run()
+    assert not (tmp_path / "i").exists()
