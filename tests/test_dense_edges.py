@@ -451,3 +451,17 @@ def test_a_pca_needs_one_patch_more_than_its_components():
         dense.fit_pca(four, torch.tensor([[True, True, False, True]]))
     assert dense.fit_pca(four).components.shape == (3, 5)
     assert dense.fit_pca(three, components=2).components.shape == (2, 5)
+
+
+def test_patch_centres_undo_an_aspect_keeping_crop_on_each_side_by_its_own_amount():
+    """keep_aspect with fit='crop': the resized image (here 224 x 362) is cut to whole patches on each
+    side, its own margin on each: 0 px off the top, (362 - 352) / 2 = 5 px off the left. Centres
+    counted by hand. Planted: the left margin computed from the height (J-D2, issue 31's sixth
+    mutation pass)."""
+    import dino3
+
+    processor = dino3.DINOv3ViTImageProcessor(keep_aspect="shorter", target_size=224, fit="crop")
+    assert processor.aspect_size(448, 724) == (224, 362)
+    centres = dense.patch_centres((14, 22), (448, 724), processor)  # 224 // 16 x 362 // 16 patches
+    assert centres[0, 0].tolist() == [(8 + 5) * 2 - 0.5, 8 * 2 - 0.5]
+    assert centres[13, 21].tolist() == [(21 * 16 + 8 + 5) * 2 - 0.5, (13 * 16 + 8) * 2 - 0.5]

@@ -1011,13 +1011,18 @@ def damage(folder: Path, how: str) -> None:
             vectors = np.load(file)
             vectors[:] = np.nan
             np.save(file, vectors)
+    elif how in ("zero vectors", "vectors not of unit length"):  # finite, but not what dino3 writes
+        for file in (folder / store.VECTORS).iterdir():
+            vectors = np.load(file)
+            vectors[:] = 0.0 if how == "zero vectors" else 2 * vectors
+            np.save(file, vectors)
     con.close()
 
 
 DAMAGES = [
     "truncated graph", "truncated graph, size not recorded", "short graph ids", "graph of other vectors",
     "garbage in the database", "missing dim", "missing embedding", "missing generation", "cut ids of a vector file",
-    "NaN vectors",
+    "NaN vectors", "zero vectors", "vectors not of unit length",
 ]  # fmt: skip
 
 
@@ -1030,7 +1035,8 @@ def test_damaged_index_files_are_named_with_the_remedy(approximate_index, tmp_pa
     backs the other up): HNSW.read's try/except; its count check; _open_ann's size check with the
     try/except; its shape check with the count check; read_meta's required keys; _ids; the
     committed transaction's DatabaseError in store.reading; _map_segment's sample check with
-    _nearest's and dedup's NaN checks."""
+    _nearest's and dedup's NaN checks; and (issue 31's sixth mutation pass, J-I3) the sample check's
+    unit-length test dropped, with vector files of zeros or of doubled vectors."""
     folder = copy_index(approximate_index, tmp_path)
     damage(folder, how)
     query = np.random.default_rng(0).standard_normal(64).astype(np.float32)

@@ -222,3 +222,13 @@ def test_a_request_of_exactly_max_images_is_taken(client):
     assert len(response.json()["data"]) == 4
     message = error(client.post("/v1/embeddings", json={"input": [IMAGE] * 5}), 413, "input")
     assert message == "5 inputs in one request; this server takes at most 4"
+
+
+def test_an_upload_in_a_field_named_file_is_taken_like_files(client):
+    """`curl -F file=@cat.png` (the singular field name) embeds the image as `files` does, with the
+    same vector. Planted: only the `files` field read (J-S6, issue 31's sixth mutation pass: a 400
+    'no image')."""
+    plural = client.post("/v1/embeddings/upload", files=[("files", ("cat.png", CAT.read_bytes()))])
+    singular = client.post("/v1/embeddings/upload", files=[("file", ("cat.png", CAT.read_bytes()))])
+    assert plural.status_code == singular.status_code == 200, singular.text[:300]
+    assert singular.json()["data"][0]["embedding"] == plural.json()["data"][0]["embedding"]
