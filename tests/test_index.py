@@ -2074,3 +2074,16 @@ def test_images_and_embeddings_files_together_are_refused(built, photos, tmp_pat
         with pytest.raises(UsageError, match="give either images or `dino3 embed` outputs .*not both"):
             run()
     assert not (tmp_path / "i").exists()
+
+
+def test_contact_sheets_escape_hostile_file_names(tmp_path):
+    """A file name holding markup (legal on Linux) is shown as text on the search and dedup pages,
+    never as HTML. Planted: the figure's name written raw (K-I3, issue 31's seventh mutation pass)."""
+    from dino3.index import report
+
+    hostile = str(tmp_path / '<img src=x onerror="alert(1)">&.png')  # not there: shown with its reason
+    group = {"groups": [{"paths": [hostile, hostile], "scores": [1.0, 1.0]}], "threshold": 0.9}
+    result = [{"query": "vector 0", "neighbors": [{"id": 1, "path": hostile, "score": 1.0}]}]
+    for page in (report.dedup_page(group), report.search_page(result)):
+        assert "<img src=x" not in page and 'onerror="alert(1)"' not in page
+        assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;.png" in page
