@@ -143,3 +143,18 @@ def test_inputs_skipped_while_listing_follow_the_failures(stand_in_plan, checkpo
     assert result.count == 1 and result.failures == [(paths[1], "cannot decode"), dangling]
     listed = [line.split("\t") for line in (tmp_path / "out.failures.tsv").read_text().splitlines()]
     assert listed == [[paths[1], "cannot decode"], list(dangling)]
+
+
+def test_start_takes_local_and_auto_as_names_not_addresses(monkeypatch):
+    """`--ray-address local` or `auto` goes to ray.init as it is; a host:port is checked for an
+    answer first (in seconds, not minutes of Ray's retries). Ray is not started: a Ray that is
+    already initialised stands in. Planted: "local" left out of the names (J-R3, issue 31's sixth
+    mutation pass: `--ray-address local` refused as an unreachable cluster)."""
+    pytest.importorskip("ray")
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for name in (None, "auto", "local"):
+        assert plan.start(name, progress=False) >= 0
+    with pytest.raises(Dino3Error, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
+        plan.start("127.0.0.1:1", progress=False)
