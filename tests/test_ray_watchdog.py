@@ -169,3 +169,23 @@ def test_the_root_arguments_and_the_session_mention(spawn):
     assert watchdog._mentions(process.pid, "/tmp/ray/session_2026-12-06_12-00-00_1")
     assert not watchdog._mentions(process.pid, "/tmp/ray/session_2026-12-06_12-00-00_2")
     assert not watchdog._mentions(2**22 + 1, "")
+
+
+def test_guard_watches_only_the_children_that_belong_to_the_session(spawn, monkeypatch):
+    """guard() starts the watchdog over this process's children whose command line names the Ray
+    session, not over its other children (a user's own subprocesses must outlive the job), and
+    starts none when no child belongs to the session (a cluster connected to). The watchdog's launch
+    is recorded, not run. Planted: every child taken as the session's (J-R4, issue 31's sixth
+    mutation pass)."""
+    session = "/tmp/ray/session_2026-12-06_22-00-00_42"
+    ours = spawn([*SLEEP, f"--session-dir={session}"])
+    other = spawn()
+    for process in (ours, other):
+        wait_started(process.pid)
+    launched = []
+    monkeypatch.setattr(watchdog.subprocess, "run", lambda command, **options: launched.append(command))
+    assert watchdog.guard(session) is True
+    roots = [arg for arg in launched[0] if not arg.startswith("--") and ":" in arg]
+    assert roots == [f"{ours.pid}:{watchdog._start_time(ours.pid)}"]
+    launched.clear()
+    assert watchdog.guard("/tmp/ray/session_of_another_cluster") is False and not launched
