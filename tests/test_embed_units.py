@@ -18,6 +18,17 @@ from dino3.embed.inputs import Inputs, expand_inputs, read_table_inputs
 from dino3.errors import UsageError
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """The Ray actor (_Embedder) sets torch's threads for its own process; here that process is
+    pytest's, whose later tests must keep the threads they had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def image(path: Path) -> str:
     """A real 20 x 20 PNG."""
     from PIL import Image
