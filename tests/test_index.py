@@ -1060,13 +1060,33 @@ def test_any_item_id_is_asked_for_safely(built):
 
 
 # -- an interrupted add resumes (issue 28, item 14) ---------------------------------------------------------
+class Forwards:
+    """Made.features, counting the images through the model (`embedded`) and raising
+    KeyboardInterrupt (a Ctrl-C) once `stop_after` have gone through; `restore()` puts it back."""
+
+    def __init__(self, monkeypatch, stop_after: int) -> None:
+        from dino3.recipe import Made
+
+        self.embedded: list[int] = []
+        self.stop_after = stop_after
+        self.restore = lambda: monkeypatch.setattr(Made, "features", features)
+        features = Made.features
+
+        def counting(made, pixels):
+            if len(self.embedded) >= self.stop_after:
+                raise KeyboardInterrupt
+            self.embedded.extend([1] * len(pixels))
+            return features(made, pixels)
+
+        monkeypatch.setattr(Made, "features", counting)
+
+
 def test_an_interrupted_add_embeds_only_what_it_had_not(model_folder, photos, tmp_path, monkeypatch):
     """Bug pinned (issue 28, item 14): an `index add` interrupted while embedding embedded everything
     again on the next run (its job started over). It resumes the embed job's saved chunks now.
     Counted: the images through the model on the second run. Caught when planted: the add's job
     run with overwrite=True (12 embedded again instead of 4)."""
     from dino3.index import update as update_module
-    from dino3.recipe import Made
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -1078,30 +1098,21 @@ def test_an_interrupted_add_embeds_only_what_it_had_not(model_folder, photos, tm
     for i in range(12):
         Image.open(photos / "horse.png").rotate(i * 7).save(new / f"{i:02d}.png")
     monkeypatch.setattr(update_module, "ADD_CHECKPOINT", 4)  # a saved chunk every 4 images
-    embedded = []
-    features = Made.features
-
-    def counting(self, pixels):
-        if len(embedded) >= stop_after:
-            raise KeyboardInterrupt
-        embedded.extend([1] * len(pixels))
-        return features(self, pixels)
-
-    monkeypatch.setattr(Made, "features", counting)
-    stop_after = 8  # two chunks saved, then Ctrl-C
+    forwards = Forwards(monkeypatch, stop_after=8)  # two chunks saved, then Ctrl-C
+    embedded = forwards.embedded
     index = dino3.index.open(index_dir)
     with pytest.raises(KeyboardInterrupt):
         index.add([str(folder)], batch_size=2, workers=1, progress=False)
     assert len(embedded) == 8 and len(dino3.index.open(index_dir)) == 1  # the index as it was
 
     embedded.clear()
-    stop_after = 100
+    forwards.stop_after = 100
     update = index.add([str(folder)], batch_size=2, workers=1, progress=False)
     assert len(embedded) == 4 and update.embedded == 4  # only what the interrupted add had not embedded
     assert update.added == 12 and len(index) == 13
     assert any("interrupted add" in note for note in update.notes)
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr(Made, "features", features)
+    forwards.restore()
     dino3.index.build([str(folder)], model=str(model_folder), folder=fresh, progress=False)
     assert_same_index(snapshot(index_dir), snapshot(fresh))
     assert not (index_dir / store.WORK).exists()
@@ -1965,7 +1976,6 @@ def test_an_interrupted_add_whose_images_changed_is_started_over(model_folder, p
     inputs' digest not compared (the saved chunks mixed into another list of images), the note
     dropped."""
     from dino3.index import update as update_module
-    from dino3.recipe import Made
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -1975,26 +1985,17 @@ def test_an_interrupted_add_whose_images_changed_is_started_over(model_folder, p
     for i in range(6):
         Image.open(photos / "horse.png").rotate(i * 9).save(folder / f"new{i}.png")
     monkeypatch.setattr(update_module, "ADD_CHECKPOINT", 2)
-    embedded = []
-    features = Made.features
-
-    def counting(self, pixels):
-        if len(embedded) >= stop_after:
-            raise KeyboardInterrupt
-        embedded.extend([1] * len(pixels))
-        return features(self, pixels)
-
-    monkeypatch.setattr(Made, "features", counting)
-    stop_after = 4
+    forwards = Forwards(monkeypatch, stop_after=4)
+    embedded = forwards.embedded
     with pytest.raises(KeyboardInterrupt):
         dino3.index.open(index_dir).add([str(folder)], batch_size=2, workers=1, progress=False)
     Image.open(photos / "horse.png").rotate(80).save(folder / "new6.png")  # one more since
     embedded.clear()
-    stop_after = 100
+    forwards.stop_after = 100
     update = dino3.index.open(index_dir).add([str(folder)], batch_size=2, workers=1, progress=False)
     assert "the images to embed changed since an interrupted add: its work is started over" in update.notes
     assert len(embedded) == 7 and update.embedded == 7 and update.added == 7
-    monkeypatch.setattr(Made, "features", features)
+    forwards.restore()
     fresh = tmp_path / "fresh"
     dino3.index.build([str(folder)], model=str(model_folder), folder=fresh, progress=False)
     assert_same_index(snapshot(index_dir), snapshot(fresh))
